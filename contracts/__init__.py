@@ -1,0 +1,1 @@
+"""Contracts: read out of compiled descriptors, generated, stamped, checked."""

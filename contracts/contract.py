@@ -1,0 +1,90 @@
+"""Contracts as data, read from compiled descriptors and nowhere else.
+
+A second hand-written copy of a timeout or a key would drift from the proto;
+reading the `(holdfast.contract.v1.contract)` method option at start-up means
+the gateway enforces exactly what the linter checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from google.protobuf import descriptor, descriptor_pb2
+
+import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
+from holdfast.contract.v1 import contract_pb2
+
+_SCALARS = frozenset(
+    t for name, t in descriptor.FieldDescriptor.__dict__.items()
+    if name.startswith("TYPE_") and name not in ("TYPE_MESSAGE", "TYPE_GROUP")
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    max_attempts: int
+    fixed_delay_ms: int
+    retryable_codes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Contract:
+    """One RPC's contract. `method` is the gRPC path, `/pkg.Service/Method`."""
+
+    method: str
+    timeout_ms: int
+    idempotency_key: tuple[str, ...]
+    retry: Retry
+    lock_ttl_ms: int
+    sla: str
+    mutating: bool
+
+    @property
+    def timeout_s(self) -> float:
+        return self.timeout_ms / 1000
+
+
+def method_path(method: descriptor.MethodDescriptor) -> str:
+    return f"/{method.containing_service.full_name}/{method.name}"
+
+
+def of_method(method: descriptor.MethodDescriptor) -> Contract | None:
+    """The method's contract, or None when it declares none."""
+    options = method.GetOptions()
+    if not options.HasExtension(contract_pb2.contract):
+        return None
+    raw = options.Extensions[contract_pb2.contract]
+    no_side_effects = descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS
+    return Contract(
+        method=method_path(method),
+        timeout_ms=raw.timeout_ms,
+        idempotency_key=tuple(raw.idempotency_key),
+        retry=Retry(raw.retry.max_attempts, raw.retry.fixed_delay_ms, tuple(raw.retry.retryable_codes)),
+        lock_ttl_ms=raw.lock_ttl_ms,
+        sla=raw.sla,
+        mutating=options.idempotency_level != no_side_effects,
+    )
+
+
+def of_service(service: descriptor.ServiceDescriptor) -> dict[str, Contract]:
+    """Every method's contract by gRPC path; a method without one is an error.
+
+    Serving an RPC with no budget and no key is exactly the bare-timeout guess
+    holdfast exists to remove, so this refuses instead of defaulting.
+    """
+    contracts: dict[str, Contract] = {}
+    for method in service.methods:
+        found = of_method(method)
+        if found is None:
+            raise ValueError(f"{method.full_name} declares no (holdfast.contract.v1.contract) option")
+        _check_key_fields(method, found)
+        contracts[found.method] = found
+    return contracts
+
+
+def _check_key_fields(method: descriptor.MethodDescriptor, found: Contract) -> None:
+    fields = method.input_type.fields_by_name
+    for name in found.idempotency_key:
+        field = fields.get(name)
+        if field is None or field.type not in _SCALARS or field.is_repeated:
+            raise ValueError(f"{method.full_name}: key field {name!r} is not a scalar of {method.input_type.full_name}")

@@ -1,0 +1,1 @@
+"""The holdfast service: engine, stores, snapshot, gateway, servicers, CLI."""
