@@ -1,0 +1,171 @@
+"""`holdfast`: the server, code generation, and a small client for the tour."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import uuid
+
+import grpc
+from google.protobuf import json_format
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
+from holdfast.inventory.v1 import inventory_pb2 as pb
+from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
+
+from service.gateway import CONTEXT_ID, REPLAYED
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return args.run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="holdfast", description="Deterministic reservation services.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the inventory service")
+    serve.add_argument("--listen", default=os.environ.get("HOLDFAST_LISTEN", "127.0.0.1:50051"))
+    serve.add_argument("--store", default=os.environ.get("HOLDFAST_STORE", "sqlite:///./holdfast.db"))
+    serve.add_argument("--snapshot", default=os.environ.get("HOLDFAST_SNAPSHOT", "memory://"))
+    serve.add_argument("--hold-default-ms", type=int, default=15 * 60 * 1000, help="hold when a Reserve asks for 0")
+    serve.set_defaults(run=_serve)
+
+    codegen = commands.add_parser("codegen", help="generate code from protos/ (or --check its freshness)")
+    codegen.add_argument("--check", action="store_true", help="exit 1, naming stale files, if the stamp does not match")
+    codegen.set_defaults(run=lambda a: __import__("contracts.codegen", fromlist=["main"]).main(a.check))
+
+    stock = commands.add_parser("stock", help="put or get a SKU's stock").add_subparsers(dest="verb", required=True)
+    put = _client(stock.add_parser("put", help="set a SKU's total stock"))
+    put.add_argument("sku_id")
+    put.add_argument("total", type=int)
+    put.add_argument("--request-id", default=None, help="idempotency key part (default: a fresh one)")
+    put.set_defaults(run=_put_stock)
+    get_stock = _client(stock.add_parser("get", help="read a SKU's stock"))
+    get_stock.add_argument("sku_id")
+    get_stock.set_defaults(run=lambda a: _call(a, "GetStock", pb.GetStockRequest(sku_id=a.sku_id)))
+
+    reserve = _client(commands.add_parser("reserve", help="hold stock for an order"))
+    reserve.add_argument("order_id")
+    reserve.add_argument("sku_id")
+    reserve.add_argument("quantity", type=int)
+    reserve.add_argument("--timestamp-ms", type=int, default=None, help="key part; repeat it to replay (default: now)")
+    reserve.add_argument("--hold-ms", type=int, default=0, help="0 means the server's default hold")
+    reserve.set_defaults(run=_reserve)
+
+    confirm = _client(commands.add_parser("confirm", help="turn a hold into a sale"))
+    confirm.add_argument("reservation_id")
+    confirm.add_argument("--expected-version", type=int, default=0)
+    confirm.set_defaults(
+        run=lambda a: _call(a, "Confirm", pb.ConfirmRequest(reservation_id=a.reservation_id, expected_version=a.expected_version))
+    )
+
+    release = _client(commands.add_parser("release", help="give a hold back"))
+    release.add_argument("reservation_id")
+    release.add_argument("--reason", default="")
+    release.set_defaults(run=lambda a: _call(a, "Release", pb.ReleaseRequest(reservation_id=a.reservation_id, reason=a.reason)))
+
+    get = _client(commands.add_parser("get", help="read a reservation"))
+    get.add_argument("reservation_id")
+    get.set_defaults(run=lambda a: _call(a, "GetReservation", pb.GetReservationRequest(reservation_id=a.reservation_id)))
+    return parser
+
+
+def _client(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--target", default=os.environ.get("HOLDFAST_TARGET", DEFAULT_TARGET))
+    parser.add_argument("--json", action="store_true", help="print the reply (or error) as JSON")
+    parser.add_argument("--timeout-s", type=float, default=5.0)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.inventory import Holds
+    from service.server import Config, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    holds = Holds(default_ms=args.hold_default_ms, max_ms=max(args.hold_default_ms, Holds().max_ms))
+    config = Config(listen=args.listen, store=args.store, snapshot=args.snapshot, holds=holds)
+    try:
+        asyncio.run(serve(config))
+    except (OSError, ValueError) as error:
+        print(f"holdfast: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _put_stock(args: argparse.Namespace) -> int:
+    request_id = args.request_id or uuid.uuid4().hex
+    return _call(args, "PutStock", pb.PutStockRequest(sku_id=args.sku_id, total=args.total, request_id=request_id))
+
+
+def _reserve(args: argparse.Namespace) -> int:
+    import time
+
+    timestamp_ms = args.timestamp_ms if args.timestamp_ms is not None else time.time_ns() // 1_000_000
+    request = pb.ReserveRequest(
+        order_id=args.order_id, sku_id=args.sku_id, quantity=args.quantity, timestamp_ms=timestamp_ms, hold_ms=args.hold_ms
+    )
+    return _call(args, "Reserve", request)
+
+
+def _call(args: argparse.Namespace, method: str, request) -> int:
+    with grpc.insecure_channel(args.target) as channel:
+        stub = getattr(pb_grpc.InventoryServiceStub(channel), method)
+        try:
+            reply, call = stub.with_call(request, timeout=args.timeout_s)
+        except grpc.RpcError as error:
+            return _print_error(args, method, error)
+    trailing = dict(call.trailing_metadata() or ())
+    replayed = trailing.get(REPLAYED) == "true"
+    if args.json:
+        body = json_format.MessageToDict(reply, always_print_fields_with_no_presence=True)
+        print(json.dumps({"method": method, "reply": body, "replayed": replayed, "context_id": trailing.get(CONTEXT_ID)}))
+    else:
+        print(_line(reply) + ("  (replayed)" if replayed else ""))
+    return 0
+
+
+def _line(reply) -> str:
+    if isinstance(reply, pb.StockReply):
+        return (
+            f"{reply.sku_id}: total {reply.total}, available {reply.available}, held {reply.held},"
+            f" sold {reply.sold} (version {reply.version})"
+        )
+    state = pb.ReservationState.Name(reply.state).removeprefix("RESERVATION_STATE_")
+    return (
+        f"{reply.reservation_id}: {state} {reply.quantity} x {reply.sku_id} for order {reply.order_id}"
+        f" (version {reply.version}, expires at {reply.expires_at_ms} ms)"
+    )
+
+
+def _print_error(args: argparse.Namespace, method: str, error: grpc.RpcError) -> int:
+    reason, violations = error.code().name, []
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations = [(v.field, v.description) for v in bad.field_violations]
+    if args.json:
+        print(json.dumps({"method": method, "status": error.code().name, "reason": reason, "message": error.details(),
+                          "field_violations": [{"field": f, "description": d} for f, d in violations]}))
+    else:
+        print(f"{method} failed: {reason}: {error.details()}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

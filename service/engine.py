@@ -1,0 +1,127 @@
+"""The engine: runs a move as one versioned, idempotent, double-checked step.
+
+    1. key already recorded?  same fingerprint -> the stored outcome (replay)
+                              other fingerprint -> IDEMPOTENCY_KEY_REUSED
+    2. snapshot version == store version?  no -> compensation, VERSION_CONFLICT
+    3. the move itself: state check, effects, compare-and-set on the version
+    4. outcome recorded under the key, in the same transaction
+    5. snapshot advanced (after the commit; versions only move forward)
+
+The snapshot is read once before the transaction and written once after it.
+Steps 1-4 run in one store transaction, so a move is all or nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from service import metrics
+from service.clock import Clock
+from service.outcome import Outcome, Reason, failure
+from service.snapshot import Snapshot
+from service.store import BudgetSpent, Record, Store, StoreUnavailable, Txn
+
+Apply = Callable[[Txn, int], Outcome]
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """One state change, ready to run.
+
+    `key` scopes idempotency (the method plus its declared key fields);
+    `fingerprint` identifies the payload, so the same key with another payload
+    is refused rather than silently replayed; `entity` is the reservation whose
+    version the snapshot double-checks (None when the move creates one or
+    guards itself by a conditional update, like stock).
+    """
+
+    method: str
+    key: bytes
+    fingerprint: bytes
+    entity: str | None
+    apply: Apply
+
+
+@dataclass(frozen=True, slots=True)
+class _Conflict:
+    entity: str
+    store_version: int
+
+
+class Engine:
+    def __init__(self, store: Store, snapshot: Snapshot, clock: Clock) -> None:
+        self.store = store
+        self.snapshot = snapshot
+        self.clock = clock
+        self._in_flight: set[bytes] = set()
+
+    async def move(self, move: Move, deadline: float | None = None) -> Outcome:
+        if move.key in self._in_flight:
+            return failure(Reason.REQUEST_IN_FLIGHT, "a call with this idempotency key is running now; retry shortly")
+        self._in_flight.add(move.key)
+        try:
+            return await self._move(move, deadline)
+        finally:
+            self._in_flight.discard(move.key)
+
+    async def read(self, work: Callable[[Txn, int], Outcome], deadline: float | None = None) -> Outcome:
+        """A read-only step: same transaction path, nothing recorded."""
+        try:
+            return await self.store.transact(lambda txn: work(txn, self.clock.now_ms()), deadline)
+        except BudgetSpent:
+            return failure(Reason.BUDGET_EXCEEDED, "the call's budget ran out before it could run")
+        except StoreUnavailable as error:
+            return failure(Reason.DEPENDENCY_UNAVAILABLE, f"store unavailable: {error}")
+
+    async def _move(self, move: Move, deadline: float | None) -> Outcome:
+        seen = None if move.entity is None else await self.snapshot.version(move.entity)
+        try:
+            result = await self.store.transact(lambda txn: self._decide(txn, move, seen), deadline)
+        except BudgetSpent:
+            metrics.TIMEOUT_FALLBACKS.labels(move.method).inc()
+            return failure(Reason.BUDGET_EXCEEDED, "the call's budget ran out before the move could start; nothing changed")
+        except StoreUnavailable as error:
+            return failure(Reason.DEPENDENCY_UNAVAILABLE, f"store unavailable, nothing changed: {error}")
+        if isinstance(result, _Conflict):
+            return await self._compensate(result)
+        outcome, written = result
+        if written:
+            await self.snapshot.advance(written)
+        if outcome.replayed:
+            metrics.REPLAYS.labels(move.method).inc()
+        return outcome
+
+    def _decide(self, txn: Txn, move: Move, seen: int | None) -> tuple[Outcome, dict[str, int]] | _Conflict:
+        """Steps 1-4, on the store's thread inside the transaction."""
+        recorded = txn.recorded(move.key)
+        if recorded is not None:
+            if recorded.fingerprint != move.fingerprint:
+                return failure(Reason.IDEMPOTENCY_KEY_REUSED, "this idempotency key was used with another request"), {}
+            reason = None if recorded.reason is None else Reason[recorded.reason]
+            return Outcome(reason, recorded.payload, replayed=True), {}
+        if move.entity is not None and seen is not None:
+            current = txn.reservation(move.entity)
+            store_version = 0 if current is None else current.version
+            if store_version != seen:
+                return _Conflict(move.entity, store_version)
+        now_ms = self.clock.now_ms()
+        outcome = move.apply(txn, now_ms)
+        if outcome.recorded:
+            reason = None if outcome.reason is None else outcome.reason.name
+            txn.record(move.key, Record(move.fingerprint, reason, outcome.payload), now_ms)
+        else:
+            assert not txn.written, "an unrecorded outcome must change nothing"
+        return outcome, txn.written
+
+    async def _compensate(self, conflict: _Conflict) -> Outcome:
+        """The snapshot disagreed with the store: trust the store, refresh the
+        snapshot, and answer a conflict the client may retry. Never a blind
+        retry here: the disagreement means someone else moved this entity."""
+        metrics.COMPENSATIONS.inc()
+        await self.snapshot.reset(conflict.entity, conflict.store_version)
+        return failure(
+            Reason.VERSION_CONFLICT,
+            f"reservation {conflict.entity} moved concurrently (now at version {conflict.store_version}); re-read and retry",
+            metadata={"reservation_id": conflict.entity, "version": str(conflict.store_version)},
+        )

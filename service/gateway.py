@@ -1,0 +1,141 @@
+"""The gateway: a grpc.aio server interceptor that does contract work only.
+
+For every call it looks up the method's contract (read once from the compiled
+descriptors), sets the budget to `min(client deadline, timeout_ms)`, derives
+the idempotency key from the declared fields, the request fingerprint and the
+context id, and hands one `Call` to the servicer. It turns the servicer's
+`Outcome` into the wire answer: the exact reply bytes, or the status with its
+`google.rpc.Status` details, plus trailing metadata `holdfast-context-id` and
+`holdfast-replayed`. This is the one place outcomes become gRPC statuses.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Mapping
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from contracts.contract import Contract
+from service import metrics
+from service.outcome import Outcome, Reason, failure
+
+CONTEXT_ID = "holdfast-context-id"
+REPLAYED = "holdfast-replayed"
+STATUS_DETAILS = "grpc-status-details-bin"
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """What the gateway knows about one call; the servicer's only input besides the request."""
+
+    contract: Contract
+    key: bytes
+    fingerprint: bytes
+    context_id: str
+    deadline: float  # time.monotonic() seconds
+
+
+_current: contextvars.ContextVar[Call] = contextvars.ContextVar("holdfast_call")
+
+
+def current_call() -> Call:
+    """The call being served by this task; set by the gateway."""
+    return _current.get()
+
+
+def idempotency_key(method: str, values: tuple[object, ...]) -> bytes:
+    """Method-scoped, so Confirm and Release of one reservation never collide;
+    JSON-encoded, so no choice of field values can make two keys collide."""
+    return hashlib.sha256(json.dumps([method, *values], ensure_ascii=False).encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class _Malformed:
+    """A request body that did not parse; answered, never raised."""
+
+    error: str
+
+
+Behavior = Callable[[Message, grpc.aio.ServicerContext], Awaitable[Outcome]]
+
+
+class Gateway(grpc.aio.ServerInterceptor):
+    def __init__(self, contracts: Mapping[str, Contract]) -> None:
+        self._contracts = dict(contracts)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        contract = self._contracts.get(handler_call_details.method)
+        if handler is None or contract is None or handler.unary_unary is None:
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            self._guard(contract, handler.unary_unary),
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+    def _guard(self, contract: Contract, behavior: Behavior):
+        async def guarded(request, context: grpc.aio.ServicerContext) -> bytes:
+            started = time.monotonic()
+            call, rejected = _admit(contract, request, context, started)
+            if rejected is not None:
+                outcome = rejected
+            else:
+                token = _current.set(call)
+                try:
+                    outcome = await behavior(request, context)
+                finally:
+                    _current.reset(token)
+            metrics.LATENCY.labels(contract.method).observe(time.monotonic() - started)
+            return await _answer(context, contract, outcome, call)
+
+        return guarded
+
+
+def _admit(contract: Contract, request, context, started: float) -> tuple[Call | None, Outcome | None]:
+    if isinstance(request, _Malformed):
+        return None, failure(Reason.INVALID_REQUEST, f"the request could not be decoded: {request.error}")
+    values = tuple(getattr(request, name) for name in contract.idempotency_key)
+    missing = [name for name, value in zip(contract.idempotency_key, values) if value in ("", 0)]
+    if missing:
+        metrics.CONTRACT_VIOLATIONS.labels(contract.method).inc()
+        violations = [(name, "idempotency key field must be set") for name in missing]
+        message = f"{contract.method} needs its idempotency key fields set: {', '.join(missing)}"
+        return None, failure(Reason.CONTRACT_VIOLATION, message, violations)
+    body = request.SerializeToString(deterministic=True)
+    fingerprint = hashlib.sha256(body).digest()
+    key = idempotency_key(contract.method, values) if contract.idempotency_key else fingerprint
+    remaining = context.time_remaining()
+    budget = contract.timeout_s if remaining is None else min(remaining, contract.timeout_s)
+    context_id = hashlib.sha256(b"context:" + key).hexdigest()[:32]
+    return Call(contract, key, fingerprint, context_id, started + budget), None
+
+
+async def _answer(context, contract: Contract, outcome: Outcome, call: Call | None) -> bytes:
+    reason = "OK" if outcome.reason is None else outcome.reason.name
+    metrics.OUTCOMES.labels(contract.method, reason).inc()
+    trailing = [(REPLAYED, "true" if outcome.replayed else "false")]
+    if call is not None:
+        trailing.append((CONTEXT_ID, call.context_id))
+    if outcome.ok:
+        context.set_trailing_metadata(tuple(trailing))
+        return outcome.payload
+    trailing.append((STATUS_DETAILS, outcome.payload))
+    await context.abort(outcome.code, outcome.status().message, trailing_metadata=tuple(trailing))
+    raise AssertionError("abort returns only by raising")
+
+
+def _tolerant(deserializer):
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except (DecodeError, ValueError, UnicodeDecodeError) as error:
+            return _Malformed(str(error) or type(error).__name__)
+
+    return deserialize

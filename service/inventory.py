@@ -1,0 +1,311 @@
+"""`holdfast.inventory.v1.InventoryService`: thin translation between the
+proto and the engine's moves. Validation happens here, before a move is
+built; state-dependent answers come from the move itself, inside its
+transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterable
+
+import grpc
+
+import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
+from holdfast.inventory.v1 import inventory_pb2 as pb
+
+from service import machine
+from service.engine import Engine, Move
+from service.gateway import Call, current_call, idempotency_key
+from service.machine import State
+from service.outcome import Outcome, Reason, failure, success
+from service.store import Reservation, Stock, Txn
+
+SERVICE = pb.DESCRIPTOR.services_by_name["InventoryService"]
+ID_LENGTH_MAX = 128
+REASON_LENGTH_MAX = 512
+EXPIRED = "hold expired"
+REAPER_METHOD = "holdfast.reaper/HoldExpiry"
+RECOVERY_METHOD = "holdfast.recovery/Intent"
+
+
+@dataclass(frozen=True, slots=True)
+class Holds:
+    """Hold durations: `hold_ms` 0 means `default_ms`; above `max_ms` is invalid."""
+
+    default_ms: int = 15 * 60 * 1000
+    max_ms: int = 7 * 24 * 60 * 60 * 1000
+
+    def __post_init__(self) -> None:
+        assert 0 < self.default_ms <= self.max_ms
+
+
+def reservation_id(key: bytes) -> str:
+    """Derived from the Reserve key, so every instance names the same hold the same."""
+    return "rsv_" + key.hex()[:24]
+
+
+class Inventory:
+    def __init__(self, engine: Engine, holds: Holds = Holds()) -> None:
+        self.engine = engine
+        self.holds = holds
+
+    # -- RPCs ------------------------------------------------------------------
+
+    async def PutStock(self, request: pb.PutStockRequest, context) -> Outcome:
+        violations = [*_id_violations(request, "sku_id", "request_id")]
+        if request.total < 0:
+            violations.append(("total", f"total must be zero or more, got {request.total}"))
+        if violations:
+            return _invalid(violations)
+        sku_id, total = request.sku_id, request.total
+
+        def apply(txn: Txn, now_ms: int) -> Outcome:
+            return _put_stock(txn, sku_id, total)
+
+        return await self._move(current_call(), None, apply)
+
+    async def GetStock(self, request: pb.GetStockRequest, context) -> Outcome:
+        if not request.sku_id:
+            return _invalid([("sku_id", "sku_id must be set")])
+        sku_id = request.sku_id
+
+        def read(txn: Txn, now_ms: int) -> Outcome:
+            stock = txn.stock(sku_id)
+            return _sku_not_found(sku_id) if stock is None else success(_stock_reply(stock))
+
+        return await self.engine.read(read, current_call().deadline)
+
+    async def Reserve(self, request: pb.ReserveRequest, context) -> Outcome:
+        violations = [*_id_violations(request, "order_id")]
+        if request.quantity <= 0:
+            violations.append(("quantity", f"quantity must be positive, got {request.quantity}"))
+        if request.timestamp_ms < 0:
+            violations.append(("timestamp_ms", f"timestamp_ms must not be negative, got {request.timestamp_ms}"))
+        if not 0 <= request.hold_ms <= self.holds.max_ms:
+            violations.append(("hold_ms", f"hold_ms must be within 0..{self.holds.max_ms}, got {request.hold_ms}"))
+        if violations:
+            return _invalid(violations)
+        call = current_call()
+        rid = reservation_id(call.key)
+        hold_ms = request.hold_ms or self.holds.default_ms
+        order_id, sku_id, quantity = request.order_id, request.sku_id, request.quantity
+
+        def apply(txn: Txn, now_ms: int) -> Outcome:
+            return _reserve(txn, rid, order_id, sku_id, quantity, now_ms + hold_ms)
+
+        return await self._move(call, rid, apply)
+
+    async def Confirm(self, request: pb.ConfirmRequest, context) -> Outcome:
+        rid, expected = request.reservation_id, request.expected_version
+
+        def apply(txn: Txn, now_ms: int) -> Outcome:
+            return _confirm(txn, rid, expected, now_ms)
+
+        return await self._move(current_call(), rid, apply)
+
+    async def Release(self, request: pb.ReleaseRequest, context) -> Outcome:
+        if len(request.reason) > REASON_LENGTH_MAX:
+            return _invalid([("reason", f"reason must be at most {REASON_LENGTH_MAX} characters")])
+        rid, why = request.reservation_id, request.reason or "released"
+
+        def apply(txn: Txn, now_ms: int) -> Outcome:
+            return _release(txn, rid, why)
+
+        return await self._move(current_call(), rid, apply)
+
+    async def GetReservation(self, request: pb.GetReservationRequest, context) -> Outcome:
+        if not request.reservation_id:
+            return _invalid([("reservation_id", "reservation_id must be set")])
+        rid = request.reservation_id
+
+        def read(txn: Txn, now_ms: int) -> Outcome:
+            found = txn.reservation(rid)
+            return _reservation_not_found(rid) if found is None else success(_reservation_reply(found))
+
+        return await self.engine.read(read, current_call().deadline)
+
+    # -- timeout events, as ordinary moves ---------------------------------------
+
+    async def expire(self, hold: Reservation) -> Outcome:
+        """The reaper's move for one due hold, under its own idempotency key."""
+        key = idempotency_key(REAPER_METHOD, (hold.reservation_id,))
+        rid = hold.reservation_id
+        return await self.engine.move(Move(REAPER_METHOD, key, key, rid, lambda txn, now_ms: _expire(txn, rid, now_ms)))
+
+    async def recover(self, intent: Reservation) -> Outcome:
+        """Drives an intent left in the store forward or back (machine.RECOVERY)."""
+        key = idempotency_key(RECOVERY_METHOD, (intent.reservation_id, intent.state.name, intent.retry_count))
+        rid = intent.reservation_id
+        return await self.engine.move(Move(RECOVERY_METHOD, key, key, rid, lambda txn, now_ms: _recover(txn, rid)))
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """Method handlers built from the descriptor; replies are already bytes."""
+        handlers = {}
+        for method in SERVICE.methods:
+            request_type = pb.DESCRIPTOR.message_types_by_name[method.input_type.name]
+            request_class = getattr(pb, request_type.name)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                getattr(self, method.name), request_deserializer=request_class.FromString
+            )
+        return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
+
+    async def _move(self, call: Call, entity: str | None, apply) -> Outcome:
+        move = Move(call.contract.method, call.key, call.fingerprint, entity, apply)
+        return await self.engine.move(move, call.deadline)
+
+
+# -- moves: run on the store's thread, inside the move's transaction -------------
+
+
+def _put_stock(txn: Txn, sku_id: str, total: int) -> Outcome:
+    stock = txn.stock(sku_id)
+    if stock is None:
+        stock = Stock(sku_id, total, total, 0, 0, 1)
+    else:
+        committed = stock.held + stock.sold
+        if total < committed:
+            return failure(
+                Reason.STOCK_BELOW_COMMITTED,
+                f"total {total} is below the {committed} units held or sold for {sku_id}",
+                metadata={"sku_id": sku_id, "committed": str(committed)},
+            )
+        stock = Stock(sku_id, total, total - committed, stock.held, stock.sold, stock.version + 1)
+    txn.put_stock(stock)
+    return success(_stock_reply(stock))
+
+
+def _reserve(txn: Txn, rid: str, order_id: str, sku_id: str, quantity: int, expires_at_ms: int) -> Outcome:
+    existing = txn.reservation(rid)
+    state = State.AVAILABLE if existing is None else existing.state
+    version = 0 if existing is None else existing.version
+    if txn.stock(sku_id) is None:
+        return _sku_not_found(sku_id)
+    if machine.walk(state, machine.RESERVE) is None:
+        return _invalid_transition(rid, state, "reserve")
+    if not txn.take_stock(sku_id, quantity):
+        return failure(
+            Reason.INSUFFICIENT_STOCK,
+            f"{sku_id} has fewer than {quantity} units available",
+            metadata={"sku_id": sku_id, "quantity": str(quantity)},
+        )
+    retry_count = 0 if existing is None else existing.retry_count
+    held = Reservation(rid, order_id, sku_id, quantity, State.RESERVED, version + 1, expires_at_ms, retry_count)
+    assert txn.save_reservation(held, version), "reservation moved inside its own transaction"
+    return success(_reservation_reply(held))
+
+
+def _confirm(txn: Txn, rid: str, expected_version: int, now_ms: int) -> Outcome:
+    found = txn.reservation(rid)
+    if found is None:
+        return _reservation_not_found(rid)
+    if expected_version and expected_version != found.version:
+        return failure(
+            Reason.VERSION_CONFLICT,
+            f"reservation {rid} is at version {found.version}, not the expected {expected_version}",
+            metadata={"reservation_id": rid, "version": str(found.version)},
+        )
+    if _expired(found, now_ms):
+        return failure(Reason.HOLD_EXPIRED, f"the hold of reservation {rid} expired at {found.expires_at_ms} ms", metadata={"reservation_id": rid})
+    if machine.walk(found.state, machine.CONFIRM) is None:
+        return _invalid_transition(rid, found.state, "confirm")
+    return _settle(txn, found, State.CONFIRMED, sold=True, why="")
+
+
+def _release(txn: Txn, rid: str, why: str) -> Outcome:
+    found = txn.reservation(rid)
+    if found is None:
+        return _reservation_not_found(rid)
+    if found.state == State.RELEASED and found.release_reason == EXPIRED:
+        return failure(Reason.HOLD_EXPIRED, f"the hold of reservation {rid} already expired", metadata={"reservation_id": rid})
+    if machine.walk(found.state, machine.RELEASE) is None:
+        return _invalid_transition(rid, found.state, "release")
+    return _settle(txn, found, State.RELEASED, sold=False, why=why)
+
+
+def _expire(txn: Txn, rid: str, now_ms: int) -> Outcome:
+    found = txn.reservation(rid)
+    assert found is not None, "the reaper expires only holds it has read"
+    if found.expires_at_ms > now_ms or machine.walk(found.state, machine.EXPIRE) is None:
+        return _invalid_transition(rid, found.state, "expire")
+    return _settle(txn, found, State.RELEASED, sold=False, why=EXPIRED)
+
+
+def _recover(txn: Txn, rid: str) -> Outcome:
+    """An intent holds the stock of the state it left; completing it applies
+    the effect, abandoning a reserve returns it to AVAILABLE with nothing held."""
+    found = txn.reservation(rid)
+    assert found is not None and found.state in machine.RECOVERY, f"no intent to recover at {rid}"
+    target = machine.walk(found.state, machine.RECOVERY[found.state])
+    assert target is not None
+    if found.state == State.RESERVING:
+        back = replace(found, state=target, version=found.version + 1, retry_count=found.retry_count + 1)
+        assert txn.save_reservation(back, found.version)
+        return success(_reservation_reply(back))
+    sold = found.state == State.CONFIRMING
+    return _settle(txn, found, target, sold=sold, why="" if sold else found.release_reason or "recovered")
+
+
+def _settle(txn: Txn, found: Reservation, target: State, sold: bool, why: str) -> Outcome:
+    txn.settle_stock(found.sku_id, found.quantity, sold=sold)
+    done = replace(found, state=target, version=found.version + 1, release_reason=why)
+    assert txn.save_reservation(done, found.version), "reservation moved inside its own transaction"
+    return success(_reservation_reply(done))
+
+
+def _expired(found: Reservation, now_ms: int) -> bool:
+    if found.state == State.RELEASED:
+        return found.release_reason == EXPIRED
+    return found.state == State.RESERVED and now_ms >= found.expires_at_ms
+
+
+# -- replies and answers ---------------------------------------------------------
+
+
+def _stock_reply(s: Stock) -> bytes:
+    s.check()
+    return pb.StockReply(
+        sku_id=s.sku_id, total=s.total, available=s.available, held=s.held, sold=s.sold, version=s.version
+    ).SerializeToString(deterministic=True)
+
+
+def _reservation_reply(r: Reservation) -> bytes:
+    return pb.ReservationReply(
+        reservation_id=r.reservation_id,
+        order_id=r.order_id,
+        sku_id=r.sku_id,
+        quantity=r.quantity,
+        state=int(r.state),
+        version=r.version,
+        expires_at_ms=r.expires_at_ms,
+    ).SerializeToString(deterministic=True)
+
+
+def _invalid(violations: Iterable[tuple[str, str]]) -> Outcome:
+    violations = list(violations)
+    return failure(Reason.INVALID_REQUEST, "invalid request: " + "; ".join(why for _, why in violations), violations)
+
+
+def _id_violations(request, *names: str) -> Iterable[tuple[str, str]]:
+    for name in names:
+        value = getattr(request, name)
+        if len(value) > ID_LENGTH_MAX:
+            yield name, f"{name} must be at most {ID_LENGTH_MAX} characters, got {len(value)}"
+        elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            yield name, f"{name} must not contain control characters"
+
+
+def _sku_not_found(sku_id: str) -> Outcome:
+    return failure(Reason.SKU_NOT_FOUND, f"no stock is recorded for SKU {sku_id!r}", metadata={"sku_id": sku_id})
+
+
+def _reservation_not_found(rid: str) -> Outcome:
+    return failure(Reason.RESERVATION_NOT_FOUND, f"no reservation {rid!r}", metadata={"reservation_id": rid})
+
+
+def _invalid_transition(rid: str, state: State, what: str) -> Outcome:
+    return failure(
+        Reason.INVALID_TRANSITION,
+        f"cannot {what} reservation {rid} in state {state.name}",
+        metadata={"reservation_id": rid, "state": state.name},
+    )

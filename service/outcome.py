@@ -1,0 +1,120 @@
+"""Outcomes: every answer a move can give, one enum, mapped to gRPC in one place.
+
+A failure is a value, not an exception: the engine records some outcomes under
+the idempotency key and replays them byte for byte, so an outcome carries its
+encoded payload (the reply, or the `google.rpc.Status` of the error) from the
+moment it is made.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+from typing import Iterable, Mapping
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+DOMAIN = "holdfast"
+
+
+class Reason(enum.Enum):
+    """Error reasons of DESIGN.md, in the order they are checked: the first that
+    applies wins (the gateway's checks, then validation, then the engine's,
+    then the move's own).
+
+    Each value is (rank, gRPC status, recorded under the idempotency key); the
+    rank keeps reasons that share a status distinct members. Recorded
+    reasons depend on state, so a retry must see the same answer even after the
+    state changes (an INSUFFICIENT_STOCK stays one after a restock); the others
+    say nothing happened, so a retry may well succeed.
+    """
+
+    CONTRACT_VIOLATION = (1, grpc.StatusCode.INVALID_ARGUMENT, False)
+    INVALID_REQUEST = (2, grpc.StatusCode.INVALID_ARGUMENT, False)
+    REQUEST_IN_FLIGHT = (3, grpc.StatusCode.ABORTED, False)
+    BUDGET_EXCEEDED = (4, grpc.StatusCode.DEADLINE_EXCEEDED, False)
+    DEPENDENCY_UNAVAILABLE = (5, grpc.StatusCode.UNAVAILABLE, False)
+    IDEMPOTENCY_KEY_REUSED = (6, grpc.StatusCode.ALREADY_EXISTS, False)
+    VERSION_CONFLICT = (7, grpc.StatusCode.ABORTED, False)
+    SKU_NOT_FOUND = (8, grpc.StatusCode.NOT_FOUND, False)
+    RESERVATION_NOT_FOUND = (9, grpc.StatusCode.NOT_FOUND, False)
+    HOLD_EXPIRED = (10, grpc.StatusCode.FAILED_PRECONDITION, True)
+    INVALID_TRANSITION = (11, grpc.StatusCode.FAILED_PRECONDITION, True)
+    INSUFFICIENT_STOCK = (12, grpc.StatusCode.FAILED_PRECONDITION, True)
+    STOCK_BELOW_COMMITTED = (13, grpc.StatusCode.FAILED_PRECONDITION, True)
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        return self.value[1]
+
+    @property
+    def recorded(self) -> bool:
+        return self.value[2]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A finished call: `reason` None is success.
+
+    `payload` holds the serialized reply on success and the serialized
+    `google.rpc.Status` on failure; these exact bytes go on the wire, and a
+    replay sends them again.
+    """
+
+    reason: Reason | None
+    payload: bytes
+    replayed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+    @property
+    def recorded(self) -> bool:
+        return self.reason is None or self.reason.recorded
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.OK if self.reason is None else self.reason.code
+
+    def status(self) -> status_pb2.Status:
+        assert self.reason is not None, "a success has no error status"
+        return status_pb2.Status.FromString(self.payload)
+
+    def as_replay(self) -> Outcome:
+        return replace(self, replayed=True)
+
+
+def success(reply: bytes) -> Outcome:
+    return Outcome(None, reply)
+
+
+def failure(
+    reason: Reason,
+    message: str,
+    violations: Iterable[tuple[str, str]] = (),
+    metadata: Mapping[str, str] | None = None,
+) -> Outcome:
+    """An error outcome whose payload is the `google.rpc.Status` a client reads
+    with `grpc_status.rpc_status.from_call`."""
+    status = status_pb2.Status(code=reason.code.value[0], message=message)
+    info = error_details_pb2.ErrorInfo(reason=reason.name, domain=DOMAIN, metadata=metadata or {})
+    status.details.append(_pack(info))
+    violations = tuple(violations)
+    if violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=field, description=why)
+                for field, why in violations
+            ]
+        )
+        status.details.append(_pack(bad))
+    return Outcome(reason, status.SerializeToString(deterministic=True))
+
+
+def _pack(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message, deterministic=True)
+    return packed

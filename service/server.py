@@ -1,0 +1,99 @@
+"""Assembles and runs the server: backends, engine, gateway, servicer,
+health, reflection, recovery, reaper."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from contracts import contract
+from service.clock import Clock, SystemClock
+from service.engine import Engine
+from service.gateway import Gateway
+from service.inventory import SERVICE, Holds, Inventory
+from service.reaper import Reaper
+from service.snapshot import open_snapshot
+from service.store import open_store
+
+log = logging.getLogger("holdfast")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: str = "127.0.0.1:50051"
+    store: str = "sqlite:///./holdfast.db"
+    snapshot: str = "memory://"
+    holds: Holds = field(default_factory=Holds)
+    reaper_interval_ms: int = 100
+
+
+@dataclass(slots=True)
+class Running:
+    """A started server; `port` is the bound port (useful with `:0`)."""
+
+    server: grpc.aio.Server
+    port: int
+    engine: Engine
+    inventory: Inventory
+    reaper_task: asyncio.Task
+    health: health.aio.HealthServicer
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        self.reaper_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.reaper_task
+        await self.server.stop(grace_s)
+        await self.engine.store.close()
+        await self.engine.snapshot.close()
+
+
+async def start(config: Config, clock: Clock | None = None) -> Running:
+    """Opens the backends, resolves left-over intents, then starts serving."""
+    store = open_store(config.store)
+    snapshot = open_snapshot(config.snapshot)
+    await store.open()
+    engine = Engine(store, snapshot, clock or SystemClock())
+    inventory = Inventory(engine, config.holds)
+    reaper = Reaper(inventory, config.reaper_interval_ms)
+    recovered = await reaper.recover()
+    if recovered:
+        log.info("recovered %d intents left in the store", recovered)
+
+    server = grpc.aio.server(interceptors=[Gateway(contract.of_service(SERVICE))])
+    server.add_generic_rpc_handlers((inventory.handler(),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE.full_name, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen}")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE.full_name, health_pb2.HealthCheckResponse.SERVING)
+    return Running(server, port, engine, inventory, asyncio.create_task(reaper.run()), health_servicer)
+
+
+async def serve(config: Config) -> None:
+    """Runs until SIGTERM or SIGINT, then drains in-flight calls and stops."""
+    running = await start(config)
+    host = config.listen.rsplit(":", 1)[0]
+    print(
+        f"holdfast serving {SERVICE.full_name} on {host}:{running.port}"
+        f" (store {running.engine.store.describe()}, snapshot {running.engine.snapshot.describe()})",
+        flush=True,
+    )
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    await running.stop()
+    print("holdfast stopped", flush=True)
