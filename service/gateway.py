@@ -99,22 +99,25 @@ class Gateway(grpc.aio.ServerInterceptor):
 
 
 def _admit(contract: Contract, request, context, started: float) -> tuple[Call | None, Outcome | None]:
+    """The call's `Call`, or the outcome that refuses it before any servicer runs."""
     if isinstance(request, _Malformed):
         return None, failure(Reason.INVALID_REQUEST, f"the request could not be decoded: {request.error}")
+    fingerprint = hashlib.sha256(request.SerializeToString(deterministic=True)).digest()
     values = tuple(getattr(request, name) for name in contract.idempotency_key)
-    missing = [name for name, value in zip(contract.idempotency_key, values) if value in ("", 0)]
-    if missing:
-        metrics.CONTRACT_VIOLATIONS.labels(contract.method).inc()
-        violations = [(name, "idempotency key field must be set") for name in missing]
-        message = f"{contract.method} needs its idempotency key fields set: {', '.join(missing)}"
-        return None, failure(Reason.CONTRACT_VIOLATION, message, violations)
-    body = request.SerializeToString(deterministic=True)
-    fingerprint = hashlib.sha256(body).digest()
     key = idempotency_key(contract.method, values) if contract.idempotency_key else fingerprint
     remaining = context.time_remaining()
     budget = contract.timeout_s if remaining is None else min(remaining, contract.timeout_s)
     context_id = hashlib.sha256(b"context:" + key).hexdigest()[:32]
-    return Call(contract, key, fingerprint, context_id, started + budget), None
+    call = Call(contract, key, fingerprint, context_id, started + budget)
+    # proto3 cannot tell an unset scalar from its zero, so a key field at its
+    # zero value is missing: two callers leaving it unset would share a key.
+    missing = [name for name, value in zip(contract.idempotency_key, values) if value in ("", 0)]
+    if not missing:
+        return call, None
+    metrics.CONTRACT_VIOLATIONS.labels(contract.method).inc()
+    violations = [(name, "idempotency key field must be set") for name in missing]
+    message = f"{contract.method} needs its idempotency key fields set: {', '.join(missing)}"
+    return call, failure(Reason.CONTRACT_VIOLATION, message, violations)
 
 
 async def _answer(context, contract: Contract, outcome: Outcome, call: Call | None) -> bytes:

@@ -1,0 +1,130 @@
+"""The store contract: what every store-of-record backend must do.
+
+Parametrised by backend; a new backend joins by adding a URL factory to
+BACKENDS and passing every test here unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from service.machine import State
+from service.store import BudgetSpent, Record, Reservation, Stock, open_store
+
+BACKENDS = {
+    "sqlite": lambda tmp_path: f"sqlite:///{tmp_path}/store.db",
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+async def store(request, tmp_path):
+    opened = open_store(BACKENDS[request.param](tmp_path))
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+def _hold(rid: str = "r1", version: int = 1, state: State = State.RESERVED, expires_at_ms: int = 1_000) -> Reservation:
+    return Reservation(rid, "o1", "sku", 2, state, version, expires_at_ms)
+
+
+async def _stock(store, sku: str = "sku") -> Stock | None:
+    return await store.transact(lambda txn: txn.stock(sku))
+
+
+async def test_take_stock_holds_only_when_enough_is_available(store):
+    await store.transact(lambda txn: txn.put_stock(Stock("sku", 3, 3, 0, 0, 1)))
+    assert await store.transact(lambda txn: txn.take_stock("sku", 2)) is True
+    assert await store.transact(lambda txn: txn.take_stock("sku", 2)) is False
+    assert await _stock(store) == Stock("sku", 3, 1, 2, 0, 2)
+
+
+async def test_settle_stock_moves_held_units_to_sold_or_back(store):
+    await store.transact(lambda txn: txn.put_stock(Stock("sku", 5, 1, 4, 0, 1)))
+    await store.transact(lambda txn: txn.settle_stock("sku", 3, sold=True))
+    await store.transact(lambda txn: txn.settle_stock("sku", 1, sold=False))
+    assert await _stock(store) == Stock("sku", 5, 2, 0, 3, 3)
+
+
+async def test_save_reservation_is_a_compare_and_set_on_version(store):
+    assert await store.transact(lambda txn: txn.save_reservation(_hold(), 0)) is True
+    assert await store.transact(lambda txn: txn.save_reservation(_hold(), 0)) is False  # already exists
+    confirmed = _hold(version=2, state=State.CONFIRMED)
+    assert await store.transact(lambda txn: txn.save_reservation(confirmed, 1)) is True
+    stale = _hold(version=2, state=State.RELEASED)
+    assert await store.transact(lambda txn: txn.save_reservation(stale, 1)) is False
+    assert await store.transact(lambda txn: txn.reservation("r1")) == confirmed
+
+
+async def test_recorded_outcome_round_trips_its_exact_bytes(store):
+    record = Record(b"\x00fp", "INSUFFICIENT_STOCK", bytes(range(256)))
+    await store.transact(lambda txn: txn.record(b"key", record, 5))
+    assert await store.transact(lambda txn: txn.recorded(b"key")) == record
+    assert await store.transact(lambda txn: txn.recorded(b"other")) is None
+
+
+async def test_failed_move_is_undone_alone_within_a_shared_transaction(store):
+    await store.transact(lambda txn: txn.put_stock(Stock("sku", 10, 10, 0, 0, 1)))
+
+    def take_then_fail(txn):
+        assert txn.take_stock("sku", 4)
+        raise RuntimeError("the move's own failure")
+
+    results = await asyncio.gather(
+        store.transact(lambda txn: txn.take_stock("sku", 1)),
+        store.transact(take_then_fail),
+        store.transact(lambda txn: txn.take_stock("sku", 2)),
+        return_exceptions=True,
+    )
+    assert results[0] is True and results[2] is True
+    assert isinstance(results[1], RuntimeError)
+    assert await _stock(store) == Stock("sku", 10, 7, 3, 0, 3)
+
+
+async def test_spent_budget_refuses_the_move_before_it_runs(store):
+    await store.transact(lambda txn: txn.put_stock(Stock("sku", 10, 10, 0, 0, 1)))
+    with pytest.raises(BudgetSpent):
+        await store.transact(lambda txn: txn.take_stock("sku", 1), deadline=time.monotonic() - 0.001)
+    assert await _stock(store) == Stock("sku", 10, 10, 0, 0, 1)
+
+
+async def test_concurrent_moves_all_commit_with_exact_totals(store):
+    await store.transact(lambda txn: txn.put_stock(Stock("sku", 1000, 1000, 0, 0, 1)))
+    taken = await asyncio.gather(*(store.transact(lambda txn: txn.take_stock("sku", 3)) for _ in range(500)))
+    assert taken.count(True) == 333
+    assert await _stock(store) == Stock("sku", 1000, 1, 999, 0, 334)
+
+
+async def test_due_holds_and_intents_are_found_in_order(store):
+    await store.transact(lambda txn: txn.save_reservation(_hold("b", expires_at_ms=50), 0))
+    await store.transact(lambda txn: txn.save_reservation(_hold("a", expires_at_ms=50), 0))
+    await store.transact(lambda txn: txn.save_reservation(_hold("c", expires_at_ms=500), 0))
+    await store.transact(lambda txn: txn.save_reservation(_hold("i", state=State.CONFIRMING), 0))
+    due = await store.transact(lambda txn: txn.due_holds(100, 10))
+    assert [r.reservation_id for r in due] == ["a", "b"]
+    intents = await store.transact(lambda txn: txn.intents(10))
+    assert [(r.reservation_id, r.state) for r in intents] == [("i", State.CONFIRMING)]
+
+
+async def test_committed_moves_survive_reopening(tmp_path):
+    url = BACKENDS["sqlite"](tmp_path)
+    first = open_store(url)
+    await first.open()
+    await first.transact(lambda txn: txn.put_stock(Stock("sku", 4, 4, 0, 0, 1)))
+    await first.close()
+    second = open_store(url)
+    await second.open()
+    try:
+        assert await _stock(second) == Stock("sku", 4, 4, 0, 0, 1)
+    finally:
+        await second.close()
+
+
+def test_store_url_must_name_a_supported_backend():
+    with pytest.raises(ValueError, match="unsupported store URL"):
+        open_store("mysql://nope")
+    with pytest.raises(ValueError, match="names no file"):
+        open_store("sqlite://")
