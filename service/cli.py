@@ -90,13 +90,14 @@ def _client(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     from service.inventory import Holds
     from service.server import Config, serve
+    from service.store import StoreUnavailable
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     holds = Holds(default_ms=args.hold_default_ms, max_ms=max(args.hold_default_ms, Holds().max_ms))
     config = Config(listen=args.listen, store=args.store, snapshot=args.snapshot, holds=holds)
     try:
         asyncio.run(serve(config))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, StoreUnavailable) as error:
         print(f"holdfast: {error}", file=sys.stderr)
         return 2
     return 0

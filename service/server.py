@@ -60,26 +60,35 @@ async def start(config: Config, clock: Clock | None = None) -> Running:
     store = open_store(config.store)
     snapshot = open_snapshot(config.snapshot)
     await store.open()
-    engine = Engine(store, snapshot, clock or SystemClock())
+    try:
+        return await _start(config, Engine(store, snapshot, clock or SystemClock()))
+    except BaseException:
+        await store.close()
+        await snapshot.close()
+        raise
+
+
+async def _start(config: Config, engine: Engine) -> Running:
     inventory = Inventory(engine, config.holds)
     reaper = Reaper(inventory, config.reaper_interval_ms)
     recovered = await reaper.recover()
     if recovered:
         log.info("recovered %d intents left in the store", recovered)
 
-    server = grpc.aio.server(interceptors=[Gateway(contract.of_service(SERVICE))])
+    # No SO_REUSEPORT: a second instance on a taken port must fail, not share it.
+    server = grpc.aio.server(interceptors=[Gateway(contract.of_service(SERVICE))], options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((inventory.handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE.full_name, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
-    port = server.add_insecure_port(config.listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
+    try:
+        port = server.add_insecure_port(config.listen)
+    except RuntimeError as error:  # grpc reports a port it cannot bind this way
+        raise OSError(f"cannot listen on {config.listen}: {error}") from None
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE.full_name, health_pb2.HealthCheckResponse.SERVING)
     return Running(server, port, engine, inventory, asyncio.create_task(reaper.run()), health_servicer)
-
 
 async def serve(config: Config) -> None:
     """Runs until SIGTERM or SIGINT, then drains in-flight calls and stops."""
