@@ -77,7 +77,7 @@ class Inventory:
         return await self.engine.read(read, current_call().deadline)
 
     async def Reserve(self, request: pb.ReserveRequest, context) -> Outcome:
-        violations = [*_id_violations(request, "order_id")]
+        violations = [*_id_violations(request, "order_id", "sku_id")]
         if request.quantity <= 0:
             violations.append(("quantity", f"quantity must be positive, got {request.quantity}"))
         if request.timestamp_ms < 0:
@@ -296,11 +296,19 @@ def _id_violations(request, *names: str) -> Iterable[tuple[str, str]]:
 
 
 def _sku_not_found(sku_id: str) -> Outcome:
-    return failure(Reason.SKU_NOT_FOUND, f"no stock is recorded for SKU {sku_id!r}", metadata={"sku_id": sku_id})
+    shown = _shown(sku_id)
+    return failure(Reason.SKU_NOT_FOUND, f"no stock is recorded for SKU {shown!r}", metadata={"sku_id": shown})
 
 
 def _reservation_not_found(rid: str) -> Outcome:
-    return failure(Reason.RESERVATION_NOT_FOUND, f"no reservation {rid!r}", metadata={"reservation_id": rid})
+    shown = _shown(rid)
+    return failure(Reason.RESERVATION_NOT_FOUND, f"no reservation {shown!r}", metadata={"reservation_id": shown})
+
+
+def _shown(value: str) -> str:
+    """An id as quoted in an error: a hostile length must not push the status
+    details past gRPC's metadata limit and cost the client its answer."""
+    return value if len(value) <= ID_LENGTH_MAX else value[:ID_LENGTH_MAX] + "…"
 
 
 def _invalid_transition(rid: str, state: State, what: str) -> Outcome:
