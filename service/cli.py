@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", default=os.environ.get("HOLDFAST_LISTEN", "127.0.0.1:50051"))
     serve.add_argument("--store", default=os.environ.get("HOLDFAST_STORE", "sqlite:///./holdfast.db"))
     serve.add_argument("--snapshot", default=os.environ.get("HOLDFAST_SNAPSHOT", "memory://"))
-    serve.add_argument("--hold-default-ms", type=int, default=15 * 60 * 1000, help="hold when a Reserve asks for 0")
+    serve.add_argument("--hold-default-ms", type=_positive, default=15 * 60 * 1000, help="hold when a Reserve asks for 0")
     serve.set_defaults(run=_serve)
 
     codegen = commands.add_parser("codegen", help="generate code from protos/ (or --check its freshness)")
@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("reservation_id")
     get.set_defaults(run=lambda a: _call(a, "GetReservation", pb.GetReservationRequest(reservation_id=a.reservation_id)))
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
 
 
 def _client(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

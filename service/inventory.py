@@ -37,7 +37,8 @@ class Holds:
     max_ms: int = 7 * 24 * 60 * 60 * 1000
 
     def __post_init__(self) -> None:
-        assert 0 < self.default_ms <= self.max_ms
+        if not 0 < self.default_ms <= self.max_ms:
+            raise ValueError(f"hold default must be within 1..{self.max_ms} ms, got {self.default_ms}")
 
 
 def reservation_id(key: bytes) -> str:

@@ -249,7 +249,7 @@ class SqliteStore:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def describe(self) -> str:
-        return f"sqlite://{self.path}"
+        return f"sqlite:///{self.path}"  # the URL that opens this file again
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()

@@ -1,0 +1,151 @@
+"""Generated code and its freshness stamp: `holdfast codegen --check` on the
+repository, and `contracts.codegen.check` / `generate` on copies in a temporary
+folder (the real tree is only ever read)."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+from pathlib import Path
+
+import pytest
+
+from contracts import codegen
+from service import cli
+from tests.process import ROOT, run_holdfast
+
+INVENTORY = Path("holdfast/inventory/v1/inventory.proto")
+INVENTORY_PB2 = Path("holdfast/inventory/v1/inventory_pb2.py")
+
+
+@pytest.fixture
+def copies(tmp_path) -> tuple[Path, Path]:
+    """Copies of protos/ and service/generated/ (without bytecode caches)."""
+    protos, out = tmp_path / "protos", tmp_path / "generated"
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(codegen.PROTOS, protos, ignore=ignore)
+    shutil.copytree(codegen.GENERATED, out, ignore=ignore)
+    return protos, out
+
+
+def test_the_committed_code_is_fresh():
+    stale = codegen.check()
+    assert not stale, "\n".join(stale.reasons)
+    assert stale.files == () and stale.reasons == ()
+
+
+def test_cli_check_passes_on_the_repository_and_prints_fresh():
+    done = run_holdfast("codegen", "--check", cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "fresh" in done.stdout
+    assert "stale" not in done.stderr
+
+
+def test_cli_check_does_not_depend_on_the_working_directory(tmp_path):
+    done = run_holdfast("codegen", "--check", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "fresh" in done.stdout
+
+
+def test_an_untouched_copy_is_fresh(copies):
+    protos, out = copies
+    assert not codegen.check(protos=protos, out=out)
+
+
+def test_a_touched_proto_is_stale_and_named(copies):
+    protos, out = copies
+    with (protos / INVENTORY).open("a") as proto:
+        proto.write("// touched\n")
+    stale = codegen.check(protos=protos, out=out)
+    assert stale
+    assert stale.files == (str(protos / INVENTORY),)
+    assert len(stale.reasons) == 1
+    assert str(protos / INVENTORY) in stale.reasons[0] and "changed" in stale.reasons[0]
+
+
+def test_cli_check_exits_1_naming_a_touched_proto(copies, monkeypatch, capsys):
+    """`holdfast codegen --check` (in process, its check pointed at the copies)."""
+    protos, out = copies
+    monkeypatch.setattr(codegen, "check", functools.partial(codegen.check, protos=protos, out=out))
+    assert cli.main(["codegen", "--check"]) == 0
+    assert "fresh" in capsys.readouterr().out
+
+    with (protos / INVENTORY).open("a") as proto:
+        proto.write("// touched\n")
+    assert cli.main(["codegen", "--check"]) == 1
+    printed = capsys.readouterr()
+    assert "fresh" not in printed.out
+    assert str(protos / INVENTORY) in printed.err
+    assert printed.err.startswith("stale: ")
+
+
+def test_a_new_or_removed_proto_is_stale(copies):
+    protos, out = copies
+    extra = protos / "holdfast/inventory/v1/extra.proto"
+    extra.write_text('syntax = "proto3";\npackage holdfast.inventory.v1;\n')
+    stale = codegen.check(protos=protos, out=out)
+    assert stale.files == (str(extra),) and "added" in stale.reasons[0]
+
+    extra.unlink()
+    (protos / INVENTORY).unlink()
+    stale = codegen.check(protos=protos, out=out)
+    assert stale.files == (str(protos / INVENTORY),) and "removed" in stale.reasons[0]
+
+
+def test_a_missing_stamp_is_stale(copies):
+    protos, out = copies
+    (out / codegen.STAMP_NAME).unlink()
+    stale = codegen.check(protos=protos, out=out)
+    assert stale and stale.files == (str(out / codegen.STAMP_NAME),)
+
+
+def test_generate_makes_a_touched_copy_fresh_again(copies):
+    protos, out = copies
+    with (protos / INVENTORY).open("a") as proto:
+        proto.write("// touched\n")
+    assert codegen.check(protos=protos, out=out)
+
+    written = codegen.generate(protos=protos, out=out)
+    assert out / INVENTORY_PB2 in written
+    assert all(path.is_relative_to(out) for path in written)
+    stale = codegen.check(protos=protos, out=out)
+    assert not stale, "\n".join(stale.reasons)
+    # A comment changes no generated code.
+    assert (out / INVENTORY_PB2).read_bytes() == (codegen.GENERATED / INVENTORY_PB2).read_bytes()
+
+
+def test_generating_from_the_same_sources_reproduces_the_committed_code(copies):
+    protos, out = copies
+    codegen.generate(protos=protos, out=out)
+    assert not codegen.check(protos=protos, out=out)
+    for path in sorted(codegen.GENERATED.rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts:
+            relative = path.relative_to(codegen.GENERATED)
+            assert (out / relative).read_bytes() == path.read_bytes(), f"{relative} differs when regenerated"
+
+
+def test_a_hand_edited_generated_file_is_stale(copies):
+    protos, out = copies
+    codegen.generate(protos=protos, out=out)
+    assert not codegen.check(protos=protos, out=out)
+
+    with (out / INVENTORY_PB2).open("a") as generated:
+        generated.write("# edited by hand\n")
+    stale = codegen.check(protos=protos, out=out)
+    assert stale
+    assert stale.files == (str(out / INVENTORY_PB2),)
+    assert "changed" in stale.reasons[0]
+
+
+def test_a_stray_module_in_the_generated_folder_is_stale(copies):
+    protos, out = copies
+    stray = out / "holdfast/inventory/v1/stray_pb2.py"
+    stray.write_text("# not generated\n")
+    stale = codegen.check(protos=protos, out=out)
+    assert stale.files == (str(stray),) and "added" in stale.reasons[0]
+
+
+def test_the_real_tree_is_untouched_by_these_tests():
+    # check() on the repository stays fresh after the copies were regenerated and edited.
+    assert not codegen.check()
+    assert codegen.PROTOS == ROOT / "protos" and codegen.GENERATED == ROOT / "service" / "generated"
