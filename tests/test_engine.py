@@ -167,3 +167,23 @@ async def test_recovery_resolves_intents_left_in_the_store(config):
     assert (found["sold"].state, found["sold"].version) == (State.CONFIRMED, 2)
     assert (found["freed"].state, found["freed"].version) == (State.RELEASED, 2)
     assert stock == Stock("sku", 10, 8, 0, 2, 5)
+
+
+async def test_reserve_out_of_budget_answers_budget_exceeded_and_changes_nothing(server, stub):
+    """The store is busy past Reserve's 2,000 ms contract budget while the client
+    would still wait: the server answers BUDGET_EXCEEDED and nothing is held."""
+    await stub.PutStock(pb.PutStockRequest(sku_id="sku", total=5, request_id="r"))
+    request = pb.ReserveRequest(order_id="o", sku_id="sku", quantity=2, timestamp_ms=1)
+    busy = asyncio.create_task(server.engine.store.transact(lambda txn: time.sleep(2.5)))
+    await asyncio.sleep(0.05)  # the store's thread is now inside the busy transaction
+
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await stub.Reserve(request, timeout=30)
+    found = failure_of(late.value)
+    assert (found.code, found.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED, "BUDGET_EXCEEDED")
+    await busy
+
+    stock = await stub.GetStock(pb.GetStockRequest(sku_id="sku"))
+    assert (stock.available, stock.held, stock.version) == (5, 0, 1)
+    held = await stub.Reserve(request, timeout=30)
+    assert (held.state, held.version) == (pb.RESERVATION_STATE_RESERVED, 1)
