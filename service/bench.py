@@ -52,6 +52,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -142,7 +143,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--in-flight", type=int, default=64, help="calls in flight, over all clients (default 64)")
     parser.add_argument("--clients", type=int, default=1, help="client processes (default 1)")
     parser.add_argument("--mix", choices=sorted(MIXES), default="reserve", help="the workload (default reserve)")
-    parser.add_argument("--target", default=None, help="HOST:PORT of a running holdfast (loopback only); default: start one")
+    parser.add_argument(
+        "--target",
+        default=None,
+        help="HOST:PORT of a running holdfast (loopback only) instead of starting one; the run stocks its own"
+        " SKU there and leaves its holds to expire",
+    )
     parser.add_argument("--timeout-s", type=float, default=5.0, help="deadline of each call (default 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser
@@ -185,8 +191,8 @@ def _is_loopback(target: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the benchmark; prints a table (or JSON). Exit 0 done, 1 failed,
-    2 usage, 130 interrupted."""
+    """Runs the benchmark and prints a table (or JSON). Returns 0 done, 1 failed,
+    130 interrupted; a usage error exits 2 (argparse)."""
     options = _options(argv)
     try:
         with _sigterm_raises_interrupt(), tempfile.TemporaryDirectory(prefix="holdfast-bench-") as tmp:
@@ -285,7 +291,7 @@ def _terminate(procs: list[subprocess.Popen]) -> None:
 @contextlib.contextmanager
 def _sigterm_raises_interrupt() -> Iterator[None]:
     """SIGTERM would end the process without running cleanup; make it a Ctrl-C."""
-    if sys.platform == "win32" or not _in_main_thread():
+    if sys.platform == "win32" or threading.current_thread() is not threading.main_thread():
         yield
         return
 
@@ -297,12 +303,6 @@ def _sigterm_raises_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _free_port() -> int:

@@ -25,6 +25,11 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the benchmark owns its own arguments
+        from service import bench
+
+        return bench.main(argv[1:])
     args = _parser().parse_args(argv)
     return args.run(args)
 
@@ -39,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--snapshot", default=os.environ.get("HOLDFAST_SNAPSHOT", "memory://"))
     serve.add_argument("--hold-default-ms", type=_positive, default=15 * 60 * 1000, help="hold when a Reserve asks for 0")
     serve.set_defaults(run=_serve)
+
+    commands.add_parser("bench", add_help=False, help="measure Reserve throughput against a bare gRPC echo baseline")
 
     codegen = commands.add_parser("codegen", help="generate code from protos/ (or --check its freshness)")
     codegen.add_argument("--check", action="store_true", help="exit 1, naming stale files, if the stamp does not match")
