@@ -20,7 +20,7 @@ from service.gateway import Gateway
 from service.inventory import SERVICE, Holds, Inventory
 from service.reaper import Reaper
 from service.snapshot import open_snapshot
-from service.store import open_store
+from service.store import open_store, version_pages
 
 log = logging.getLogger("holdfast")
 
@@ -61,6 +61,7 @@ async def start(config: Config, clock: Clock | None = None) -> Running:
     snapshot = open_snapshot(config.snapshot)
     await store.open()
     try:
+        await snapshot.open(lambda: version_pages(store))
         return await _start(config, Engine(store, snapshot, clock or SystemClock()))
     except BaseException:
         await store.close()

@@ -10,10 +10,17 @@ compare-and-set alone guards that move.
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol
+from typing import AsyncIterator, Callable, Mapping, Protocol
+
+# The store's versions, page by page (service.store.version_pages): the truth a
+# snapshot rebuilds itself from when it comes back after losing writes.
+VersionPages = Callable[[], AsyncIterator[Mapping[str, int]]]
 
 
 class Snapshot(Protocol):
+    async def open(self, rebuild_from: VersionPages) -> None:
+        """Connects; keeps `rebuild_from` for catching up after an outage."""
+
     async def version(self, entity: str) -> int | None:
         """One round trip before the move; None when the entry is unknown."""
 
@@ -36,6 +43,10 @@ class MemorySnapshot:
 
     def describe(self) -> str:
         return "memory://"
+
+    async def open(self, rebuild_from: VersionPages) -> None:
+        """Nothing to connect to; it lives and dies with the process, so an
+        empty map after a restart is unknown, not stale."""
 
     async def version(self, entity: str) -> int | None:
         return self._versions.get(entity)

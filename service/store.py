@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol, TypeVar
+from typing import AsyncIterator, Callable, Protocol, TypeVar
 
 from service.machine import INTENTS, State
 
@@ -84,6 +84,7 @@ class Txn(Protocol):
     def save_reservation(self, reservation: Reservation, expected_version: int) -> bool: ...
     def due_holds(self, now_ms: int, limit: int) -> list[Reservation]: ...
     def intents(self, limit: int) -> list[Reservation]: ...
+    def versions(self, after: str, limit: int) -> list[tuple[str, int]]: ...
 
 
 class Store(Protocol):
@@ -228,6 +229,12 @@ class SqliteTxn:
         ).fetchall()
         return [_reservation(row) for row in rows]
 
+    def versions(self, after: str, limit: int) -> list[tuple[str, int]]:
+        return self._db.execute(
+            "SELECT reservation_id, version FROM reservation WHERE reservation_id > ? ORDER BY reservation_id LIMIT ?",
+            (after, limit),
+        ).fetchall()
+
 
 @dataclass(slots=True)
 class _Job:
@@ -351,6 +358,15 @@ def _settle(future: asyncio.Future, value: object, error: BaseException | None) 
 def _deliver(results: list[tuple[asyncio.Future, object, BaseException | None]]) -> None:
     for future, value, error in results:
         _settle(future, value, error)
+
+
+async def version_pages(store: Store, page: int = 1000) -> AsyncIterator[dict[str, int]]:
+    """Every reservation's version, a page per transaction: what a snapshot is
+    rebuilt from after it lost writes."""
+    after = ""
+    while rows := await store.transact(lambda txn: txn.versions(after, page)):
+        yield dict(rows)
+        after = rows[-1][0]
 
 
 def open_store(url: str) -> Store:
