@@ -192,7 +192,7 @@ def _reserve(txn: Txn, rid: str, order_id: str, sku_id: str, quantity: int, expi
         )
     retry_count = 0 if existing is None else existing.retry_count
     held = Reservation(rid, order_id, sku_id, quantity, State.RESERVED, version + 1, expires_at_ms, retry_count)
-    assert txn.save_reservation(held, version), "reservation moved inside its own transaction"
+    txn.save_reservation(held, version)
     return success(_reservation_reply(held))
 
 
@@ -241,7 +241,7 @@ def _recover(txn: Txn, rid: str) -> Outcome:
     assert target is not None
     if found.state == State.RESERVING:
         back = replace(found, state=target, version=found.version + 1, retry_count=found.retry_count + 1)
-        assert txn.save_reservation(back, found.version)
+        txn.save_reservation(back, found.version)
         return success(_reservation_reply(back))
     sold = found.state == State.CONFIRMING
     return _settle(txn, found, target, sold=sold, why="" if sold else found.release_reason or "recovered")
@@ -250,7 +250,7 @@ def _recover(txn: Txn, rid: str) -> Outcome:
 def _settle(txn: Txn, found: Reservation, target: State, sold: bool, why: str) -> Outcome:
     txn.settle_stock(found.sku_id, found.quantity, sold=sold)
     done = replace(found, state=target, version=found.version + 1, release_reason=why)
-    assert txn.save_reservation(done, found.version), "reservation moved inside its own transaction"
+    txn.save_reservation(done, found.version)
     return success(_reservation_reply(done))
 
 

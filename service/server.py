@@ -30,6 +30,7 @@ class Config:
     listen: str = "127.0.0.1:50051"
     store: str = "sqlite:///./holdfast.db"
     snapshot: str = "memory://"
+    store_pool: int = 2  # connections (and worker threads) of a server-based store
     holds: Holds = field(default_factory=Holds)
     reaper_interval_ms: int = 100
 
@@ -57,7 +58,7 @@ class Running:
 
 async def start(config: Config, clock: Clock | None = None) -> Running:
     """Opens the backends, resolves left-over intents, then starts serving."""
-    store = open_store(config.store)
+    store = open_store(config.store, pool_size=config.store_pool)
     snapshot = open_snapshot(config.snapshot)
     await store.open()
     try:

@@ -1,34 +1,43 @@
-"""The store of record, and its embedded backend on SQLite.
+"""The store of record: what a move may do inside its transaction, and the
+group-commit machinery every SQL backend shares.
 
 A move runs as one function over a `Txn` inside one store transaction: the
 idempotency record, the version compare-and-set, the stock effect and the
 outcome commit together or not at all. Concurrent moves share a transaction
-(group commit): a dedicated thread drains the queue, runs each move under its
-own SAVEPOINT so one move's failure never undoes another's, and commits once.
-The event loop never blocks on SQLite.
+(group commit): worker threads, each with its own connection, drain one
+queue, run each move under its own SAVEPOINT so one move's failure never
+undoes another's, and commit once. The event loop never blocks on the
+database. Backends (service.sqlite, service.postgres) differ only in how they
+connect and in their SQL dialect.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Protocol, TypeVar
+from typing import Any, AsyncIterator, Callable, ClassVar, Protocol, TypeVar
 
 from service.machine import INTENTS, State
 
 T = TypeVar("T")
+log = logging.getLogger("holdfast.store")
 
 
 class StoreUnavailable(Exception):
-    """The store could not run or commit the transaction; nothing was changed."""
+    """The store could not run or commit the transaction."""
 
 
 class BudgetSpent(Exception):
     """The call's budget ran out before its move started; nothing was changed."""
+
+
+class Contended(Exception):
+    """Another transaction moved the same row first (another instance, or
+    another worker): the move is undone and run again on the new state."""
 
 
 @dataclass(slots=True)
@@ -70,7 +79,7 @@ class Record:
 
 class Txn(Protocol):
     """What a move may do inside its transaction. Every method is synchronous:
-    it runs on the store's own thread, never on the event loop."""
+    it runs on a store thread, never on the event loop."""
 
     written: dict[str, int]
 
@@ -81,7 +90,7 @@ class Txn(Protocol):
     def take_stock(self, sku_id: str, quantity: int) -> bool: ...
     def settle_stock(self, sku_id: str, quantity: int, sold: bool) -> None: ...
     def reservation(self, reservation_id: str) -> Reservation | None: ...
-    def save_reservation(self, reservation: Reservation, expected_version: int) -> bool: ...
+    def save_reservation(self, reservation: Reservation, expected_version: int) -> None: ...
     def due_holds(self, now_ms: int, limit: int) -> list[Reservation]: ...
     def intents(self, limit: int) -> list[Reservation]: ...
     def versions(self, after: str, limit: int) -> list[tuple[str, int]]: ...
@@ -94,37 +103,6 @@ class Store(Protocol):
     def describe(self) -> str: ...
 
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS stock (
-    sku_id TEXT PRIMARY KEY,
-    total INTEGER NOT NULL CHECK (total >= 0),
-    available INTEGER NOT NULL CHECK (available >= 0),
-    held INTEGER NOT NULL CHECK (held >= 0),
-    sold INTEGER NOT NULL CHECK (sold >= 0),
-    version INTEGER NOT NULL,
-    CHECK (available + held + sold = total)
-);
-CREATE TABLE IF NOT EXISTS reservation (
-    reservation_id TEXT PRIMARY KEY,
-    order_id TEXT NOT NULL,
-    sku_id TEXT NOT NULL,
-    quantity INTEGER NOT NULL CHECK (quantity > 0),
-    state INTEGER NOT NULL,
-    version INTEGER NOT NULL,
-    expires_at_ms INTEGER NOT NULL,
-    retry_count INTEGER NOT NULL DEFAULT 0,
-    release_reason TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS reservation_due ON reservation (state, expires_at_ms);
-CREATE TABLE IF NOT EXISTS outcome (
-    key BLOB PRIMARY KEY,
-    fingerprint BLOB NOT NULL,
-    reason TEXT,
-    payload BLOB NOT NULL,
-    recorded_at_ms INTEGER NOT NULL
-);
-"""
-
 _RESERVATION_COLUMNS = "reservation_id, order_id, sku_id, quantity, state, version, expires_at_ms, retry_count, release_reason"
 
 
@@ -132,35 +110,56 @@ def _reservation(row: tuple) -> Reservation:
     return Reservation(row[0], row[1], row[2], row[3], State(row[4]), *row[5:])
 
 
-class SqliteTxn:
-    """`Txn` over one SQLite connection, inside the batch's transaction."""
+class SqlTxn:
+    """`Txn` over a DB-API cursor, inside the batch's transaction.
 
-    __slots__ = ("_db", "written")
+    The SQL is written once with `%s` placeholders; a backend's subclass sets
+    its placeholder and whether reads inside a move lock the row they read.
+    """
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
+    PLACEHOLDER: ClassVar[str] = "%s"
+    LOCK: ClassVar[str] = ""  # " FOR UPDATE" where concurrent writers exist
+    _translated: ClassVar[dict[str, str]]
+
+    __slots__ = ("_cursor", "written")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._translated = {}
+
+    def __init__(self, cursor: Any) -> None:
+        self._cursor = cursor
         self.written: dict[str, int] = {}
 
+    def _execute(self, sql: str, params: tuple = ()) -> Any:
+        text = self._translated.get(sql)
+        if text is None:
+            text = self._translated[sql] = sql.replace("%s", self.PLACEHOLDER)
+        return self._cursor.execute(text, params)
+
     def recorded(self, key: bytes) -> Record | None:
-        row = self._db.execute("SELECT fingerprint, reason, payload FROM outcome WHERE key = ?", (key,)).fetchone()
-        return None if row is None else Record(*row)
+        row = self._execute("SELECT fingerprint, reason, payload FROM outcome WHERE key = %s", (key,)).fetchone()
+        return None if row is None else Record(bytes(row[0]), row[1], bytes(row[2]))
 
     def record(self, key: bytes, record: Record, now_ms: int) -> None:
-        self._db.execute(
-            "INSERT INTO outcome (key, fingerprint, reason, payload, recorded_at_ms) VALUES (?, ?, ?, ?, ?)",
+        cursor = self._execute(
+            "INSERT INTO outcome (key, fingerprint, reason, payload, recorded_at_ms) VALUES (%s, %s, %s, %s, %s)"
+            " ON CONFLICT (key) DO NOTHING",
             (key, record.fingerprint, record.reason, record.payload, now_ms),
         )
+        if cursor.rowcount != 1:
+            raise Contended("the idempotency key was recorded by a concurrent move")
 
     def stock(self, sku_id: str) -> Stock | None:
-        row = self._db.execute(
-            "SELECT sku_id, total, available, held, sold, version FROM stock WHERE sku_id = ?", (sku_id,)
+        row = self._execute(
+            "SELECT sku_id, total, available, held, sold, version FROM stock WHERE sku_id = %s" + self.LOCK, (sku_id,)
         ).fetchone()
         return None if row is None else Stock(*row)
 
     def put_stock(self, stock: Stock) -> None:
         stock.check()
-        self._db.execute(
-            "INSERT INTO stock (sku_id, total, available, held, sold, version) VALUES (?, ?, ?, ?, ?, ?)"
+        self._execute(
+            "INSERT INTO stock (sku_id, total, available, held, sold, version) VALUES (%s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (sku_id) DO UPDATE SET total = excluded.total, available = excluded.available,"
             " held = excluded.held, sold = excluded.sold, version = excluded.version",
             (stock.sku_id, stock.total, stock.available, stock.held, stock.sold, stock.version),
@@ -170,70 +169,72 @@ class SqliteTxn:
         """Conditional hold: racing reserves of one SKU never conflict, the
         ones that find too little stock simply do not take it."""
         assert quantity > 0
-        cursor = self._db.execute(
-            "UPDATE stock SET available = available - ?1, held = held + ?1, version = version + 1"
-            " WHERE sku_id = ?2 AND available >= ?1",
-            (quantity, sku_id),
+        cursor = self._execute(
+            "UPDATE stock SET available = available - %s, held = held + %s, version = version + 1"
+            " WHERE sku_id = %s AND available >= %s",
+            (quantity, quantity, sku_id, quantity),
         )
         return cursor.rowcount == 1
 
     def settle_stock(self, sku_id: str, quantity: int, sold: bool) -> None:
         column = "sold" if sold else "available"
-        cursor = self._db.execute(
-            f"UPDATE stock SET held = held - ?1, {column} = {column} + ?1, version = version + 1"
-            " WHERE sku_id = ?2 AND held >= ?1",
-            (quantity, sku_id),
+        cursor = self._execute(
+            f"UPDATE stock SET held = held - %s, {column} = {column} + %s, version = version + 1"
+            " WHERE sku_id = %s AND held >= %s",
+            (quantity, quantity, sku_id, quantity),
         )
         assert cursor.rowcount == 1, f"settling {quantity} of {sku_id} that is not held"
 
     def reservation(self, reservation_id: str) -> Reservation | None:
-        row = self._db.execute(
-            f"SELECT {_RESERVATION_COLUMNS} FROM reservation WHERE reservation_id = ?", (reservation_id,)
+        row = self._execute(
+            f"SELECT {_RESERVATION_COLUMNS} FROM reservation WHERE reservation_id = %s" + self.LOCK, (reservation_id,)
         ).fetchone()
         return None if row is None else _reservation(row)
 
-    def save_reservation(self, r: Reservation, expected_version: int) -> bool:
-        """Compare-and-set on the version; a new reservation expects version 0."""
+    def save_reservation(self, r: Reservation, expected_version: int) -> None:
+        """Compare-and-set on the version; a new reservation expects version 0.
+        A lost race raises `Contended`, so the move reruns on the winner's state."""
         assert r.version == expected_version + 1, "a move advances the version by exactly one"
         values = (r.order_id, r.sku_id, r.quantity, int(r.state), r.version, r.expires_at_ms, r.retry_count, r.release_reason, r.reservation_id)
         if expected_version == 0:
-            cursor = self._db.execute(
-                "INSERT OR IGNORE INTO reservation (order_id, sku_id, quantity, state, version, expires_at_ms,"
-                " retry_count, release_reason, reservation_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            cursor = self._execute(
+                "INSERT INTO reservation (order_id, sku_id, quantity, state, version, expires_at_ms,"
+                " retry_count, release_reason, reservation_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (reservation_id) DO NOTHING",
                 values,
             )
         else:
-            cursor = self._db.execute(
-                "UPDATE reservation SET order_id = ?, sku_id = ?, quantity = ?, state = ?, version = ?,"
-                " expires_at_ms = ?, retry_count = ?, release_reason = ? WHERE reservation_id = ? AND version = ?",
+            cursor = self._execute(
+                "UPDATE reservation SET order_id = %s, sku_id = %s, quantity = %s, state = %s, version = %s,"
+                " expires_at_ms = %s, retry_count = %s, release_reason = %s WHERE reservation_id = %s AND version = %s",
                 (*values, expected_version),
             )
         if cursor.rowcount != 1:
-            return False
+            raise Contended(f"reservation {r.reservation_id} moved past version {expected_version}")
         self.written[r.reservation_id] = r.version
-        return True
 
     def due_holds(self, now_ms: int, limit: int) -> list[Reservation]:
-        rows = self._db.execute(
-            f"SELECT {_RESERVATION_COLUMNS} FROM reservation WHERE state = ? AND expires_at_ms <= ?"
-            " ORDER BY expires_at_ms, reservation_id LIMIT ?",
+        rows = self._execute(
+            f"SELECT {_RESERVATION_COLUMNS} FROM reservation WHERE state = %s AND expires_at_ms <= %s"
+            " ORDER BY expires_at_ms, reservation_id LIMIT %s",
             (int(State.RESERVED), now_ms, limit),
         ).fetchall()
         return [_reservation(row) for row in rows]
 
     def intents(self, limit: int) -> list[Reservation]:
-        marks = ", ".join("?" * len(INTENTS))
-        rows = self._db.execute(
-            f"SELECT {_RESERVATION_COLUMNS} FROM reservation WHERE state IN ({marks}) ORDER BY reservation_id LIMIT ?",
-            (*sorted(int(s) for s in INTENTS), limit),
+        states = tuple(sorted(int(s) for s in INTENTS))
+        rows = self._execute(
+            f"SELECT {_RESERVATION_COLUMNS} FROM reservation WHERE state IN (%s, %s, %s) ORDER BY reservation_id LIMIT %s",
+            (*states, limit),
         ).fetchall()
         return [_reservation(row) for row in rows]
 
     def versions(self, after: str, limit: int) -> list[tuple[str, int]]:
-        return self._db.execute(
-            "SELECT reservation_id, version FROM reservation WHERE reservation_id > ? ORDER BY reservation_id LIMIT ?",
+        rows = self._execute(
+            "SELECT reservation_id, version FROM reservation WHERE reservation_id > %s ORDER BY reservation_id LIMIT %s",
             (after, limit),
         ).fetchall()
+        return [(rid, version) for rid, version in rows]
 
 
 @dataclass(slots=True)
@@ -243,34 +244,65 @@ class _Job:
     future: asyncio.Future
 
 
-class SqliteStore:
-    """SQLite in WAL mode with `synchronous=FULL`: a reply is sent only after
-    its transaction is durable, so a crash never loses an acknowledged move."""
+_Result = tuple[asyncio.Future, object, BaseException | None]
 
-    def __init__(self, path: str, batch_max: int = 256) -> None:
-        assert batch_max > 0
-        self.path = path
+
+class GroupCommitStore:
+    """Worker threads, each with its own connection, run queued moves in
+    shared transactions. A backend subclass says how to connect, which
+    `SqlTxn` speaks its dialect, and which driver errors mean what."""
+
+    TXN: ClassVar[type[SqlTxn]]
+    BEGIN: ClassVar[str] = "BEGIN"
+    CONTENDED_RERUNS: ClassVar[int] = 3  # a move rerun this often against new winners gives up
+    BATCH_RETRIES: ClassVar[int] = 3  # a whole batch retried after a deadlock
+
+    def __init__(self, workers: int = 1, batch_max: int = 256) -> None:
+        assert workers > 0 and batch_max > 0
+        self._workers = workers
         self._batch_max = batch_max
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    # -- what a backend supplies ----------------------------------------------------
+
     def describe(self) -> str:
-        return f"sqlite:///{self.path}"  # the URL that opens this file again
+        raise NotImplementedError
+
+    def _connect(self) -> Any:
+        """A new connection in autocommit mode (transactions are explicit)."""
+        raise NotImplementedError
+
+    def _create_schema(self, connection: Any) -> None:
+        raise NotImplementedError
+
+    def _is_unavailable(self, error: BaseException) -> bool:
+        """The connection or server failed: drop the connection, answer UNAVAILABLE."""
+        raise NotImplementedError
+
+    def _is_retryable(self, error: BaseException) -> bool:
+        """A deadlock or serialization failure: the batch may simply run again."""
+        return False
+
+    # -- lifecycle --------------------------------------------------------------------
 
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
-        ready: asyncio.Future = self._loop.create_future()
-        self._thread = threading.Thread(target=self._serve, args=(ready,), name="holdfast-sqlite", daemon=True)
-        self._thread.start()
-        await ready
+        connection = await asyncio.to_thread(self._first_connection)
+        for n in range(self._workers):
+            thread = threading.Thread(
+                target=self._serve, args=(connection if n == 0 else None,), name=f"holdfast-store-{n}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
 
     async def close(self) -> None:
-        if self._thread is None:
-            return
-        self._jobs.put(None)
-        await asyncio.to_thread(self._thread.join)
-        self._thread = None
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join)
+        self._threads.clear()
 
     async def transact(self, work: Callable[[Txn], T], deadline: float | None = None) -> T:
         assert self._loop is not None, "store not open"
@@ -278,27 +310,26 @@ class SqliteStore:
         self._jobs.put(_Job(work, deadline, future))
         return await future
 
-    def _serve(self, ready: asyncio.Future) -> None:
+    def _first_connection(self) -> Any:
         try:
-            db = self._connect()
-        except sqlite3.Error as error:
-            self._loop.call_soon_threadsafe(_settle, ready, None, StoreUnavailable(f"{self.path}: {error}"))
-            return
-        self._loop.call_soon_threadsafe(_settle, ready, None, None)
+            connection = self._connect()
+            self._create_schema(connection)
+        except Exception as error:
+            if self._is_unavailable(error):
+                raise StoreUnavailable(f"{self.describe()}: {error}") from None
+            raise
+        return connection
+
+    # -- the worker -------------------------------------------------------------------
+
+    def _serve(self, connection: Any) -> None:
         try:
             while (batch := self._next_batch()) is not None:
-                results = self._run(db, batch)
+                connection, results = self._run_batch(connection, batch)
                 self._loop.call_soon_threadsafe(_deliver, results)
         finally:
-            db.close()
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")
-        db.execute("PRAGMA busy_timeout = 5000")
-        db.executescript(SCHEMA)
-        return db
+            if connection is not None:
+                connection.close()
 
     def _next_batch(self) -> list[_Job] | None:
         first = self._jobs.get()
@@ -316,34 +347,65 @@ class SqliteStore:
             batch.append(job)
         return batch
 
-    def _run(self, db: sqlite3.Connection, batch: list[_Job]) -> list[tuple[asyncio.Future, object, BaseException | None]]:
-        results: list[tuple[asyncio.Future, object, BaseException | None]] = []
+    def _run_batch(self, connection: Any, batch: list[_Job]) -> tuple[Any, list[_Result]]:
+        for attempt in range(self.BATCH_RETRIES + 1):
+            try:
+                if connection is None:
+                    connection = self._connect()
+                return connection, self._transaction(connection, batch)
+            except Exception as error:
+                connection = self._after_failure(connection, error)
+                if self._is_retryable(error) and attempt < self.BATCH_RETRIES:
+                    continue
+                if not self._is_unavailable(error) and not self._is_retryable(error):
+                    raise
+                failed = StoreUnavailable(f"{self.describe()}: {error}".strip())
+                return connection, [(job.future, None, failed) for job in batch]
+        raise AssertionError("unreachable: the last attempt returns")
+
+    def _after_failure(self, connection: Any, error: BaseException) -> Any:
+        if connection is None:
+            return None
+        if self._is_unavailable(error):
+            log.warning("store connection lost: %s", error)
+            try:
+                connection.close()
+            except Exception:  # already broken
+                pass
+            return None
         try:
-            db.execute("BEGIN IMMEDIATE")
-            for job in batch:
-                results.append((job.future, *self._run_one(db, job)))
-            db.execute("COMMIT")
-        except sqlite3.Error as error:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            failed = StoreUnavailable(f"{self.path}: {error}")
-            return [(job.future, None, failed) for job in batch]
+            connection.execute("ROLLBACK")
+        except Exception:
+            connection.close()
+            return None
+        return connection
+
+    def _transaction(self, connection: Any, batch: list[_Job]) -> list[_Result]:
+        cursor = connection.cursor()
+        cursor.execute(self.BEGIN)
+        results = [(job.future, *self._run_one(cursor, job)) for job in batch]
+        cursor.execute("COMMIT")
         return results
 
-    def _run_one(self, db: sqlite3.Connection, job: _Job) -> tuple[object, BaseException | None]:
+    def _run_one(self, cursor: Any, job: _Job) -> tuple[object, BaseException | None]:
         if job.deadline is not None and time.monotonic() >= job.deadline:
             return None, BudgetSpent()
-        db.execute("SAVEPOINT move")
-        try:
-            value = job.work(SqliteTxn(db))
-        except Exception as error:  # the move's own failure: undo it alone
-            db.execute("ROLLBACK TO move")
-            db.execute("RELEASE move")
-            if isinstance(error, sqlite3.Error):
-                error = StoreUnavailable(f"{self.path}: {error}")
-            return None, error
-        db.execute("RELEASE move")
-        return value, None
+        for _ in range(self.CONTENDED_RERUNS):
+            cursor.execute("SAVEPOINT move")
+            try:
+                value = job.work(self.TXN(cursor))
+            except Contended:
+                cursor.execute("ROLLBACK TO SAVEPOINT move")
+                continue
+            except Exception as error:
+                if self._is_unavailable(error) or self._is_retryable(error):
+                    raise  # the whole batch fails or reruns
+                cursor.execute("ROLLBACK TO SAVEPOINT move")  # the move's own failure: undo it alone
+                return None, error
+            cursor.execute("RELEASE SAVEPOINT move")
+            return value, None
+        cursor.execute("RELEASE SAVEPOINT move")
+        return None, StoreUnavailable("the move lost every rerun to concurrent writers")
 
 
 def _settle(future: asyncio.Future, value: object, error: BaseException | None) -> None:
@@ -355,7 +417,7 @@ def _settle(future: asyncio.Future, value: object, error: BaseException | None) 
         future.set_exception(error)
 
 
-def _deliver(results: list[tuple[asyncio.Future, object, BaseException | None]]) -> None:
+def _deliver(results: list[_Result]) -> None:
     for future, value, error in results:
         _settle(future, value, error)
 
@@ -369,12 +431,15 @@ async def version_pages(store: Store, page: int = 1000) -> AsyncIterator[dict[st
         after = rows[-1][0]
 
 
-def open_store(url: str) -> Store:
-    """A store for `url`: `sqlite:///relative.db`, `sqlite:////absolute.db`."""
+def open_store(url: str, pool_size: int = 2) -> Store:
+    """A store for `url`: `sqlite:///relative.db`, `sqlite:////absolute.db`,
+    or `postgresql://user@host:port/database` with `pool_size` connections."""
     if url.startswith("sqlite://"):
-        path = url.removeprefix("sqlite://")
-        path = path[1:] if path.startswith("/") else path
-        if not path:
-            raise ValueError(f"store URL {url!r} names no file")
-        return SqliteStore(path)
-    raise ValueError(f"unsupported store URL {url!r} (expected sqlite:///PATH)")
+        from service.sqlite import SqliteStore
+
+        return SqliteStore.from_url(url)
+    if url.startswith(("postgresql://", "postgres://")):
+        from service.postgres import PostgresStore
+
+        return PostgresStore(url, workers=pool_size)
+    raise ValueError(f"unsupported store URL {url!r} (expected sqlite:///PATH or postgresql://...)")

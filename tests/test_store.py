@@ -12,7 +12,7 @@ import time
 import pytest
 
 from service.machine import State
-from service.store import BudgetSpent, Record, Reservation, Stock, open_store
+from service.store import BudgetSpent, Contended, Record, Reservation, Stock, open_store
 
 BACKENDS = {
     "sqlite": lambda tmp_path: f"sqlite:///{tmp_path}/store.db",
@@ -49,14 +49,40 @@ async def test_settle_stock_moves_held_units_to_sold_or_back(store):
     assert await _stock(store) == Stock("sku", 5, 2, 0, 3, 3)
 
 
+def _saving(reservation: Reservation, expected_version: int):
+    def work(txn):
+        try:
+            txn.save_reservation(reservation, expected_version)
+        except Contended:
+            return "contended"
+        return "saved"
+
+    return work
+
+
 async def test_save_reservation_is_a_compare_and_set_on_version(store):
-    assert await store.transact(lambda txn: txn.save_reservation(_hold(), 0)) is True
-    assert await store.transact(lambda txn: txn.save_reservation(_hold(), 0)) is False  # already exists
+    assert await store.transact(_saving(_hold(), 0)) == "saved"
+    assert await store.transact(_saving(_hold(), 0)) == "contended"  # already exists
     confirmed = _hold(version=2, state=State.CONFIRMED)
-    assert await store.transact(lambda txn: txn.save_reservation(confirmed, 1)) is True
-    stale = _hold(version=2, state=State.RELEASED)
-    assert await store.transact(lambda txn: txn.save_reservation(stale, 1)) is False
+    assert await store.transact(_saving(confirmed, 1)) == "saved"
+    assert await store.transact(_saving(_hold(version=2, state=State.RELEASED), 1)) == "contended"
     assert await store.transact(lambda txn: txn.reservation("r1")) == confirmed
+
+
+async def test_contended_move_is_undone_and_rerun_on_the_new_state(store):
+    await store.transact(lambda txn: txn.put_stock(Stock("sku", 10, 10, 0, 0, 1)))
+    attempts = []
+
+    def loses_first_race(txn):
+        assert txn.take_stock("sku", 4)
+        attempts.append(txn.stock("sku").available)
+        if len(attempts) == 1:
+            raise Contended("a concurrent writer won")
+        return "done"
+
+    assert await store.transact(loses_first_race) == "done"
+    assert attempts == [6, 6]  # the first attempt's hold was undone before the rerun
+    assert await _stock(store) == Stock("sku", 10, 6, 4, 0, 2)
 
 
 async def test_recorded_outcome_round_trips_its_exact_bytes(store):
