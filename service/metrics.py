@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 OUTCOMES = Counter("holdfast_outcomes_total", "Answers by method and reason (OK for success).", ["method", "reason"])
 REPLAYS = Counter("holdfast_replays_total", "Answers served from a recorded outcome.", ["method"])
@@ -14,4 +14,19 @@ LATENCY = Histogram(
     "Server time per call.",
     ["method"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+
+# The Redis snapshot (service/snapshot.py). One process normally runs one
+# snapshot, so these carry no labels.
+SNAPSHOT_DEGRADATIONS = Counter(
+    "holdfast_snapshot_degradations_total",
+    "Snapshot calls answered without Redis (down, timed out, or not yet rebuilt): the move ran on the store's compare-and-set alone.",
+)
+SNAPSHOT_DEGRADED = Gauge(
+    "holdfast_snapshot_degraded",
+    "1 while the snapshot is not trusted (Redis unreachable, or being rebuilt from the store), else 0.",
+)
+SNAPSHOT_REBUILDS = Counter(
+    "holdfast_snapshot_rebuilds_total",
+    "Completed snapshot rebuilds from the store (at start-up and after each outage).",
 )
