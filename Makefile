@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/holdfast serve
 
+# Installs PostgreSQL / Redis from Debian's packages when missing; the tests
+# start their own servers (tests/backends.py) and stop them afterwards.
 test: $(STAMP)
+	bash tests/ensure-packages.sh
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 codegen: $(STAMP)

@@ -18,6 +18,8 @@ from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
 from service.server import Config, Running, start
 
+pytest_plugins = ["tests.backends"]
+
 
 @pytest.fixture
 def config(tmp_path) -> Config:
