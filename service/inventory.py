@@ -108,6 +108,8 @@ class Inventory:
     async def Release(self, request: pb.ReleaseRequest, context) -> Outcome:
         if len(request.reason) > REASON_LENGTH_MAX:
             return _invalid([("reason", f"reason must be at most {REASON_LENGTH_MAX} characters")])
+        if any(ord(c) < 0x20 and c not in "\t\n" for c in request.reason):
+            return _invalid([("reason", "reason must not contain control characters other than tab and newline")])
         rid, why = request.reservation_id, request.reason or "released"
 
         def apply(txn: Txn, now_ms: int) -> Outcome:

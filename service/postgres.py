@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg import errors
 
-from service.store import GroupCommitStore, SqlTxn
+from service.store import GroupCommitStore, Reservation, SqlTxn, Stock
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS stock (
@@ -52,6 +52,14 @@ SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('holdfast.schema'))"
 
 class PostgresTxn(SqlTxn):
     LOCK = " FOR UPDATE"
+
+    # PostgreSQL text cannot hold NUL, so no stored id contains one: an id that
+    # does is simply not found (validation keeps NUL out of every write).
+    def stock(self, sku_id: str) -> Stock | None:
+        return None if "\x00" in sku_id else super().stock(sku_id)
+
+    def reservation(self, reservation_id: str) -> Reservation | None:
+        return None if "\x00" in reservation_id else super().reservation(reservation_id)
 
 
 class PostgresStore(GroupCommitStore):

@@ -1,14 +1,14 @@
 """Fixtures: a real holdfast server over real gRPC, started inside the test.
 
-Backends come from HOLDFAST_TEST_STORE / HOLDFAST_TEST_SNAPSHOT when set;
-the default is the embedded pair, SQLite in the test's temporary folder and
-the in-process snapshot.
+The server's backends are a `backend` pair. Suites named in ACROSS_BACKENDS
+run unchanged against every pair, with real PostgreSQL and Redis started by
+tests/backends.py; the rest run on the embedded pair (SQLite in the test's
+temporary folder and the in-process snapshot).
 """
 
 from __future__ import annotations
 
-import os
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 import grpc
 import pytest
@@ -20,15 +20,28 @@ from service.server import Config, Running, start
 
 pytest_plugins = ["tests.backends"]
 
+BACKENDS = ("embedded", "postgres+redis", "postgres+redis-cluster")
+ACROSS_BACKENDS = frozenset({"test_api"})
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames and metafunc.module.__name__.rpartition(".")[2] in ACROSS_BACKENDS:
+        metafunc.parametrize("backend", BACKENDS, indirect=True)
+
 
 @pytest.fixture
-def config(tmp_path) -> Config:
-    return Config(
-        listen="127.0.0.1:0",
-        store=os.environ.get("HOLDFAST_TEST_STORE", f"sqlite:///{tmp_path}/holdfast.db"),
-        snapshot=os.environ.get("HOLDFAST_TEST_SNAPSHOT", "memory://"),
-        reaper_interval_ms=20,
-    )
+def backend(request: pytest.FixtureRequest) -> str:
+    return getattr(request, "param", "embedded")
+
+
+@pytest.fixture
+def config(tmp_path, backend: str, request: pytest.FixtureRequest) -> Config:
+    if backend == "embedded":
+        store, snapshot = f"sqlite:///{tmp_path}/holdfast.db", "memory://"
+    else:
+        store = request.getfixturevalue("postgres_url")
+        snapshot = request.getfixturevalue("redis_cluster_url" if backend.endswith("cluster") else "redis_url")
+    return Config(listen="127.0.0.1:0", store=store, snapshot=snapshot, reaper_interval_ms=20)
 
 
 @pytest.fixture

@@ -706,3 +706,13 @@ async def test_confirm_and_release_keys_are_method_scoped(stub, first, then, sta
     reply = await reservation_of(stub, held.reservation_id)
     assert (reply.state, reply.version) == (state, 2)
     assert await stock_figures(stub) == ((10, 7, 0, 3) if state == CONFIRMED else (10, 10, 0, 0))
+
+
+async def test_release_reason_with_control_characters_is_invalid_and_changes_nothing(stub):
+    await stub.PutStock(pb.PutStockRequest(sku_id=SKU, total=5, request_id="r"))
+    held = await stub.Reserve(pb.ReserveRequest(order_id="o", sku_id=SKU, quantity=2, timestamp_ms=1))
+    found = await fails(stub.Release, pb.ReleaseRequest(reservation_id=held.reservation_id, reason="bad\x00reason"))
+    assert (found.code, found.reason, [f for f, _ in found.violations]) == (INVALID_ARGUMENT, "INVALID_REQUEST", ["reason"])
+    assert await stock_figures(stub) == (5, 3, 2, 0)
+    released = await stub.Release(pb.ReleaseRequest(reservation_id=held.reservation_id, reason="customer\tcancelled\n"))
+    assert (released.state, released.version) == (RELEASED, 2)
