@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--store", default=os.environ.get("HOLDFAST_STORE", "sqlite:///./holdfast.db"))
     serve.add_argument("--snapshot", default=os.environ.get("HOLDFAST_SNAPSHOT", "memory://"))
     serve.add_argument("--store-pool", type=_positive, default=2, help="connections to a PostgreSQL store")
+    serve.add_argument(
+        "--metrics-listen", default=os.environ.get("HOLDFAST_METRICS_LISTEN", ""), help="HOST:PORT to serve Prometheus /metrics"
+    )
     serve.add_argument("--hold-default-ms", type=_positive, default=15 * 60 * 1000, help="hold when a Reserve asks for 0")
     serve.set_defaults(run=_serve)
 
@@ -109,7 +112,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     holds = Holds(default_ms=args.hold_default_ms, max_ms=max(args.hold_default_ms, Holds().max_ms))
-    config = Config(listen=args.listen, store=args.store, snapshot=args.snapshot, store_pool=args.store_pool, holds=holds)
+    config = Config(listen=args.listen, store=args.store, snapshot=args.snapshot, store_pool=args.store_pool,
+                    metrics_listen=args.metrics_listen, holds=holds)
     try:
         asyncio.run(serve(config))
     except (OSError, ValueError, StoreUnavailable) as error:

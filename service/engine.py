@@ -13,6 +13,7 @@ Steps 1-4 run in one store transaction, so a move is all or nothing.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -87,7 +88,9 @@ class Engine:
             return await self._compensate(result)
         outcome, written = result
         if written:
+            committed = time.perf_counter()
             await self.snapshot.advance(written)
+            metrics.CONSISTENCY.observe(time.perf_counter() - committed)
         if outcome.replayed:
             metrics.REPLAYS.labels(move.method).inc()
         return outcome

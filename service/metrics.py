@@ -9,6 +9,11 @@ REPLAYS = Counter("holdfast_replays_total", "Answers served from a recorded outc
 COMPENSATIONS = Counter("holdfast_compensations_total", "Snapshot/store version disagreements compensated.")
 CONTRACT_VIOLATIONS = Counter("holdfast_contract_violations_total", "Calls rejected by their contract.", ["method"])
 TIMEOUT_FALLBACKS = Counter("holdfast_timeout_fallback_total", "Moves refused because their budget ran out first.", ["method"])
+CONSISTENCY = Histogram(
+    "holdfast_state_transition_consistency_seconds",
+    "From a move's store commit being seen by the engine to its snapshot advance being done.",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
 LATENCY = Histogram(
     "holdfast_request_seconds",
     "Server time per call.",

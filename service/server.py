@@ -10,6 +10,7 @@ import signal
 from dataclasses import dataclass, field
 
 import grpc
+import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -31,6 +32,7 @@ class Config:
     store: str = "sqlite:///./holdfast.db"
     snapshot: str = "memory://"
     store_pool: int = 2  # connections (and worker threads) of a server-based store
+    metrics_listen: str = ""  # HOST:PORT for Prometheus' /metrics; empty serves none
     holds: Holds = field(default_factory=Holds)
     reaper_interval_ms: int = 100
 
@@ -96,9 +98,14 @@ async def serve(config: Config) -> None:
     """Runs until SIGTERM or SIGINT, then drains in-flight calls and stops."""
     running = await start(config)
     host = config.listen.rsplit(":", 1)[0]
+    metrics_note = ""
+    if config.metrics_listen:
+        metrics_host, _, metrics_port = config.metrics_listen.rpartition(":")
+        prometheus_client.start_http_server(int(metrics_port), addr=metrics_host or "127.0.0.1")
+        metrics_note = f", metrics on http://{config.metrics_listen}/metrics"
     print(
         f"holdfast serving {SERVICE.full_name} on {host}:{running.port}"
-        f" (store {running.engine.store.describe()}, snapshot {running.engine.snapshot.describe()})",
+        f" (store {running.engine.store.describe()}, snapshot {running.engine.snapshot.describe()}{metrics_note})",
         flush=True,
     )
     stopping = asyncio.Event()
