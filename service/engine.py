@@ -47,6 +47,7 @@ class Move:
 @dataclass(frozen=True, slots=True)
 class _Conflict:
     entity: str
+    seen: int
     store_version: int
 
 
@@ -107,7 +108,7 @@ class Engine:
             current = txn.reservation(move.entity)
             store_version = 0 if current is None else current.version
             if store_version != seen:
-                return _Conflict(move.entity, store_version)
+                return _Conflict(move.entity, seen, store_version)
         now_ms = self.clock.now_ms()
         outcome = move.apply(txn, now_ms)
         if outcome.recorded:
@@ -122,7 +123,11 @@ class Engine:
         snapshot, and answer a conflict the client may retry. Never a blind
         retry here: the disagreement means someone else moved this entity."""
         metrics.COMPENSATIONS.inc()
-        await self.snapshot.reset(conflict.entity, conflict.store_version)
+        if conflict.store_version > conflict.seen:
+            # Forward-only: a later move may already have advanced it further.
+            await self.snapshot.advance({conflict.entity: conflict.store_version})
+        else:  # the snapshot is ahead of the truth (a restored store, a foreign snapshot)
+            await self.snapshot.reset(conflict.entity, conflict.store_version)
         return failure(
             Reason.VERSION_CONFLICT,
             f"reservation {conflict.entity} moved concurrently (now at version {conflict.store_version}); re-read and retry",

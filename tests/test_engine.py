@@ -87,10 +87,11 @@ async def test_spent_budget_answers_budget_exceeded_and_changes_nothing(server):
     assert (await engine.move(_move(b"k", _take(2)))).replayed is False  # nothing was recorded
 
 
-async def test_stale_snapshot_compensates_then_the_next_move_succeeds(server, stub):
+@pytest.mark.parametrize("stale_version", [7, 0], ids=["snapshot-ahead", "snapshot-behind"])
+async def test_stale_snapshot_compensates_then_the_next_move_succeeds(server, stub, stale_version):
     await stub.PutStock(pb.PutStockRequest(sku_id="sku", total=5, request_id="r"))
     held = await stub.Reserve(pb.ReserveRequest(order_id="o", sku_id="sku", quantity=2, timestamp_ms=1))
-    await server.engine.snapshot.reset(held.reservation_id, 7)  # another instance's stale view
+    await server.engine.snapshot.reset(held.reservation_id, stale_version)  # another instance's stale view
     before = metrics.COMPENSATIONS._value.get()
 
     with pytest.raises(grpc.aio.AioRpcError) as conflict:
