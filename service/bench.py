@@ -1,5 +1,5 @@
-"""`holdfast bench`: Reserve throughput, measured against a bare grpc.aio echo
-server in the same run.
+"""`holdfast bench`: Reserve throughput of one or more holdfast backends,
+measured against a bare grpc.aio echo server in the same run.
 
 Why it is built this way:
 
@@ -21,16 +21,24 @@ Why it is built this way:
   serialized ReserveRequest, so serialization and payload size match.
   Replies are never parsed.
 
+* Backends side by side. Each `--backend STORE_URL[,SNAPSHOT_URL]` gets a
+  fresh holdfast server of its own (`--store`, `--snapshot`, `--store-pool`),
+  measured one after the other with the same client settings; the table has
+  a row per backend (labelled by its schemes, e.g. `sqlite+memory`,
+  `postgres+redis`) with its ratio to the echo row. `--with-postgres-redis`
+  starts a throwaway PostgreSQL cluster and redis-server for the run and adds
+  them as one more backend.
+
 Safety: only loopback targets; every loop is bounded in calls and in time;
-every subprocess and the temporary directory are cleaned up on error, on
-Ctrl-C and on SIGTERM.
+every subprocess (PostgreSQL and Redis included) and every temporary
+directory are cleaned up on error, on Ctrl-C and on SIGTERM.
 
 Mixes: a mix turns a unit number into the calls of one unit of work (method
-name and request bytes, sent in order). Only `reserve` exists so far;
-`reserve-confirm`, `reserve-release`, `replay` and `hot-sku` go into `MIXES`.
-A unit's later calls can name its reservation without reading a reply,
-because the reservation id is derived from the Reserve key
-(`service.inventory.reservation_id`).
+name and request bytes, sent in order): `reserve` and `reserve-confirm`;
+`reserve-release`, `replay` and `hot-sku` would go into `MIXES` too. A
+unit's later calls name its reservation without reading a reply, because the
+reservation id is derived from the Reserve key
+(`service.inventory.reservation_id` of `service.gateway.idempotency_key`).
 
 The child processes run this module as `python -m service.bench _worker SPEC`
 and `python -m service.bench _echo HOST:PORT LIFETIME_S`.
@@ -46,7 +54,9 @@ import itertools
 import json
 import math
 import os
+import pwd
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,6 +75,9 @@ import grpc
 import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
+from service.gateway import idempotency_key
+from service.inventory import reservation_id
+
 INVENTORY_PREFIX = "/holdfast.inventory.v1.InventoryService/"
 ECHO_SERVICE = "holdfast.bench.v1.Echo"
 ECHO_PATH = f"/{ECHO_SERVICE}/Echo"
@@ -76,6 +89,11 @@ MAX_CALLS_PER_CLIENT = 10_000_000  # every lane loop stops here at the latest
 MAX_PORT_ATTEMPTS = 3  # a free port can be taken between probing and binding
 PERCENTILES = (("p50", 0.50), ("p99", 0.99), ("p99.9", 0.999))
 ROOT = Path(__file__).resolve().parent.parent  # the directory holding `service/`
+SQLITE_IN_TMP = "sqlite"  # as a --backend store: a fresh SQLite file in the run's temp dir
+PG_BINDIR = "/usr/lib/postgresql/15/bin"  # unless HOLDFAST_PG_BINDIR says otherwise
+STORE_LABELS = {"sqlite": "sqlite", "postgresql": "postgres", "postgres": "postgres"}
+SNAPSHOT_LABELS = {"memory": "memory", "redis": "redis", "rediss": "redis",
+                   "redis+cluster": "redis-cluster", "rediss+cluster": "redis-cluster"}
 
 
 class BenchError(Exception):
@@ -105,20 +123,44 @@ class Mix:
     unit: Callable[[MixContext, int], list[tuple[str, bytes]]]
 
 
-def _reserve_unit(ctx: MixContext, n: int) -> list[tuple[str, bytes]]:
+def _reserve_request(ctx: MixContext, n: int) -> pb.ReserveRequest:
     order_id = f"bench-{ctx.run_id}-{ctx.client}-{n}"
-    request = pb.ReserveRequest(order_id=order_id, sku_id=ctx.sku_id, quantity=1, timestamp_ms=ctx.timestamp_ms)
-    return [("Reserve", request.SerializeToString())]
+    return pb.ReserveRequest(order_id=order_id, sku_id=ctx.sku_id, quantity=1, timestamp_ms=ctx.timestamp_ms)
+
+
+def _reserve_unit(ctx: MixContext, n: int) -> list[tuple[str, bytes]]:
+    return [("Reserve", _reserve_request(ctx, n).SerializeToString())]
+
+
+def _reserve_confirm_unit(ctx: MixContext, n: int) -> list[tuple[str, bytes]]:
+    """Reserve, then Confirm the reservation the server derives from its key."""
+    request = _reserve_request(ctx, n)
+    key = idempotency_key(INVENTORY_PREFIX + "Reserve", (request.order_id, request.sku_id, request.timestamp_ms))
+    confirm = pb.ConfirmRequest(reservation_id=reservation_id(key))
+    return [("Reserve", request.SerializeToString()), ("Confirm", confirm.SerializeToString())]
 
 
 MIXES: dict[str, Mix] = {
     # One unit held per call, for 15 minutes (the server's default hold): the
     # stock must outlast every call a run can make.
     "reserve": Mix("reserve", stock=10**15, unit=_reserve_unit),
+    # The same holds, each sold at once: two calls per unit, both counted.
+    "reserve-confirm": Mix("reserve-confirm", stock=10**15, unit=_reserve_confirm_unit),
 }
 
 
 # -- options ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """A holdfast server to start and measure: its --store and --snapshot."""
+
+    store: str  # SQLITE_IN_TMP, or a store URL
+    snapshot: str
+
+
+DEFAULT_BACKENDS = (Backend(SQLITE_IN_TMP, "memory://"),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +173,9 @@ class Options:
     target: str | None
     timeout_s: float
     json: bool
+    backends: tuple[Backend, ...] = ()
+    with_postgres_redis: bool = False
+    store_pool: int = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -149,9 +194,43 @@ def _parser() -> argparse.ArgumentParser:
         help="HOST:PORT of a running holdfast (loopback only) instead of starting one; the run stocks its own"
         " SKU there and leaves its holds to expire",
     )
+    parser.add_argument(
+        "--backend",
+        action="append",
+        default=[],
+        metavar="STORE_URL[,SNAPSHOT_URL]",
+        help="a holdfast server to start and measure (repeatable, one row each); the snapshot defaults to memory://"
+        " and a store of just `sqlite` is a fresh SQLite file in the run's temp dir (default: one `sqlite,memory://`)",
+    )
+    parser.add_argument(
+        "--with-postgres-redis",
+        action="store_true",
+        help="start a throwaway PostgreSQL cluster (as the postgres user when root; binaries in HOLDFAST_PG_BINDIR"
+        f" or {PG_BINDIR}) and redis-server for the run, and add them as one more backend",
+    )
+    parser.add_argument("--store-pool", type=int, default=2, help="--store-pool of every started server (default 2)")
     parser.add_argument("--timeout-s", type=float, default=5.0, help="deadline of each call (default 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser
+
+
+def _backend(text: str) -> Backend:
+    """STORE_URL[,SNAPSHOT_URL]; the split is at the last comma followed by a URL."""
+    store, comma, snapshot = text.rpartition(",")
+    if not comma or ("://" not in snapshot and snapshot != "memory:"):
+        store, snapshot = text, "memory://"
+    store, snapshot = store.strip(), snapshot.strip()
+    path = store.removeprefix("sqlite:///")
+    if store.startswith("sqlite:///") and not path.startswith("/"):
+        store = f"sqlite:///{Path.cwd() / path}"  # the server runs in the temp dir
+    return Backend(store, snapshot)
+
+
+def _label(backend: Backend) -> str | None:
+    """`store+snapshot` by scheme, e.g. `sqlite+memory`; None for an unknown scheme."""
+    store = STORE_LABELS.get(backend.store.partition(":")[0])
+    snapshot = SNAPSHOT_LABELS.get(backend.snapshot.partition(":")[0])
+    return f"{store}+{snapshot}" if store and snapshot else None
 
 
 def _options(argv: list[str] | None) -> Options:
@@ -169,8 +248,20 @@ def _options(argv: list[str] | None) -> Options:
         parser.error("--timeout-s must be within (0, 60] seconds")
     if args.target is not None and not _is_loopback(args.target):
         parser.error(f"--target {args.target!r} is not a loopback HOST:PORT (127.0.0.0/8, ::1 or localhost)")
+    if args.target is not None and (args.backend or args.with_postgres_redis):
+        parser.error("--target measures a running server; it does not go with --backend or --with-postgres-redis")
+    if not 1 <= args.store_pool <= 64:
+        parser.error("--store-pool must be within 1..64")
+    backends = tuple(map(_backend, args.backend)) or DEFAULT_BACKENDS if args.target is None else ()
+    for backend in backends:
+        if _label(backend) is None:
+            parser.error(
+                f"--backend {backend.store},{backend.snapshot}: expected a sqlite:// or postgresql:// store"
+                " and a memory://, redis:// or redis+cluster:// snapshot"
+            )
     return Options(
-        args.duration, args.warmup, args.in_flight, args.clients, args.mix, args.target, args.timeout_s, args.json
+        args.duration, args.warmup, args.in_flight, args.clients, args.mix, args.target, args.timeout_s, args.json,
+        backends, args.with_postgres_redis, args.store_pool,
     )
 
 
@@ -195,9 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     130 interrupted; a usage error exits 2 (argparse)."""
     options = _options(argv)
     try:
-        with _sigterm_raises_interrupt(), tempfile.TemporaryDirectory(prefix="holdfast-bench-") as tmp:
-            with Children() as children:
-                report = _run(options, Path(tmp), children)
+        # Unwound in reverse: client and holdfast processes, then PostgreSQL, then the temp dir.
+        with _sigterm_raises_interrupt(), contextlib.ExitStack() as stack:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="holdfast-bench-")))
+            report = _run(options, tmp, stack)
     except BenchError as error:
         print(f"holdfast bench: {error}", file=sys.stderr)
         return 1
@@ -208,25 +300,47 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(options: Options, tmp: Path, children: Children) -> dict:
+def _run(options: Options, tmp: Path, stack: contextlib.ExitStack) -> dict:
     run_id = uuid.uuid4().hex[:12]
     mix = MIXES[options.mix]
     sku_id = f"bench-{run_id}"
     lifetime_s = STARTUP_TIMEOUT_S + options.warmup_s + options.duration_s + options.timeout_s + 60
+    backends = list(options.backends)
+    if options.with_postgres_redis:
+        store = stack.enter_context(_postgres())
+    children = stack.enter_context(Children())
+    if options.with_postgres_redis:
+        backends.append(Backend(store, _start_redis(children, tmp)))
+    rows: dict[str, tuple[str, Result]] = {}
 
-    if options.target is None:
-        server, holdfast_target = _start_holdfast(children, tmp)
-    else:
-        server, holdfast_target = None, options.target
-    _put_stock(holdfast_target, sku_id, mix.stock, run_id, server)
-    holdfast = _measure(children, tmp, HOLDFAST, holdfast_target, options, run_id, sku_id)
-    if server is not None:
-        _stop_server(children, server, HOLDFAST)
+    if options.target is not None:
+        _put_stock(options.target, sku_id, mix.stock, run_id, None)
+        result = _measure(children, tmp, HOLDFAST, options.target, options, run_id, sku_id)
+        rows[HOLDFAST] = (f"{options.target} (--target)", result)
+    for label, backend in zip(_labels(backends), backends):
+        store = f"sqlite:///{tmp.resolve()}/{len(rows)}.db" if backend.store == SQLITE_IN_TMP else backend.store
+        argv = ["--store", store, "--snapshot", backend.snapshot, "--store-pool", str(options.store_pool)]
+        server, target = _start_holdfast(children, tmp, label, argv)
+        _put_stock(target, sku_id, mix.stock, run_id, server)
+        result = _measure(children, tmp, label, target, options, run_id, sku_id)
+        _stop_server(children, server, label)
+        rows[label] = (f"{target} (started: {' '.join(argv)})", result)
 
     echo_server, echo_target = _start_echo(children, tmp, lifetime_s)
     echo = _measure(children, tmp, ECHO, echo_target, options, run_id, sku_id)
     _stop_server(children, echo_server, ECHO)
-    return _report(options, holdfast_target, server is not None, holdfast, echo)
+    return _report(options, rows, echo)
+
+
+def _labels(backends: list[Backend]) -> list[str]:
+    """One distinct label per backend: `sqlite+memory`, `postgres+redis`, `sqlite+memory#2`..."""
+    seen: Counter = Counter()
+    labels = []
+    for backend in backends:
+        label = _label(backend) or "holdfast"
+        seen[label] += 1
+        labels.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+    return labels
 
 
 # -- child processes ---------------------------------------------------------------------
@@ -351,12 +465,13 @@ def _wait_serving(proc: subprocess.Popen, target: str) -> bool:
     raise BenchError(f"server at {target} not ready after {STARTUP_TIMEOUT_S:.0f} s")
 
 
-def _start_holdfast(children: Children, tmp: Path) -> tuple[subprocess.Popen, str]:
+def _start_holdfast(
+    children: Children, tmp: Path, label: str, backend_argv: list[str]
+) -> tuple[subprocess.Popen, str]:
     def argv(port: int) -> list[str]:
-        store = f"sqlite:///{tmp.resolve()}/bench.db"
-        return [sys.executable, "-m", "service.cli", "serve", "--listen", f"127.0.0.1:{port}", "--store", store]
+        return [sys.executable, "-m", "service.cli", "serve", "--listen", f"127.0.0.1:{port}", *backend_argv]
 
-    return _start_server(children, tmp, HOLDFAST, argv)
+    return _start_server(children, tmp, label, argv)
 
 
 def _start_echo(children: Children, tmp: Path, lifetime_s: float) -> tuple[subprocess.Popen, str]:
@@ -364,6 +479,76 @@ def _start_echo(children: Children, tmp: Path, lifetime_s: float) -> tuple[subpr
         return [sys.executable, "-m", "service.bench", "_echo", f"127.0.0.1:{port}", str(lifetime_s)]
 
     return _start_server(children, tmp, ECHO, argv)
+
+
+@contextlib.contextmanager
+def _postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on a free 127.0.0.1 port, as the postgres
+    user (via runuser) when root; yields the URL of its `postgres` database.
+    Stopped (fast, then immediate) and its directory removed on the way out."""
+    bindir = Path(os.environ.get("HOLDFAST_PG_BINDIR") or PG_BINDIR)
+    if not (bindir / "initdb").exists():
+        raise BenchError(f"no PostgreSQL binaries in {bindir} (set HOLDFAST_PG_BINDIR)")
+    root = Path(tempfile.mkdtemp(prefix="holdfast-bench-pg-"))
+    data, log = root / "data", root / "postgres.log"
+
+    def pg(*args: object, timeout: float = STARTUP_TIMEOUT_S) -> subprocess.CompletedProcess:
+        argv = [str(bindir / str(args[0])), *map(str, args[1:])]
+        if os.geteuid() == 0:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        return subprocess.run(argv, cwd=root, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, "LC_ALL": "C"})
+
+    try:
+        if os.geteuid() == 0:
+            try:
+                user = pwd.getpwnam("postgres")
+            except KeyError:
+                raise BenchError("running as root, but there is no postgres user to run PostgreSQL as") from None
+            os.chown(root, user.pw_uid, user.pw_gid)
+        done = pg("initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync",
+                  "--no-instructions", timeout=120)
+        if done.returncode != 0:
+            raise BenchError(f"initdb failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+        with open(data / "postgresql.conf", "a") as conf:  # appending keeps the owner
+            conf.write("\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = ''\n")
+        for _attempt in range(MAX_PORT_ATTEMPTS):  # the port is free when probed, maybe not when bound
+            port = _free_port()
+            if pg("pg_ctl", "-D", data, "-l", log, "-o", f"-p {port}", "-w", "-t", int(STARTUP_TIMEOUT_S), "start",
+                  timeout=STARTUP_TIMEOUT_S + 10).returncode == 0:
+                break
+        else:
+            raise BenchError(f"PostgreSQL did not start; its log ends with:\n{_tail(log)}")
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        if (data / "postmaster.pid").exists():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                if pg("pg_ctl", "-D", data, "-m", "fast", "-w", "-t", 15, "stop", timeout=25).returncode != 0:
+                    pg("pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _start_redis(children: Children, tmp: Path) -> str:
+    """redis-server on a free 127.0.0.1 port, nothing persisted, stopped with the
+    other children; returns its URL once it answers PING."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError("redis-server not found on PATH")
+    (tmp / "redis").mkdir(exist_ok=True)
+    for attempt in range(1, MAX_PORT_ATTEMPTS + 1):
+        port, log = _free_port(), tmp / f"redis-{attempt}.log"
+        argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                "--dir", str(tmp / "redis"), "--daemonize", "no"]
+        proc = children.spawn(argv, log, cwd=tmp)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return f"redis://127.0.0.1:{port}/0"
+            time.sleep(0.02)
+        children.stop(proc)
+    raise BenchError(f"redis-server did not start; its log ends with:\n{_tail(log)}")
 
 
 def _stop_server(children: Children, proc: subprocess.Popen, name: str) -> None:
@@ -505,22 +690,23 @@ def _summary(result: Result, target: str, duration_s: float) -> dict:
     }
 
 
-def _report(options: Options, holdfast_target: str, started: bool, holdfast: Result, echo: Result) -> dict:
-    targets = {
-        HOLDFAST: _summary(holdfast, holdfast_target, options.duration_s),
-        ECHO: _summary(echo, "", options.duration_s),
-    }
-    targets[ECHO]["address"] = "started (bare grpc.aio echo)"
-    targets[HOLDFAST]["address"] = f"{holdfast_target} ({'started, sqlite in a temp dir' if started else '--target'})"
+def _report(options: Options, rows: dict[str, tuple[str, Result]], echo: Result) -> dict:
+    """`targets`: a row per holdfast (in measuring order), then `echo`; each row's
+    `ratio` is its calls/s over echo's, also collected in `ratios`."""
+    targets = {label: _summary(result, address, options.duration_s) for label, (address, result) in rows.items()}
+    targets[ECHO] = _summary(echo, "started (bare grpc.aio echo)", options.duration_s)
     echo_rate = targets[ECHO]["calls_per_s"]
+    for row in targets.values():
+        row["ratio"] = row["calls_per_s"] / echo_rate if echo_rate else None
     return {
         "mix": options.mix,
         "in_flight": options.in_flight,
         "clients": options.clients,
         "warmup_s": options.warmup_s,
         "duration_s": options.duration_s,
+        "store_pool": options.store_pool,
         "targets": targets,
-        "ratio": targets[HOLDFAST]["calls_per_s"] / echo_rate if echo_rate else None,
+        "ratios": {label: targets[label]["ratio"] for label in rows},
     }
 
 
@@ -529,16 +715,16 @@ def _table(report: dict) -> str:
         f"holdfast bench: mix {report['mix']}, {report['in_flight']} in flight from {report['clients']} client"
         f" process{'es' if report['clients'] > 1 else ''}, {report['duration_s']:g} s after {report['warmup_s']:g} s warm-up"
     )
-    columns = f"{'target':<10}{'calls/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'p99.9 ms':>10}  outcomes"
+    width = max(10, *(len(name) + 2 for name in report["targets"]))
+    columns = f"{'target':<{width}}{'calls/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'p99.9 ms':>10}{'/ echo':>9}  outcomes"
     lines = [header, columns]
     for name, row in report["targets"].items():
         latency = "".join(_ms(row["latency_ms"][p]) for p, _ in PERCENTILES)
+        ratio = f"{'-':>9}" if row["ratio"] is None else f"{row['ratio']:>9.3f}"
         outcomes = ", ".join(f"{key} {n}" for key, n in row["outcomes"].items()) or "-"
-        lines.append(f"{name:<10}{row['calls_per_s']:>10.1f}{latency}  {outcomes}")
+        lines.append(f"{name:<{width}}{row['calls_per_s']:>10.1f}{latency}{ratio}  {outcomes}")
     for name, row in report["targets"].items():
         lines.append(f"  {name}: {row['address']}")
-    ratio = report["ratio"]
-    lines.append(f"holdfast / echo calls/s: {'-' if ratio is None else f'{ratio:.3f}'}")
     return "\n".join(lines)
 
 
