@@ -182,11 +182,13 @@ def _reserve(txn: Txn, rid: str, order_id: str, sku_id: str, quantity: int, expi
     existing = txn.reservation(rid)
     state = State.AVAILABLE if existing is None else existing.state
     version = 0 if existing is None else existing.version
-    if txn.stock(sku_id) is None:
-        return _sku_not_found(sku_id)
     if machine.walk(state, machine.RESERVE) is None:
         return _invalid_transition(rid, state, "reserve")
     if not txn.take_stock(sku_id, quantity):
+        # The conditional update found no row to take from; only now is it
+        # worth a read to say which: no such SKU, or too little of it.
+        if txn.stock(sku_id) is None:
+            return _sku_not_found(sku_id)
         return failure(
             Reason.INSUFFICIENT_STOCK,
             f"{sku_id} has fewer than {quantity} units available",

@@ -381,15 +381,32 @@ class GroupCommitStore:
         return connection
 
     def _transaction(self, connection: Any, batch: list[_Job]) -> list[_Result]:
+        """Runs the batch without savepoints (two round trips fewer per move);
+        if any move fails, runs it again with a savepoint around each move so
+        that the failure undoes that move alone."""
         cursor = connection.cursor()
+        try:
+            return self._attempt(cursor, batch, isolated=False)
+        except _Rerun:
+            cursor.execute("ROLLBACK")
+            return self._attempt(cursor, batch, isolated=True)
+
+    def _attempt(self, cursor: Any, batch: list[_Job], isolated: bool) -> list[_Result]:
         cursor.execute(self.BEGIN)
-        results = [(job.future, *self._run_one(cursor, job)) for job in batch]
+        results = [(job.future, *self._run_one(cursor, job, isolated)) for job in batch]
         cursor.execute("COMMIT")
         return results
 
-    def _run_one(self, cursor: Any, job: _Job) -> tuple[object, BaseException | None]:
+    def _run_one(self, cursor: Any, job: _Job, isolated: bool) -> tuple[object, BaseException | None]:
         if job.deadline is not None and time.monotonic() >= job.deadline:
             return None, BudgetSpent()
+        if not isolated:
+            try:
+                return job.work(self.TXN(cursor)), None
+            except Exception as error:
+                if self._is_unavailable(error) or self._is_retryable(error):
+                    raise  # the whole batch fails or reruns
+                raise _Rerun() from error
         for _ in range(self.CONTENDED_RERUNS):
             cursor.execute("SAVEPOINT move")
             try:
@@ -399,13 +416,18 @@ class GroupCommitStore:
                 continue
             except Exception as error:
                 if self._is_unavailable(error) or self._is_retryable(error):
-                    raise  # the whole batch fails or reruns
+                    raise
                 cursor.execute("ROLLBACK TO SAVEPOINT move")  # the move's own failure: undo it alone
                 return None, error
             cursor.execute("RELEASE SAVEPOINT move")
             return value, None
         cursor.execute("RELEASE SAVEPOINT move")
         return None, StoreUnavailable("the move lost every rerun to concurrent writers")
+
+
+class _Rerun(Exception):
+    """A move failed in a batch run without savepoints: run the batch again,
+    isolating each move."""
 
 
 def _settle(future: asyncio.Future, value: object, error: BaseException | None) -> None:

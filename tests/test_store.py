@@ -1,7 +1,8 @@
 """The store contract: what every store-of-record backend must do.
 
-Parametrised by backend; a new backend joins by adding a URL factory to
-BACKENDS and passing every test here unchanged.
+Parametrised by backend; a new backend joins by adding to `store_url` and
+passing every test here unchanged. PostgreSQL is a real server started by
+tests/backends.py, with a fresh database per test.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import pytest
 from service.machine import State
 from service.store import BudgetSpent, Contended, Record, Reservation, Stock, open_store
 
-BACKENDS = {
-    "sqlite": lambda tmp_path: f"sqlite:///{tmp_path}/store.db",
-}
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store.db"
+    return request.getfixturevalue("postgres_url")
 
 
-@pytest.fixture(params=sorted(BACKENDS))
-async def store(request, tmp_path):
-    opened = open_store(BACKENDS[request.param](tmp_path))
+@pytest.fixture
+async def store(store_url):
+    opened = open_store(store_url)
     await opened.open()
     yield opened
     await opened.close()
@@ -135,13 +138,12 @@ async def test_due_holds_and_intents_are_found_in_order(store):
     assert [(r.reservation_id, r.state) for r in intents] == [("i", State.CONFIRMING)]
 
 
-async def test_committed_moves_survive_reopening(tmp_path):
-    url = BACKENDS["sqlite"](tmp_path)
-    first = open_store(url)
+async def test_committed_moves_survive_reopening(store_url):
+    first = open_store(store_url)
     await first.open()
     await first.transact(lambda txn: txn.put_stock(Stock("sku", 4, 4, 0, 0, 1)))
     await first.close()
-    second = open_store(url)
+    second = open_store(store_url)
     await second.open()
     try:
         assert await _stock(second) == Stock("sku", 4, 4, 0, 0, 1)
