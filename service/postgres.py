@@ -77,12 +77,18 @@ class PostgresStore(GroupCommitStore):
         return f"postgresql://{info.get('user', '')}@{host}:{port}/{name}".replace("//@", "//")
 
     def _connect(self) -> psycopg.Connection:
-        # A statement that waits this long is a stuck dependency, not a slow move.
+        # A statement that waits this long is a stuck dependency, not a slow
+        # move; a server that went silent is noticed by TCP, not waited on.
         return psycopg.connect(
             self.url,
             autocommit=True,
             connect_timeout=self._connect_timeout_s,
             options="-c statement_timeout=10000 -c idle_in_transaction_session_timeout=30000",
+            keepalives=1,
+            keepalives_idle=5,
+            keepalives_interval=2,
+            keepalives_count=3,
+            tcp_user_timeout=10000,
         )
 
     def _create_schema(self, connection: psycopg.Connection) -> None:

@@ -242,6 +242,9 @@ class _Job:
     work: Callable[[Txn], object]
     deadline: float | None
     future: asyncio.Future
+    # Set by the worker before it checks the deadline: once the deadline has
+    # passed, a job not yet started never will be.
+    started: bool = False
 
 
 _Result = tuple[asyncio.Future, object, BaseException | None]
@@ -307,8 +310,21 @@ class GroupCommitStore:
     async def transact(self, work: Callable[[Txn], T], deadline: float | None = None) -> T:
         assert self._loop is not None, "store not open"
         future = self._loop.create_future()
-        self._jobs.put(_Job(work, deadline, future))
-        return await future
+        job = _Job(work, deadline, future)
+        self._jobs.put(job)
+        if deadline is None:
+            return await future
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            if not job.started:
+                raise BudgetSpent() from None
+            # A database that stopped answering mid-transaction: the move may
+            # yet commit, so this is no "nothing changed" answer.
+            raise StoreUnavailable(
+                f"{self.describe()} did not answer within the call's budget; the move may still commit,"
+                " so retry with the same idempotency key to learn its outcome"
+            ) from None
 
     def _first_connection(self) -> Any:
         try:
@@ -398,6 +414,7 @@ class GroupCommitStore:
         return results
 
     def _run_one(self, cursor: Any, job: _Job, isolated: bool) -> tuple[object, BaseException | None]:
+        job.started = True
         if job.deadline is not None and time.monotonic() >= job.deadline:
             return None, BudgetSpent()
         if not isolated:

@@ -8,7 +8,13 @@ temporary folder and the in-process snapshot).
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+import os
+
+# Fixtures start servers as another user (a fork from this process); gRPC's
+# fork handlers can crash such a child while calls are in flight.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
+from typing import AsyncIterator  # noqa: E402
 
 import grpc
 import pytest
