@@ -35,6 +35,15 @@ class BudgetSpent(Exception):
     """The call's budget ran out before its move started; nothing was changed."""
 
 
+class SchemaTooNew(ValueError):
+    """The database was written by a newer holdfast; this one must not touch it."""
+
+
+# The tables' layout. Bump it with a migration step in each backend; a store
+# stamped with a higher number than this code knows is refused at start-up.
+SCHEMA_VERSION = 1
+
+
 class Contended(Exception):
     """Another transaction moved the same row first (another instance, or
     another worker): the move is undone and run again on the new state."""
@@ -330,11 +339,24 @@ class GroupCommitStore:
         try:
             connection = self._connect()
             self._create_schema(connection)
+            self._stamp_schema(connection)
         except Exception as error:
             if self._is_unavailable(error):
                 raise StoreUnavailable(f"{self.describe()}: {error}") from None
             raise
         return connection
+
+    def _stamp_schema(self, connection: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("CREATE TABLE IF NOT EXISTS holdfast_schema (version INTEGER NOT NULL)")
+        found = cursor.execute("SELECT max(version) FROM holdfast_schema").fetchone()[0]
+        if found is None:
+            cursor.execute(f"INSERT INTO holdfast_schema (version) VALUES ({SCHEMA_VERSION})")
+        elif found > SCHEMA_VERSION:
+            connection.close()
+            raise SchemaTooNew(
+                f"{self.describe()} has schema version {found}, newer than this holdfast's {SCHEMA_VERSION}; upgrade holdfast"
+            )
 
     # -- the worker -------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from service.machine import State
-from service.store import BudgetSpent, Contended, Record, Reservation, Stock, open_store
+from service.store import SCHEMA_VERSION, BudgetSpent, Contended, Record, Reservation, SchemaTooNew, Stock, open_store
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request, tmp_path) -> str:
@@ -156,3 +156,12 @@ def test_store_url_must_name_a_supported_backend():
         open_store("mysql://nope")
     with pytest.raises(ValueError, match="names no file"):
         open_store("sqlite://")
+
+
+async def test_store_written_by_a_newer_schema_is_refused_at_start_up(store_url):
+    first = open_store(store_url)
+    await first.open()
+    await first.transact(lambda txn: txn._execute("UPDATE holdfast_schema SET version = %s", (SCHEMA_VERSION + 1,)))
+    await first.close()
+    with pytest.raises(SchemaTooNew, match=f"schema version {SCHEMA_VERSION + 1}"):
+        await open_store(store_url).open()
