@@ -14,38 +14,9 @@ from typing import Any
 import psycopg
 from psycopg import errors
 
-from service.store import GroupCommitStore, Reservation, SqlTxn, Stock
+from service.store import GroupCommitStore, Reservation, SqlTxn, Stock, schema
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS stock (
-    sku_id TEXT PRIMARY KEY,
-    total BIGINT NOT NULL CHECK (total >= 0),
-    available BIGINT NOT NULL CHECK (available >= 0),
-    held BIGINT NOT NULL CHECK (held >= 0),
-    sold BIGINT NOT NULL CHECK (sold >= 0),
-    version BIGINT NOT NULL,
-    CHECK (available + held + sold = total)
-);
-CREATE TABLE IF NOT EXISTS reservation (
-    reservation_id TEXT PRIMARY KEY,
-    order_id TEXT NOT NULL,
-    sku_id TEXT NOT NULL,
-    quantity BIGINT NOT NULL CHECK (quantity > 0),
-    state INTEGER NOT NULL,
-    version BIGINT NOT NULL,
-    expires_at_ms BIGINT NOT NULL,
-    retry_count INTEGER NOT NULL DEFAULT 0,
-    release_reason TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS reservation_due ON reservation (state, expires_at_ms);
-CREATE TABLE IF NOT EXISTS outcome (
-    key BYTEA PRIMARY KEY,
-    fingerprint BYTEA NOT NULL,
-    reason TEXT,
-    payload BYTEA NOT NULL,
-    recorded_at_ms BIGINT NOT NULL
-);
-"""
+SCHEMA = schema(integer="BIGINT", blob="BYTEA")
 # Instances starting together must not race on CREATE TABLE.
 SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('holdfast.schema'))"
 

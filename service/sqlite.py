@@ -10,38 +10,9 @@ from __future__ import annotations
 import sqlite3
 from typing import ClassVar
 
-from service.store import GroupCommitStore, SqlTxn
+from service.store import GroupCommitStore, SqlTxn, schema
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS stock (
-    sku_id TEXT PRIMARY KEY,
-    total INTEGER NOT NULL CHECK (total >= 0),
-    available INTEGER NOT NULL CHECK (available >= 0),
-    held INTEGER NOT NULL CHECK (held >= 0),
-    sold INTEGER NOT NULL CHECK (sold >= 0),
-    version INTEGER NOT NULL,
-    CHECK (available + held + sold = total)
-);
-CREATE TABLE IF NOT EXISTS reservation (
-    reservation_id TEXT PRIMARY KEY,
-    order_id TEXT NOT NULL,
-    sku_id TEXT NOT NULL,
-    quantity INTEGER NOT NULL CHECK (quantity > 0),
-    state INTEGER NOT NULL,
-    version INTEGER NOT NULL,
-    expires_at_ms INTEGER NOT NULL,
-    retry_count INTEGER NOT NULL DEFAULT 0,
-    release_reason TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS reservation_due ON reservation (state, expires_at_ms);
-CREATE TABLE IF NOT EXISTS outcome (
-    key BLOB PRIMARY KEY,
-    fingerprint BLOB NOT NULL,
-    reason TEXT,
-    payload BLOB NOT NULL,
-    recorded_at_ms INTEGER NOT NULL
-);
-"""
+SCHEMA = schema(integer="INTEGER", blob="BLOB")
 
 
 class SqliteTxn(SqlTxn):

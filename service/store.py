@@ -112,6 +112,44 @@ class Store(Protocol):
     def describe(self) -> str: ...
 
 
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS stock (
+    sku_id TEXT PRIMARY KEY,
+    total {integer} NOT NULL CHECK (total >= 0),
+    available {integer} NOT NULL CHECK (available >= 0),
+    held {integer} NOT NULL CHECK (held >= 0),
+    sold {integer} NOT NULL CHECK (sold >= 0),
+    version {integer} NOT NULL,
+    CHECK (available + held + sold = total)
+);
+CREATE TABLE IF NOT EXISTS reservation (
+    reservation_id TEXT PRIMARY KEY,
+    order_id TEXT NOT NULL,
+    sku_id TEXT NOT NULL,
+    quantity {integer} NOT NULL CHECK (quantity > 0),
+    state INTEGER NOT NULL,
+    version {integer} NOT NULL,
+    expires_at_ms {integer} NOT NULL,
+    retry_count INTEGER NOT NULL DEFAULT 0,
+    release_reason TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS reservation_due ON reservation (state, expires_at_ms);
+CREATE TABLE IF NOT EXISTS outcome (
+    key {blob} PRIMARY KEY,
+    fingerprint {blob} NOT NULL,
+    reason TEXT,
+    payload {blob} NOT NULL,
+    recorded_at_ms {integer} NOT NULL
+);
+"""
+
+
+def schema(integer: str, blob: str) -> str:
+    """The tables (the invariant is a CHECK, so even a bug cannot store stock
+    that does not add up), in a backend's names for 64-bit integers and bytes."""
+    return _SCHEMA.format(integer=integer, blob=blob)
+
+
 _RESERVATION_COLUMNS = "reservation_id, order_id, sku_id, quantity, state, version, expires_at_ms, retry_count, release_reason"
 
 
