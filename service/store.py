@@ -525,7 +525,7 @@ async def version_pages(store: Store, page: int = 1000) -> AsyncIterator[dict[st
     """Every reservation's version, a page per transaction: what a snapshot is
     rebuilt from after it lost writes."""
     after = ""
-    while rows := await store.transact(lambda txn: txn.versions(after, page)):
+    while rows := await store.transact(lambda txn, after=after: txn.versions(after, page)):
         yield dict(rows)
         after = rows[-1][0]
 

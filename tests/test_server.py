@@ -1,6 +1,5 @@
 """What an operator relies on: health, reflection, clear refusal of bad config."""
 
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
