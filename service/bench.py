@@ -208,7 +208,7 @@ def _parser() -> argparse.ArgumentParser:
         help="start a throwaway PostgreSQL cluster (as the postgres user when root; binaries in HOLDFAST_PG_BINDIR"
         f" or {PG_BINDIR}) and redis-server for the run, and add them as one more backend",
     )
-    parser.add_argument("--store-pool", type=int, default=2, help="--store-pool of every started server (default 2)")
+    parser.add_argument("--store-pool", type=int, default=1, help="--store-pool of every started server (default 1)")
     parser.add_argument("--timeout-s", type=float, default=5.0, help="deadline of each call (default 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser

@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", default=os.environ.get("HOLDFAST_LISTEN", "127.0.0.1:50051"))
     serve.add_argument("--store", default=os.environ.get("HOLDFAST_STORE", "sqlite:///./holdfast.db"))
     serve.add_argument("--snapshot", default=os.environ.get("HOLDFAST_SNAPSHOT", "memory://"))
-    serve.add_argument("--store-pool", type=_positive, default=2, help="connections to a PostgreSQL store")
+    serve.add_argument("--store-pool", type=_positive, default=1, help="writer connections to a PostgreSQL store")
     serve.add_argument(
         "--metrics-listen", default=os.environ.get("HOLDFAST_METRICS_LISTEN", ""), help="HOST:PORT to serve Prometheus /metrics"
     )

@@ -31,7 +31,7 @@ class Config:
     listen: str = "127.0.0.1:50051"
     store: str = "sqlite:///./holdfast.db"
     snapshot: str = "memory://"
-    store_pool: int = 2  # connections (and worker threads) of a server-based store
+    store_pool: int = 1  # connections (and worker threads) of a server-based store
     metrics_listen: str = ""  # HOST:PORT for Prometheus' /metrics; empty serves none
     holds: Holds = field(default_factory=Holds)
     reaper_interval_ms: int = 100

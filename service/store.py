@@ -530,7 +530,7 @@ async def version_pages(store: Store, page: int = 1000) -> AsyncIterator[dict[st
         after = rows[-1][0]
 
 
-def open_store(url: str, pool_size: int = 2) -> Store:
+def open_store(url: str, pool_size: int = 1) -> Store:
     """A store for `url`: `sqlite:///relative.db`, `sqlite:////absolute.db`,
     or `postgresql://user@host:port/database` with `pool_size` connections."""
     if url.startswith("sqlite://"):
