@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         "--metrics-listen", default=os.environ.get("HOLDFAST_METRICS_LISTEN", ""), help="HOST:PORT to serve Prometheus /metrics"
     )
     serve.add_argument("--hold-default-ms", type=_positive, default=15 * 60 * 1000, help="hold when a Reserve asks for 0")
+    serve.add_argument(
+        "--faults", default=os.environ.get("HOLDFAST_FAULTS", ""), help="TOML fault injection file (chaos runs and tests)"
+    )
     serve.set_defaults(run=_serve)
 
     commands.add_parser("bench", add_help=False, help="measure Reserve throughput against a bare gRPC echo baseline")
@@ -113,7 +116,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     holds = Holds(default_ms=args.hold_default_ms, max_ms=max(args.hold_default_ms, Holds().max_ms))
     config = Config(listen=args.listen, store=args.store, snapshot=args.snapshot, store_pool=args.store_pool,
-                    metrics_listen=args.metrics_listen, holds=holds)
+                    metrics_listen=args.metrics_listen, holds=holds, faults=args.faults)
     try:
         asyncio.run(serve(config))
     except (OSError, ValueError, StoreUnavailable) as error:

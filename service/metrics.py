@@ -35,3 +35,11 @@ SNAPSHOT_REBUILDS = Counter(
     "holdfast_snapshot_rebuilds_total",
     "Completed snapshot rebuilds from the store (at start-up and after each outage).",
 )
+
+# Fault injection (service/faults.py): every call a fault file's table hit,
+# so a chaos run or a test can count the attempts that reached the server.
+FAULTS_INJECTED = Counter(
+    "holdfast_faults_injected_total",
+    "Calls given an injected delay or status by the --faults file.",
+    ["method"],
+)

@@ -17,6 +17,8 @@ from grpc_reflection.v1alpha import reflection
 from contracts import contract
 from service.clock import Clock, SystemClock
 from service.engine import Engine
+from service.faults import FaultInjector, FaultPlan
+from service.faults import load as load_faults
 from service.gateway import Gateway
 from service.inventory import SERVICE, Holds, Inventory
 from service.reaper import Reaper
@@ -35,6 +37,7 @@ class Config:
     metrics_listen: str = ""  # HOST:PORT for Prometheus' /metrics; empty serves none
     holds: Holds = field(default_factory=Holds)
     reaper_interval_ms: int = 100
+    faults: str = ""  # a fault injection file (service/faults.py); empty injects none
 
 
 @dataclass(slots=True)
@@ -60,27 +63,36 @@ class Running:
 
 async def start(config: Config, clock: Clock | None = None) -> Running:
     """Opens the backends, resolves left-over intents, then starts serving."""
+    # Read first: a bad fault file must stop the start before any backend opens.
+    faults = load_faults(config.faults) if config.faults else None
     store = open_store(config.store, pool_size=config.store_pool)
     snapshot = open_snapshot(config.snapshot)
     await store.open()
     try:
         await snapshot.open(lambda: version_pages(store))
-        return await _start(config, Engine(store, snapshot, clock or SystemClock()))
+        return await _start(config, Engine(store, snapshot, clock or SystemClock()), faults)
     except BaseException:
         await store.close()
         await snapshot.close()
         raise
 
 
-async def _start(config: Config, engine: Engine) -> Running:
+async def _start(config: Config, engine: Engine, faults: FaultPlan | None = None) -> Running:
     inventory = Inventory(engine, config.holds)
     reaper = Reaper(inventory, config.reaper_interval_ms)
     recovered = await reaper.recover()
     if recovered:
         log.info("recovered %d intents left in the store", recovered)
 
+    # Faults are outermost: a delay spends the client's deadline before the
+    # gateway sets the budget, as a slow network would.
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if faults is not None:
+        log.warning("injecting faults from %s into %s", faults.source, ", ".join(sorted(faults.faults)))
+        interceptors.append(FaultInjector(faults))
+    interceptors.append(Gateway(contract.of_service(SERVICE)))
     # No SO_REUSEPORT: a second instance on a taken port must fail, not share it.
-    server = grpc.aio.server(interceptors=[Gateway(contract.of_service(SERVICE))], options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((inventory.handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
