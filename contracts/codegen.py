@@ -1,6 +1,8 @@
 """Code generation from `protos/` into the one generated folder, with a stamp.
 
 The generated code is committed so that installing holdfast needs no protoc.
+Next to the stubs goes the gRPC service config (contracts.service_config), so
+clients get each contract's deadline and retries from the same compilation.
 The stamp records what produced it (the sha256 of every proto source and of
 every generated file, and the grpcio-tools and protobuf versions), so stale or
 hand-edited code is found by `holdfast codegen --check` instead of surprising
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROTOS = ROOT / "protos"
 GENERATED = ROOT / "service" / "generated"
 STAMP_NAME = "STAMP.json"
+SERVICE_CONFIG_NAME = "service_config.json"
 
 # Written as the generated package's __init__: protoc emits absolute imports
 # (`from holdfast.contract.v1 import contract_pb2`), so the folder that holds
@@ -53,8 +57,11 @@ def proto_sources(protos: Path = PROTOS) -> list[Path]:
 
 
 def generate(protos: Path = PROTOS, out: Path = GENERATED) -> list[Path]:
-    """Compile every proto under `protos` into `out` and write the stamp."""
+    """Compile every proto under `protos` into `out`, write the service
+    config from the descriptors just compiled, then the stamp."""
     from grpc_tools import protoc
+
+    from contracts import service_config
 
     sources = proto_sources(protos)
     if not sources:
@@ -63,21 +70,28 @@ def generate(protos: Path = PROTOS, out: Path = GENERATED) -> list[Path]:
         old.unlink()
     out.mkdir(parents=True, exist_ok=True)
     include = Path(protoc.__file__).parent / "_proto"
-    args = [
-        "grpc_tools.protoc",
-        f"-I{protos}",
-        f"-I{include}",
-        f"--python_out={out}",
-        f"--pyi_out={out}",
-        f"--grpc_python_out={out}",
-        *[str(s) for s in sources],
-    ]
-    if protoc.main(args) != 0:
-        raise RuntimeError("protoc failed; its message is above")
+    with tempfile.TemporaryDirectory(prefix="holdfast-codegen-") as scratch:
+        descriptors = Path(scratch) / "descriptors.pb"
+        args = [
+            "grpc_tools.protoc",
+            f"-I{protos}",
+            f"-I{include}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            f"--descriptor_set_out={descriptors}",
+            "--include_imports",
+            *[str(s) for s in sources],
+        ]
+        if protoc.main(args) != 0:
+            raise RuntimeError("protoc failed; its message is above")
+        names = [s.relative_to(protos).as_posix() for s in sources]
+        config = service_config.from_descriptor_set(descriptors.read_bytes(), names)
+    (out / SERVICE_CONFIG_NAME).write_text(service_config.dumps(config))
     _write_packages(out)
     stamp = _stamp(protos, out)
     (out / STAMP_NAME).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
-    return sorted(out.rglob("*.py*"))
+    return sorted([*out.rglob("*.py*"), out / SERVICE_CONFIG_NAME])
 
 
 def check(protos: Path = PROTOS, out: Path = GENERATED) -> Staleness:
@@ -110,7 +124,7 @@ def _write_packages(out: Path) -> None:
 
 
 def _stamp(protos: Path, out: Path) -> dict:
-    generated = sorted(p for p in out.rglob("*") if p.suffix in (".py", ".pyi"))
+    generated = sorted(p for p in out.rglob("*") if p.suffix in (".py", ".pyi", ".json") and p.name != STAMP_NAME)
     return {
         "grpcio_tools": metadata.version("grpcio-tools"),
         "protobuf": metadata.version("protobuf"),

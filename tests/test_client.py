@@ -1,0 +1,256 @@
+"""Client channels carry the contracts (service/client.py): the generated
+service config gives a call with no deadline the contract's deadline, and a
+retryable status its retries, against a real server whose fault file slows
+or fails the method.
+
+Every attempt is counted where it lands, on the server, by the fault
+interceptor's holdfast_faults_injected_total. Times are asserted loosely
+(0.5x to 3x of the contract's timeout): nothing here measures speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+import grpc
+import prometheus_client
+import pytest
+
+import service.generated  # noqa: F401
+from holdfast.inventory.v1 import inventory_pb2 as pb
+from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
+
+from contracts import codegen, contract, service_config
+from service import client
+from service.inventory import SERVICE
+from service.server import Config, Running, start
+from tests.support import failure_of
+
+CONTRACTS = contract.of_service(SERVICE)
+RESERVE = CONTRACTS[f"/{SERVICE.full_name}/Reserve"]
+GET_STOCK = CONTRACTS[f"/{SERVICE.full_name}/GetStock"]
+OUTER_TIMEOUT_S = 60.0  # a guard on the test itself, never on the service
+
+
+def injected(method: str) -> float:
+    """The server's count of fault-hit calls (every attempt, with probability 1)."""
+    value = prometheus_client.REGISTRY.get_sample_value("holdfast_faults_injected_total", {"method": method})
+    return value or 0.0
+
+
+@contextlib.asynccontextmanager
+async def serving(tmp_path: Path, faults: str) -> AsyncIterator[Running]:
+    path = tmp_path / "faults.toml"
+    path.write_text(faults)
+    running = await start(Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db", faults=str(path)))
+    try:
+        yield running
+    finally:
+        await running.stop(0)
+
+
+def reserve_request() -> pb.ReserveRequest:
+    return pb.ReserveRequest(order_id="order-1", sku_id="sku-1", quantity=1, timestamp_ms=1_700_000_000_000)
+
+
+# -- deadlines ------------------------------------------------------------------
+
+
+async def test_a_call_with_no_deadline_gets_the_contracts_deadline(tmp_path):
+    # Delayed far past the contract (and past 3x it), so only the client's
+    # deadline from the service config can end the call in the window below.
+    delay_ms = RESERVE.timeout_ms * 5
+    faults = f'["{RESERVE.method.lstrip("/")}"]\ndelay_ms = {delay_ms}\n'
+    async with serving(tmp_path, faults) as running:
+        async with client.aio_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.InventoryServiceStub(channel)
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await _guarded(stub.Reserve(reserve_request()))  # no timeout= on purpose
+            elapsed = time.monotonic() - started
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0.5 * RESERVE.timeout_s <= elapsed <= 3 * RESERVE.timeout_s, f"{elapsed:.2f} s for a {RESERVE.timeout_ms} ms contract"
+
+
+async def test_a_shorter_deadline_of_the_caller_still_wins(tmp_path):
+    faults = f'["{RESERVE.method.lstrip("/")}"]\ndelay_ms = {RESERVE.timeout_ms * 5}\n'
+    async with serving(tmp_path, faults) as running:
+        async with client.aio_channel(f"127.0.0.1:{running.port}") as channel:
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await pb_grpc.InventoryServiceStub(channel).Reserve(reserve_request(), timeout=RESERVE.timeout_s / 10)
+            elapsed = time.monotonic() - started
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert elapsed < 0.5 * RESERVE.timeout_s
+
+
+# -- retries --------------------------------------------------------------------
+
+
+async def test_a_retryable_fault_is_tried_exactly_max_attempts_times(tmp_path):
+    assert RESERVE.retry.max_attempts == 3 and "UNAVAILABLE" in RESERVE.retry.retryable_codes
+    faults = f'["{RESERVE.method.lstrip("/")}"]\nstatus = "UNAVAILABLE"\nprobability = 1\n'
+    async with serving(tmp_path, faults) as running:
+        before = injected(RESERVE.method)
+        async with client.aio_channel(f"127.0.0.1:{running.port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await _guarded(pb_grpc.InventoryServiceStub(channel).Reserve(reserve_request()))
+        attempts = injected(RESERVE.method) - before
+    assert attempts == RESERVE.retry.max_attempts
+    # The last attempt's answer reaches the caller, details and all.
+    failure = failure_of(raised.value)
+    assert (failure.code, failure.reason) == (grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE")
+
+
+async def test_a_plain_channel_tries_once(tmp_path):
+    """The retries above come from the service config, not from gRPC defaults."""
+    faults = f'["{RESERVE.method.lstrip("/")}"]\nstatus = "UNAVAILABLE"\n'
+    async with serving(tmp_path, faults) as running:
+        before = injected(RESERVE.method)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await pb_grpc.InventoryServiceStub(channel).Reserve(reserve_request(), timeout=OUTER_TIMEOUT_S)
+        assert injected(RESERVE.method) - before == 1
+
+
+async def test_a_status_outside_the_retryable_codes_is_not_retried(tmp_path):
+    assert "RESOURCE_EXHAUSTED" not in RESERVE.retry.retryable_codes
+    faults = f'["{RESERVE.method.lstrip("/")}"]\nstatus = "RESOURCE_EXHAUSTED"\n'
+    async with serving(tmp_path, faults) as running:
+        before = injected(RESERVE.method)
+        async with client.aio_channel(f"127.0.0.1:{running.port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await _guarded(pb_grpc.InventoryServiceStub(channel).Reserve(reserve_request()))
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert injected(RESERVE.method) - before == 1
+
+
+async def test_the_blocking_channel_applies_the_contracts_too(tmp_path):
+    faults = f'["{GET_STOCK.method.lstrip("/")}"]\nstatus = "UNAVAILABLE"\n'
+    async with serving(tmp_path, faults) as running:
+        before = injected(GET_STOCK.method)
+
+        # On a thread: a blocking call would stall this loop, and the server with it.
+        def call() -> grpc.StatusCode:
+            with client.channel(f"127.0.0.1:{running.port}") as channel:
+                try:
+                    pb_grpc.InventoryServiceStub(channel).GetStock(pb.GetStockRequest(sku_id="s"))
+                except grpc.RpcError as error:
+                    return error.code()
+            raise AssertionError("an injected UNAVAILABLE was answered OK")
+
+        code = await asyncio.wait_for(asyncio.to_thread(call), OUTER_TIMEOUT_S)
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert injected(GET_STOCK.method) - before == GET_STOCK.retry.max_attempts
+
+
+async def _guarded(call):
+    """A bound on the test, far past anything the contracts allow."""
+    return await asyncio.wait_for(call, OUTER_TIMEOUT_S)
+
+
+# -- the generated service config -------------------------------------------------
+
+
+def test_the_generated_config_is_the_contracts_as_compiled():
+    written = json.loads((codegen.GENERATED / codegen.SERVICE_CONFIG_NAME).read_text())
+    assert written == service_config.build([SERVICE])
+    assert client.service_config() == (codegen.GENERATED / codegen.SERVICE_CONFIG_NAME).read_text()
+    entries = {f"/{e['name'][0]['service']}/{e['name'][0]['method']}": e for e in written["methodConfig"]}
+    assert entries.keys() == CONTRACTS.keys()
+    for method, found in CONTRACTS.items():
+        entry = entries[method]
+        assert entry["timeout"] == service_config.duration(found.timeout_ms)
+        assert entry["retryPolicy"] == {
+            "maxAttempts": found.retry.max_attempts,
+            "initialBackoff": service_config.duration(found.retry.fixed_delay_ms),
+            "maxBackoff": service_config.duration(found.retry.fixed_delay_ms),
+            "backoffMultiplier": 1,
+            "retryableStatusCodes": list(found.retry.retryable_codes),
+        }
+
+
+@pytest.mark.parametrize(("ms", "text"), [(2000, "2s"), (500, "0.5s"), (50, "0.05s"), (1, "0.001s"), (2500, "2.5s"), (60000, "60s")])
+def test_durations_are_protobuf_json(ms, text):
+    assert service_config.duration(ms) == text
+
+
+def with_retry(max_attempts: int, fixed_delay_ms: int = 100, codes: tuple[str, ...] = ("UNAVAILABLE",)) -> contract.Contract:
+    return contract.Contract(
+        method="/pkg.Service/Call", timeout_ms=1000, idempotency_key=(),
+        retry=contract.Retry(max_attempts, fixed_delay_ms, codes), lock_ttl_ms=0, sla="", mutating=False,
+    )
+
+
+@pytest.mark.parametrize("max_attempts", [0, 1])
+def test_fewer_than_two_attempts_means_no_retry_policy(max_attempts):
+    # gRPC requires maxAttempts >= 2 in a retryPolicy.
+    entry = service_config.method_config(with_retry(max_attempts, fixed_delay_ms=0, codes=()))
+    assert entry == {"name": [{"service": "pkg.Service", "method": "Call"}], "timeout": "1s"}
+
+
+@pytest.mark.parametrize(
+    ("found", "words"),
+    [
+        (with_retry(3, fixed_delay_ms=0), "fixed_delay_ms must be positive"),
+        (with_retry(3, codes=()), "retryable_codes is empty"),
+        (with_retry(3, codes=("UNAVAILABLE", "FLAKY")), "FLAKY"),
+        (with_retry(3, codes=("OK",)), "OK"),
+        (with_retry(6), "cap of 5"),
+    ],
+)
+def test_a_retry_grpc_would_reject_fails_codegen_naming_the_method(found, words):
+    with pytest.raises(ValueError, match="/pkg.Service/Call: retry") as raised:
+        service_config.method_config(found)
+    assert words in str(raised.value)
+
+
+def test_the_channel_deadlines_are_the_contracts():
+    assert client.deadlines() == {method: found.timeout_s for method, found in CONTRACTS.items()}
+
+
+def test_grpc_gets_the_retry_policies_and_the_interceptor_the_timeouts():
+    """grpcio starts a service-config timeout from a wrong clock (it fires
+    early), so the channel's config carries the retries only."""
+    given = json.loads(dict(client.options())["grpc.service_config"])
+    written = json.loads(client.service_config())
+    assert [{k: v for k, v in e.items() if k != "timeout"} for e in written["methodConfig"]] == given["methodConfig"]
+    assert all("timeout" in e for e in written["methodConfig"])
+
+
+def test_caller_options_are_kept_and_win_on_a_shared_key():
+    merged = dict(client.options([("grpc.max_receive_message_length", 1024), ("grpc.enable_retries", 0)]))
+    assert "retryPolicy" in merged["grpc.service_config"]
+    assert merged["grpc.max_receive_message_length"] == 1024
+    assert merged["grpc.enable_retries"] == 0
+
+
+def test_codegen_builds_the_config_from_the_protos_it_compiles(tmp_path):
+    """Into a copy, from a copied proto with Reserve's timeout changed: the
+    config follows the proto just compiled, not the modules this process
+    imported; and a hand edit afterwards is stale like any generated file."""
+    protos, out = tmp_path / "protos", tmp_path / "generated"
+    shutil.copytree(codegen.PROTOS, protos, ignore=shutil.ignore_patterns("__pycache__"))
+    proto = protos / "holdfast/inventory/v1/inventory.proto"
+    text = proto.read_text()
+    reserve_at = text.index("rpc Reserve(")
+    changed = text[:reserve_at] + text[reserve_at:].replace("timeout_ms: 2000", "timeout_ms: 2500", 1)
+    proto.write_text(changed)
+
+    written = codegen.generate(protos=protos, out=out)
+    assert out / codegen.SERVICE_CONFIG_NAME in written
+    assert not codegen.check(protos=protos, out=out)
+    entries = json.loads((out / codegen.SERVICE_CONFIG_NAME).read_text())["methodConfig"]
+    timeouts = {e["name"][0]["method"]: e["timeout"] for e in entries}
+    assert timeouts["Reserve"] == "2.5s" and timeouts["Confirm"] == "2s"
+
+    with (out / codegen.SERVICE_CONFIG_NAME).open("a") as config:
+        config.write(" ")
+    stale = codegen.check(protos=protos, out=out)
+    assert stale.files == (str(out / codegen.SERVICE_CONFIG_NAME),) and "changed" in stale.reasons[0]
