@@ -16,8 +16,12 @@ run: $(STAMP)
 
 # Installs PostgreSQL / Redis from Debian's packages when missing; the tests
 # start their own servers (tests/backends.py) and stop them afterwards.
+# The project's own contracts are linted as a user's CI would; `holdfast
+# doctor` against PostgreSQL and Redis runs inside the suite (test_doctor.py).
 test: $(STAMP)
 	bash tests/ensure-packages.sh
+	$(VENV)/bin/holdfast lint --format github protos
+	$(VENV)/bin/holdfast doctor --store "sqlite:///$$(mktemp -d)/doctor.db" --snapshot memory://
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 codegen: $(STAMP)

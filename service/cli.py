@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -22,14 +23,19 @@ from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 from service.gateway import CONTEXT_ID, REPLAYED
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+# Subcommands whose module parses its own arguments: name -> (module, summary).
+DELEGATED = {
+    "bench": ("service.bench", "measure Reserve throughput against a bare gRPC echo baseline"),
+    "lint": ("contracts.lint", "check the contracts in .proto files (and breaking changes --against a git ref)"),
+    "doctor": ("service.doctor", "preflight: versions, generated code, store and snapshot reachable"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # the benchmark owns its own arguments
-        from service import bench
-
-        return bench.main(argv[1:])
+    if argv[:1] and argv[0] in DELEGATED:  # these commands own their own arguments
+        module = importlib.import_module(DELEGATED[argv[0]][0])
+        return module.main(argv[1:])
     args = _parser().parse_args(argv)
     return args.run(args)
 
@@ -52,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=_serve)
 
-    commands.add_parser("bench", add_help=False, help="measure Reserve throughput against a bare gRPC echo baseline")
+    for name, (_, summary) in DELEGATED.items():
+        commands.add_parser(name, add_help=False, help=summary)
 
     codegen = commands.add_parser("codegen", help="generate code from protos/ (or --check its freshness)")
     codegen.add_argument("--check", action="store_true", help="exit 1, naming stale files, if the stamp does not match")

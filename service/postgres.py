@@ -72,6 +72,7 @@ class PostgresStore(GroupCommitStore):
         with connection.transaction():
             connection.execute(SCHEMA_LOCK)
             connection.execute(SCHEMA)
+            self._stamp_schema(connection)
 
     def _is_unavailable(self, error: BaseException) -> bool:
         return isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError)) and not self._is_retryable(error)

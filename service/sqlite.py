@@ -47,6 +47,9 @@ class SqliteStore(GroupCommitStore):
 
     def _create_schema(self, connection: sqlite3.Connection) -> None:
         connection.executescript(SCHEMA)
+        connection.execute("BEGIN IMMEDIATE")
+        self._stamp_schema(connection)
+        connection.execute("COMMIT")
 
     def _is_unavailable(self, error: BaseException) -> bool:
         return isinstance(error, sqlite3.Error)

@@ -141,6 +141,7 @@ CREATE TABLE IF NOT EXISTS outcome (
     payload {blob} NOT NULL,
     recorded_at_ms {integer} NOT NULL
 );
+CREATE TABLE IF NOT EXISTS holdfast_schema (version INTEGER NOT NULL);
 """
 
 
@@ -289,9 +290,10 @@ class _Job:
     work: Callable[[Txn], object]
     deadline: float | None
     future: asyncio.Future
-    # Set by the worker before it checks the deadline: once the deadline has
-    # passed, a job not yet started never will be.
+    # Decided once, under the store's claim lock: the worker starts the job,
+    # or its caller (out of budget) abandons it. Never both.
     started: bool = False
+    abandoned: bool = False
 
 
 _Result = tuple[asyncio.Future, object, BaseException | None]
@@ -314,6 +316,7 @@ class GroupCommitStore:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._claims = threading.Lock()
 
     # -- what a backend supplies ----------------------------------------------------
 
@@ -325,6 +328,7 @@ class GroupCommitStore:
         raise NotImplementedError
 
     def _create_schema(self, connection: Any) -> None:
+        """Creates the tables and calls `_stamp_schema`, as one transaction."""
         raise NotImplementedError
 
     def _is_unavailable(self, error: BaseException) -> bool:
@@ -356,6 +360,8 @@ class GroupCommitStore:
 
     async def transact(self, work: Callable[[Txn], T], deadline: float | None = None) -> T:
         assert self._loop is not None, "store not open"
+        if deadline is not None and time.monotonic() >= deadline:
+            raise BudgetSpent()
         future = self._loop.create_future()
         job = _Job(work, deadline, future)
         self._jobs.put(job)
@@ -364,7 +370,9 @@ class GroupCommitStore:
         try:
             return await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
-            if not job.started:
+            with self._claims:
+                job.abandoned = not job.started
+            if job.abandoned:
                 raise BudgetSpent() from None
             # A database that stopped answering mid-transaction: the move may
             # yet commit, so this is no "nothing changed" answer.
@@ -376,22 +384,26 @@ class GroupCommitStore:
     def _first_connection(self) -> Any:
         try:
             connection = self._connect()
-            self._create_schema(connection)
-            self._stamp_schema(connection)
         except Exception as error:
+            if self._is_unavailable(error):
+                raise StoreUnavailable(f"{self.describe()}: {error}") from None
+            raise
+        try:
+            self._create_schema(connection)
+        except Exception as error:
+            connection.close()
             if self._is_unavailable(error):
                 raise StoreUnavailable(f"{self.describe()}: {error}") from None
             raise
         return connection
 
     def _stamp_schema(self, connection: Any) -> None:
+        """Called by a backend's `_create_schema`, inside its schema transaction."""
         cursor = connection.cursor()
-        cursor.execute("CREATE TABLE IF NOT EXISTS holdfast_schema (version INTEGER NOT NULL)")
         found = cursor.execute("SELECT max(version) FROM holdfast_schema").fetchone()[0]
         if found is None:
             cursor.execute(f"INSERT INTO holdfast_schema (version) VALUES ({SCHEMA_VERSION})")
         elif found > SCHEMA_VERSION:
-            connection.close()
             raise SchemaTooNew(
                 f"{self.describe()} has schema version {found}, newer than this holdfast's {SCHEMA_VERSION}; upgrade holdfast"
             )
@@ -474,9 +486,12 @@ class GroupCommitStore:
         return results
 
     def _run_one(self, cursor: Any, job: _Job, isolated: bool) -> tuple[object, BaseException | None]:
-        job.started = True
-        if job.deadline is not None and time.monotonic() >= job.deadline:
-            return None, BudgetSpent()
+        if not job.started:
+            with self._claims:
+                if not job.abandoned and (job.deadline is None or time.monotonic() < job.deadline):
+                    job.started = True
+            if not job.started:
+                return None, BudgetSpent()
         if not isolated:
             try:
                 return job.work(self.TXN(cursor)), None
