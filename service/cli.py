@@ -28,6 +28,9 @@ DELEGATED = {
     "bench": ("service.bench", "measure Reserve throughput against a bare gRPC echo baseline"),
     "lint": ("contracts.lint", "check the contracts in .proto files (and breaking changes --against a git ref)"),
     "doctor": ("service.doctor", "preflight: versions, generated code, store and snapshot reachable"),
+    "replay": ("service.replay", "replay a journal and compare every answer byte for byte"),
+    "simulate": ("service.simulate", "seeded simulation with injected faults against an auditor model"),
+    "stats": ("service.stats", "print a running server's metrics as a table"),
 }
 
 
@@ -55,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--hold-default-ms", type=_positive, default=15 * 60 * 1000, help="hold when a Reserve asks for 0")
     serve.add_argument(
         "--faults", default=os.environ.get("HOLDFAST_FAULTS", ""), help="TOML fault injection file (chaos runs and tests)"
+    )
+    serve.add_argument(
+        "--journal", default=os.environ.get("HOLDFAST_JOURNAL", ""), help="append every call to this JSON-lines journal"
+    )
+    serve.add_argument(
+        "--metrics-port", type=_positive, default=None, help="serve Prometheus /metrics on 127.0.0.1:PORT"
     )
     serve.set_defaults(run=_serve)
 
@@ -123,7 +132,8 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     holds = Holds(default_ms=args.hold_default_ms, max_ms=max(args.hold_default_ms, Holds().max_ms))
     config = Config(listen=args.listen, store=args.store, snapshot=args.snapshot, store_pool=args.store_pool,
-                    metrics_listen=args.metrics_listen, holds=holds, faults=args.faults)
+                    metrics_listen=args.metrics_listen or (f"127.0.0.1:{args.metrics_port}" if args.metrics_port else ""),
+                    holds=holds, faults=args.faults, journal=args.journal)
     try:
         asyncio.run(serve(config))
     except (OSError, ValueError, StoreUnavailable) as error:

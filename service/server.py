@@ -38,6 +38,7 @@ class Config:
     holds: Holds = field(default_factory=Holds)
     reaper_interval_ms: int = 100
     faults: str = ""  # a fault injection file (service/faults.py); empty injects none
+    journal: str = ""  # a JSON-lines journal of every call (service/journal.py); empty records none
 
 
 @dataclass(slots=True)
