@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from contracts import contract
+from service import journal
 from service.clock import Clock, SystemClock
 from service.engine import Engine
 from service.faults import FaultInjector, FaultPlan
@@ -51,6 +52,7 @@ class Running:
     inventory: Inventory
     reaper_task: asyncio.Task
     health: health.aio.HealthServicer
+    journal: journal.JournalWriter | None = None  # closed after the last call has answered
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
@@ -58,6 +60,8 @@ class Running:
         with contextlib.suppress(asyncio.CancelledError):
             await self.reaper_task
         await self.server.stop(grace_s)
+        if self.journal is not None:
+            self.journal.close()
         await self.engine.store.close()
         await self.engine.snapshot.close()
 
@@ -84,6 +88,7 @@ async def _start(config: Config, engine: Engine, faults: FaultPlan | None = None
     recovered = await reaper.recover()
     if recovered:
         log.info("recovered %d intents left in the store", recovered)
+    contracts = contract.of_service(SERVICE)
 
     # Faults are outermost: a delay spends the client's deadline before the
     # gateway sets the budget, as a slow network would.
@@ -91,7 +96,13 @@ async def _start(config: Config, engine: Engine, faults: FaultPlan | None = None
     if faults is not None:
         log.warning("injecting faults from %s into %s", faults.source, ", ".join(sorted(faults.faults)))
         interceptors.append(FaultInjector(faults))
-    interceptors.append(Gateway(contract.of_service(SERVICE)))
+    # The journal sits inside faults (an injected error never ran) and outside
+    # the gateway, whose exact answer it records; recovery above is not journaled.
+    writer = None
+    if config.journal:
+        writer, recorder = journal.install(config.journal, inventory, contracts)
+        interceptors.append(recorder)
+    interceptors.append(Gateway(contracts))
     # No SO_REUSEPORT: a second instance on a taken port must fail, not share it.
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((inventory.handler(),))
@@ -101,11 +112,13 @@ async def _start(config: Config, engine: Engine, faults: FaultPlan | None = None
     try:
         port = server.add_insecure_port(config.listen)
     except RuntimeError as error:  # grpc reports a port it cannot bind this way
+        if writer is not None:
+            writer.close()
         raise OSError(f"cannot listen on {config.listen}: {error}") from None
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE.full_name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, port, engine, inventory, asyncio.create_task(reaper.run()), health_servicer)
+    return Running(server, port, engine, inventory, asyncio.create_task(reaper.run()), health_servicer, writer)
 
 async def serve(config: Config) -> None:
     """Runs until SIGTERM or SIGINT, then drains in-flight calls and stops."""

@@ -1,0 +1,239 @@
+"""Call journals: `holdfast serve --journal FILE` appends every call as one JSON line.
+
+A journal is what `holdfast replay` (service/replay.py) feeds to a fresh
+instance to check that the same calls give the same bytes back. Three kinds
+of line, each one JSON object with a `kind`:
+
+* `start`  — written when a server starts: the format version and the hold
+  durations (a hold's `expires_at_ms` depends on the default hold, so the
+  replaying instance must use the same).
+* `call`   — one gRPC call: method, request bytes, the metadata that reaches
+  the servicer, the client's deadline, the business time the engine used,
+  and the answer: status code, reply bytes or `grpc-status-details-bin`
+  bytes, message, and the `holdfast-replayed` / `holdfast-context-id`
+  trailers.
+* `expire` — one hold expiry moved by the reaper, with its time. The reaper
+  runs on its own timer, so a replay cannot re-derive when it fired; it is
+  journaled like a call and replayed at its place in the sequence instead.
+
+Business time is pinned per call: the recorder reads the engine clock once
+when the call starts, writes that value to the journal, and makes the engine
+see exactly that value for the whole call (`PinnedClock`). Without pinning,
+the engine would read the clock again inside its store transaction, a few
+milliseconds later, and a replay at the recorded time would compute another
+`expires_at_ms`. The engine reads its clock on the store's worker thread, so
+the pinned value travels with the store job (`PinningStore` runs the job in
+the calling task's context).
+
+Lines are appended with one `os.write` on an `O_APPEND` descriptor, flushed
+by the kernel as it returns: a crash loses at most the call in flight.
+Lines follow the order in which answers were made. Replay is sequential in
+that order; concurrent calls that touch the same reservation or SKU may have
+run in another order than they answered, so such a journal may not replay
+identically (replay reports it as a difference, never hides it).
+
+Recovery moves at start-up are not journaled: a journal replays identically
+when it was recorded from an empty store.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextvars
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Collection
+
+import grpc
+
+from service.clock import Clock
+from service.gateway import CONTEXT_ID, REPLAYED, STATUS_DETAILS
+from service.inventory import Holds, Inventory
+from service.outcome import Outcome
+from service.store import Reservation, Txn
+
+FORMAT = 1
+# Transport headers say nothing the servicer reads; everything else is kept.
+_TRANSPORT = ("user-agent", "grpc-", ":")
+
+_pinned: contextvars.ContextVar[int | None] = contextvars.ContextVar("holdfast_pinned_now_ms", default=None)
+
+
+def encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def decode(text: str | None) -> bytes | None:
+    return None if text is None else base64.b64decode(text)
+
+
+class PinnedClock:
+    """The engine's clock while journaling: the time pinned for the current
+    call, else the underlying clock (the reaper's own reads, for one)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def now_ms(self) -> int:
+        pinned = _pinned.get()
+        return self.clock.now_ms() if pinned is None else pinned
+
+
+class PinningStore:
+    """A store proxy that runs each job in the context of the task that
+    queued it, so `PinnedClock` sees the call's pinned time on the worker thread."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def transact(self, work: Callable[[Txn], Any], deadline: float | None = None) -> Any:
+        if _pinned.get() is None:
+            return await self._store.transact(work, deadline)
+        context = contextvars.copy_context()
+        return await self._store.transact(lambda txn: context.run(work, txn), deadline)
+
+
+class JournalWriter:
+    """Appends lines to a journal file: one `json.dumps` and one `os.write` each."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise OSError(f"cannot open journal {self.path}: {error.strerror or error}") from None
+
+    def write(self, entry: dict) -> None:
+        if self._fd >= 0:
+            os.write(self._fd, (json.dumps(entry, separators=(",", ":")) + "\n").encode())
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def start_line(holds: Holds) -> dict:
+    return {"kind": "start", "format": FORMAT, "hold_default_ms": holds.default_ms, "hold_max_ms": holds.max_ms}
+
+
+def install(path: str | Path, inventory: Inventory, methods: Collection[str]) -> tuple[JournalWriter, "JournalRecorder"]:
+    """Journals every call of `methods` and every hold expiry of `inventory`'s
+    engine: pins the engine's time per call, writes the start line, and
+    returns the writer (close it on stop) and the interceptor to serve with."""
+    writer = JournalWriter(path)
+    engine = inventory.engine
+    clock = PinnedClock(engine.clock)
+    engine.clock = clock
+    engine.store = PinningStore(engine.store)
+    writer.write(start_line(inventory.holds))
+    _journal_expiries(writer, inventory, clock.clock)
+    return writer, JournalRecorder(writer, clock.clock, methods)
+
+
+def _journal_expiries(writer: JournalWriter, inventory: Inventory, clock: Clock) -> None:
+    """Wraps the reaper's move (the reaper calls `inventory.expire`) so each
+    expiry runs at a pinned time and lands in the journal."""
+    expire = inventory.expire
+
+    async def journaled_expire(hold: Reservation) -> Outcome:
+        now_ms = clock.now_ms()
+        token = _pinned.set(now_ms)
+        try:
+            outcome = await expire(hold)
+        finally:
+            _pinned.reset(token)
+        writer.write(expire_line(hold.reservation_id, now_ms, outcome))
+        return outcome
+
+    inventory.expire = journaled_expire  # type: ignore[method-assign]
+
+
+def expire_line(reservation_id: str, now_ms: int, outcome: Outcome) -> dict:
+    return {
+        "kind": "expire",
+        "reservation_id": reservation_id,
+        "time_ms": now_ms,
+        "reason": None if outcome.reason is None else outcome.reason.name,
+        "payload": encode(outcome.payload),
+        "replayed": outcome.replayed,
+    }
+
+
+class JournalRecorder(grpc.aio.ServerInterceptor):
+    """Records each unary call of the journaled methods, inside fault
+    injection and outside the gateway, so it sees the gateway's exact answer."""
+
+    def __init__(self, writer: JournalWriter, clock: Clock, methods: Collection[str]) -> None:
+        self._writer = writer
+        self._clock = clock
+        self._methods = frozenset(methods)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method not in self._methods or handler.unary_unary is None:
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            self._recording(method, handler),
+            request_deserializer=None,  # keep the request's bytes; parsed below
+            response_serializer=handler.response_serializer,
+        )
+
+    def _recording(self, method: str, handler: grpc.RpcMethodHandler):
+        behavior, deserialize = handler.unary_unary, handler.request_deserializer or (lambda data: data)
+
+        async def recording(raw: bytes, context: grpc.aio.ServicerContext):
+            now_ms = self._clock.now_ms()
+            remaining = context.time_remaining()
+            token = _pinned.set(now_ms)
+            reply: bytes | None = None
+            try:
+                reply = await behavior(deserialize(raw), context)
+                return reply
+            finally:
+                _pinned.reset(token)
+                self._writer.write(call_line(method, raw, now_ms, remaining, context, reply))
+
+        return recording
+
+
+def call_line(method: str, raw: bytes, now_ms: int, remaining: float | None, context, reply: bytes | None) -> dict:
+    """The journal line of one answered call, read back from its context."""
+    trailing = dict(context.trailing_metadata() or ())
+    code = context.code()
+    ok = reply is not None and code in (None, grpc.StatusCode.OK)
+    details = trailing.get(STATUS_DETAILS)
+    return {
+        "kind": "call",
+        "method": method,
+        "time_ms": now_ms,
+        "timeout_ms": None if remaining is None else max(1, round(remaining * 1000)),
+        "metadata": _metadata(context.invocation_metadata() or ()),
+        "request": encode(raw),
+        "code": "OK" if ok else _code_name(code),
+        "reply": encode(reply) if ok else None,
+        "details": None if ok or details is None else encode(details),
+        "message": None if ok else context.details(),
+        "replayed": trailing.get(REPLAYED),
+        "context_id": trailing.get(CONTEXT_ID),
+    }
+
+
+def _code_name(code: object) -> str:
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return "UNKNOWN"  # an exception escaped the servicer: gRPC answers UNKNOWN
+
+
+def _metadata(pairs) -> list[list[str]]:
+    kept = []
+    for key, value in pairs:
+        if key.startswith(_TRANSPORT):
+            continue
+        kept.append([key, encode(value) if isinstance(value, bytes) else value])
+    return kept

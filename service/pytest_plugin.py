@@ -1,0 +1,105 @@
+"""The `holdfast` pytest plugin (entry point `pytest11`): fixtures for testing
+code against a real holdfast server and for checking journals replay.
+
+* `holdfast_server` — a running server on the embedded backends (SQLite in
+  the test's `tmp_path`, the in-process snapshot) with a `ManualClock`, so
+  hold expiry happens when the test moves `.clock`, and a journal of every
+  call at `.journal`. Also `.target` ("127.0.0.1:PORT") and `.port`.
+* `holdfast_client` — a grpc.aio `InventoryServiceStub` connected to it.
+* `replay_journal` — `replay_journal(path)` replays a journal on a fresh
+  instance and fails the test with the first difference.
+
+Loaded by every pytest run where holdfast is installed, so this module
+imports nothing heavy at import time: gRPC in particular is imported by the
+fixtures, after the test suite's own conftest has set gRPC's environment.
+The async fixtures need pytest-asyncio; without it they fail with that
+message rather than breaking the pytest run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import pytest
+
+try:
+    import pytest_asyncio
+except ImportError:  # the fixtures below say so when used
+    pytest_asyncio = None
+
+REAPER_INTERVAL_MS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class HoldfastServer:
+    """A server started for one test."""
+
+    target: str
+    port: int
+    journal: Path
+    clock: Any  # service.clock.ManualClock
+    running: Any  # service.server.Running
+
+
+async def _started(folder: Path) -> HoldfastServer:
+    from service.clock import ManualClock
+    from service.server import Config, start
+
+    clock = ManualClock()
+    journal = folder / "holdfast-journal.jsonl"
+    config = Config(
+        listen="127.0.0.1:0", store=f"sqlite:///{folder}/holdfast.db", snapshot="memory://",
+        reaper_interval_ms=REAPER_INTERVAL_MS, journal=str(journal),
+    )
+    running = await start(config, clock=clock)
+    return HoldfastServer(f"127.0.0.1:{running.port}", running.port, journal, clock, running)
+
+
+if pytest_asyncio is not None:
+
+    @pytest_asyncio.fixture
+    async def holdfast_server(tmp_path: Path) -> AsyncIterator[HoldfastServer]:
+        """A holdfast server on embedded backends in `tmp_path`, journaling every call."""
+        server = await _started(tmp_path)
+        yield server
+        await server.running.stop(0)
+
+    @pytest_asyncio.fixture
+    async def holdfast_client(holdfast_server: HoldfastServer) -> AsyncIterator[Any]:
+        """An `InventoryServiceStub` on a grpc.aio channel to `holdfast_server`."""
+        import grpc
+
+        import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
+        from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
+
+        async with grpc.aio.insecure_channel(holdfast_server.target) as channel:
+            yield pb_grpc.InventoryServiceStub(channel)
+
+else:
+
+    @pytest.fixture
+    def holdfast_server() -> None:
+        pytest.fail("holdfast_server needs pytest-asyncio: pip install 'holdfast[test]'", pytrace=False)
+
+    @pytest.fixture
+    def holdfast_client() -> None:
+        pytest.fail("holdfast_client needs pytest-asyncio: pip install 'holdfast[test]'", pytrace=False)
+
+
+@pytest.fixture
+def replay_journal() -> Callable[..., Any]:
+    """`replay_journal(path, target=None)`: replays the journal (on a fresh
+    embedded instance unless `target` names one) and returns the report, or
+    fails the test with the first difference."""
+    from service.replay import replay
+
+    def check(path: str | Path, target: str | None = None) -> Any:
+        report = replay(path, target)
+        if not report.identical:
+            first = report.differences[0].describe()
+            pytest.fail(f"the journal did not replay identically\n{first}\n{report.summary()}", pytrace=False)
+        return report
+
+    return check

@@ -1,0 +1,79 @@
+"""The `holdfast` pytest plugin, used exactly as README.md shows it.
+
+The first test below is the README's example, character for character;
+`test_the_readme_example_is_this_file` keeps the two from drifting apart.
+"""
+
+import base64
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+import service.generated  # noqa: F401  (makes the generated `holdfast` package importable)
+from holdfast.inventory.v1 import inventory_pb2 as pb
+
+
+@pytest.mark.asyncio
+async def test_an_expired_hold_replays(holdfast_server, holdfast_client, replay_journal):
+    await holdfast_client.PutStock(pb.PutStockRequest(sku_id="sku-1", total=5, request_id="restock-1"))
+    hold = await holdfast_client.Reserve(
+        pb.ReserveRequest(order_id="order-1", sku_id="sku-1", quantity=2, timestamp_ms=1, hold_ms=1_000)
+    )
+    assert hold.state == pb.RESERVATION_STATE_RESERVED
+
+    holdfast_server.clock.advance(1_000)  # business time moves only when the test says so
+    with pytest.raises(grpc.aio.AioRpcError) as expired:
+        await holdfast_client.Confirm(pb.ConfirmRequest(reservation_id=hold.reservation_id))
+    assert expired.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # HOLD_EXPIRED
+
+    replay_journal(holdfast_server.journal)  # every answer again, byte for byte, on a fresh instance
+
+
+# -- the plugin itself --------------------------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_example() -> str:
+    section = README.read_text().split("## Testing your service", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_example_is_this_file() -> None:
+    example = _readme_example()
+    assert example.strip(), "README.md lost its plugin example"
+    assert example in Path(__file__).read_text()
+
+
+def test_the_plugin_is_registered_by_its_entry_point(pytestconfig: pytest.Config) -> None:
+    import service.pytest_plugin
+
+    assert pytestconfig.pluginmanager.get_plugin("holdfast") is service.pytest_plugin
+
+
+async def test_the_server_fixture_names_where_it_listens(holdfast_server, holdfast_client) -> None:
+    assert holdfast_server.target == f"127.0.0.1:{holdfast_server.port}"
+    reply = await holdfast_client.PutStock(pb.PutStockRequest(sku_id="sku-2", total=3, request_id="r"))
+    assert reply.available == 3
+    kinds = [json.loads(line)["kind"] for line in holdfast_server.journal.read_text().splitlines()]
+    assert kinds == ["start", "call"]
+
+
+async def test_replay_journal_fails_the_test_with_the_first_difference(
+    holdfast_server, holdfast_client, replay_journal, tmp_path: Path
+) -> None:
+    await holdfast_client.PutStock(pb.PutStockRequest(sku_id="sku-3", total=4, request_id="r"))
+    await holdfast_client.GetStock(pb.GetStockRequest(sku_id="sku-3"))
+    lines = holdfast_server.journal.read_text().splitlines()
+    entry = json.loads(lines[2])
+    reply = bytearray(base64.b64decode(entry["reply"]))
+    reply[0] ^= 0x01
+    entry["reply"] = base64.b64encode(bytes(reply)).decode()
+    altered = tmp_path / "altered.jsonl"
+    altered.write_text("\n".join([*lines[:2], json.dumps(entry)]) + "\n")
+
+    assert replay_journal(holdfast_server.journal).identical
+    with pytest.raises(pytest.fail.Exception, match=r"line 3: GetStock: reply differs"):
+        replay_journal(altered)
