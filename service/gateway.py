@@ -123,6 +123,8 @@ def _admit(contract: Contract, request, context, started: float) -> tuple[Call |
 async def _answer(context, contract: Contract, outcome: Outcome, call: Call | None) -> bytes:
     reason = "OK" if outcome.reason is None else outcome.reason.name
     metrics.OUTCOMES.labels(contract.method, reason).inc()
+    if outcome.reason is Reason.BUDGET_EXCEEDED:  # moves and reads alike: every timeout fallback answered
+        metrics.TIMEOUT_FALLBACKS.labels(contract.method).inc()
     trailing = [(REPLAYED, "true" if outcome.replayed else "false")]
     if call is not None:
         trailing.append((CONTEXT_ID, call.context_id))

@@ -8,7 +8,11 @@ OUTCOMES = Counter("holdfast_outcomes_total", "Answers by method and reason (OK 
 REPLAYS = Counter("holdfast_replays_total", "Answers served from a recorded outcome.", ["method"])
 COMPENSATIONS = Counter("holdfast_compensations_total", "Snapshot/store version disagreements compensated.")
 CONTRACT_VIOLATIONS = Counter("holdfast_contract_violations_total", "Calls rejected by their contract.", ["method"])
-TIMEOUT_FALLBACKS = Counter("holdfast_timeout_fallback_total", "Moves refused because their budget ran out first.", ["method"])
+TIMEOUT_FALLBACKS = Counter(
+    "holdfast_timeout_fallback_total",
+    "Calls answered BUDGET_EXCEEDED: the server's budget ran out before the move or read could start, so nothing changed.",
+    ["method"],
+)
 CONSISTENCY = Histogram(
     "holdfast_state_transition_consistency_seconds",
     "From a move's store commit being seen by the engine to its snapshot advance being done.",
@@ -43,3 +47,37 @@ FAULTS_INJECTED = Counter(
     "Calls given an injected delay or status by the --faults file.",
     ["method"],
 )
+
+# -- the deterministic ratio ---------------------------------------------------------
+#
+# An answer is deterministic when the client can act on it without guessing:
+# a success, or any holdfast error that says what happened (nothing changed,
+# or a recorded refusal that replays as itself). The one answer that is not
+# is DEPENDENCY_UNAVAILABLE: the store failed under the call, so the client
+# must retry with the same idempotency key to learn whether it committed.
+# BUDGET_EXCEEDED is deterministic (the move never started). The ratio is
+# computed at scrape time from the gateway's answer counts (OUTCOMES), so it
+# costs the request path nothing; before any answer it reads 1.0.
+
+UNDETERMINED_REASONS = frozenset({"DEPENDENCY_UNAVAILABLE"})
+
+
+def deterministic_ratio(outcomes: Counter = OUTCOMES) -> float:
+    """Deterministic answers / all answers since the process started (1.0 with
+    none), from a counter labelled by `reason` like OUTCOMES."""
+    total = undetermined = 0.0
+    for family in outcomes.collect():
+        for sample in family.samples:
+            if not sample.name.endswith("_total"):
+                continue
+            total += sample.value
+            if sample.labels.get("reason") in UNDETERMINED_REASONS:
+                undetermined += sample.value
+    return 1.0 if total == 0 else (total - undetermined) / total
+
+
+DETERMINISTIC_RATIO = Gauge(
+    "holdfast_deterministic_ratio",
+    "Share of answers whose outcome the client knows (all but DEPENDENCY_UNAVAILABLE); 1.0 before any answer.",
+)
+DETERMINISTIC_RATIO.set_function(deterministic_ratio)
