@@ -38,6 +38,7 @@ when it was recorded from an empty store.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextvars
 import json
@@ -192,30 +193,44 @@ class JournalRecorder(grpc.aio.ServerInterceptor):
             remaining = context.time_remaining()
             token = _pinned.set(now_ms)
             reply: bytes | None = None
+            answered = False
             try:
                 reply = await behavior(deserialize(raw), context)
+                answered = True
                 return reply
+            except asyncio.CancelledError:
+                raise  # the client went away: its move may have run, its answer was never made
+            except BaseException:
+                answered = True  # an abort (the gateway's errors) or an escaped error: answered
+                raise
             finally:
                 _pinned.reset(token)
-                self._writer.write(call_line(method, raw, now_ms, remaining, context, reply))
+                self._writer.write(call_line(method, raw, now_ms, remaining, context, reply, answered))
 
         return recording
 
 
-def call_line(method: str, raw: bytes, now_ms: int, remaining: float | None, context, reply: bytes | None) -> dict:
-    """The journal line of one answered call, read back from its context."""
+def call_line(
+    method: str, raw: bytes, now_ms: int, remaining: float | None, context, reply: bytes | None, answered: bool = True
+) -> dict:
+    """The journal line of one call, its answer read back from its context.
+
+    A call cancelled before it answered (the client's deadline passed, the
+    client went away) is journaled with `answered: false`: it may have moved
+    state, so replay sends it, but there is no answer to compare."""
     trailing = dict(context.trailing_metadata() or ())
     code = context.code()
-    ok = reply is not None and code in (None, grpc.StatusCode.OK)
+    ok = answered and reply is not None and code in (None, grpc.StatusCode.OK)
     details = trailing.get(STATUS_DETAILS)
     return {
         "kind": "call",
         "method": method,
+        "answered": answered,
         "time_ms": now_ms,
         "timeout_ms": None if remaining is None else max(1, round(remaining * 1000)),
         "metadata": _metadata(context.invocation_metadata() or ()),
         "request": encode(raw),
-        "code": "OK" if ok else _code_name(code),
+        "code": "OK" if ok else _code_name(code) if answered else "CANCELLED",
         "reply": encode(reply) if ok else None,
         "details": None if ok or details is None else encode(details),
         "message": None if ok else context.details(),

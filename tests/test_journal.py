@@ -267,3 +267,31 @@ def test_serve_journal_on_the_system_clock_replays_identically(tmp_path: Path) -
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"against running instance {other.target}: identical" in result.stdout
     assert "recorded times were not injected" in result.stdout
+
+
+def test_a_call_cancelled_before_it_answered_is_sent_but_not_compared(recorded: tuple[Path, Counter], tmp_path: Path) -> None:
+    journal, _ = recorded
+    lines = journal.read_text().splitlines()[:40]
+    target = next(n for n, line in enumerate(lines) if '"code":"OK"' in line and "Reserve" in line)
+    entry = json.loads(lines[target])
+    entry.update(answered=False, code="CANCELLED", reply=None, replayed=None, context_id=None)
+    lines[target] = json.dumps(entry)
+    cancelled = tmp_path / "cancelled.jsonl"
+    cancelled.write_text("\n".join(lines) + "\n")
+
+    report = replay.replay(cancelled)
+
+    # It is still sent, so the calls after it see its hold as the recording did.
+    assert report.identical, "\n".join(d.describe() for d in report.differences[:5])
+    assert report.unanswered == 1
+    assert "1 calls were cancelled before they answered" in report.summary()
+
+
+def test_a_journal_that_is_not_one_is_a_usage_error(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"kind":"call","method":"/x/Y"}\n{"kind":"call"}\n')
+
+    result = run_holdfast("replay", str(broken))
+
+    assert result.returncode == 2
+    assert f"{broken}:1: a call line without time_ms, request, code" in result.stderr
