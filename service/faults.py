@@ -32,7 +32,7 @@ from typing import Collection, Mapping
 import grpc
 
 from service import metrics
-from service.gateway import STATUS_DETAILS
+from service.gateway import STATUS_DETAILS, mark_arrival
 from service.outcome import Reason, failure
 
 KEYS = frozenset({"delay_ms", "status", "probability", "seed"})
@@ -195,6 +195,7 @@ def _faulty(decider: Decider, behavior):
     fault = decider.fault
 
     async def faulty(request, context: grpc.aio.ServicerContext):
+        mark_arrival()  # an injected delay is server time: it spends the call's budget
         # Decided before sleeping, so the sequence follows arrival order.
         if not decider.draw():
             return await behavior(request, context)

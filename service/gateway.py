@@ -42,6 +42,15 @@ class Call:
 
 
 _current: contextvars.ContextVar[Call] = contextvars.ContextVar("holdfast_call")
+# When the call reached this server, if an outer interceptor saw it first
+# (service.faults): the contract's budget is the server's time from arrival,
+# so time an outer layer spent is spent from the budget too.
+_arrived: contextvars.ContextVar[float] = contextvars.ContextVar("holdfast_arrived")
+
+
+def mark_arrival() -> None:
+    """Called by an interceptor outside the gateway as the call arrives."""
+    _arrived.set(time.monotonic())
 
 
 def current_call() -> Call:
@@ -83,7 +92,7 @@ class Gateway(grpc.aio.ServerInterceptor):
     def _guard(self, contract: Contract, behavior: Behavior):
         async def guarded(request, context: grpc.aio.ServicerContext) -> bytes:
             started = time.monotonic()
-            call, rejected = _admit(contract, request, context, started)
+            call, rejected = _admit(contract, request, context, _arrived.get(started), started)
             if rejected is not None:
                 outcome = rejected
             else:
@@ -98,7 +107,7 @@ class Gateway(grpc.aio.ServerInterceptor):
         return guarded
 
 
-def _admit(contract: Contract, request, context, started: float) -> tuple[Call | None, Outcome | None]:
+def _admit(contract: Contract, request, context, arrived: float, now: float) -> tuple[Call | None, Outcome | None]:
     """The call's `Call`, or the outcome that refuses it before any servicer runs."""
     if isinstance(request, _Malformed):
         return None, failure(Reason.INVALID_REQUEST, f"the request could not be decoded: {request.error}")
@@ -106,9 +115,11 @@ def _admit(contract: Contract, request, context, started: float) -> tuple[Call |
     values = tuple(getattr(request, name) for name in contract.idempotency_key)
     key = idempotency_key(contract.method, values) if contract.idempotency_key else fingerprint
     remaining = context.time_remaining()
-    budget = contract.timeout_s if remaining is None else min(remaining, contract.timeout_s)
+    deadline = arrived + contract.timeout_s
+    if remaining is not None:
+        deadline = min(deadline, now + remaining)
     context_id = hashlib.sha256(b"context:" + key).hexdigest()[:32]
-    call = Call(contract, key, fingerprint, context_id, started + budget)
+    call = Call(contract, key, fingerprint, context_id, deadline)
     # proto3 cannot tell an unset scalar from its zero, so a key field at its
     # zero value is missing: two callers leaving it unset would share a key.
     missing = [name for name, value in zip(contract.idempotency_key, values) if value in ("", 0)]
