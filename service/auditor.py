@@ -99,6 +99,8 @@ class _Held:
     quantity: int
     state: State
     version: int
+    expires_at_ms: int
+    expired: bool  # released by the reaper, not the client
 
 
 @dataclass(slots=True)
@@ -120,6 +122,8 @@ class Auditor:
     store_versions: dict[str, int] = field(default_factory=dict)
     stock_versions: dict[str, int] = field(default_factory=dict)
     reserved: set[str] = field(default_factory=set)  # the model's RESERVED holds
+    # Business time while the answers being read were made: a move's now_ms is within.
+    now_window_ms: tuple[int, int] = (0, 0)
 
     # -- answers ---------------------------------------------------------------------
 
@@ -144,11 +148,62 @@ class Auditor:
             require(request.key in self.pending, f"{request.method}: key reused, but no attempt under it committed")
         elif recorded is not None:
             self._replayed(request, recorded, outcome)
-        elif outcome.recorded:
+        else:
+            self._first(request, outcome)
+
+    def _first(self, request: Request, outcome: Outcome) -> None:
+        """The first answer under a key that no attempt is known to have committed."""
+        if request.key not in self.pending and request.sku not in self.uncertain_skus() and request.rid not in self.uncertain_rids():
+            allowed = self._predict(request)
+            require(
+                allowed is None or outcome.reason in allowed,
+                lambda: f"{request.method} of {request.rid or request.sku} answered {outcome.reason}, the model allows {allowed}",
+            )
+        if outcome.recorded:
             self._committed(request, outcome)
         else:
             # Checked after the record lookup, so no attempt ever committed.
             self.pending.pop(request.key, None)
+
+    def _predict(self, request: Request) -> set[Reason | None] | None:
+        """The answers a move may give, from the model alone (None: no opinion).
+        Refusing what the model says is there is as wrong as overselling."""
+        message = request.message
+        if request.method == "PutStock":
+            sku = self.skus.get(request.sku)
+            committed = 0 if sku is None else sku.held + sku.sold
+            return {None} if message.total >= committed else {Reason.STOCK_BELOW_COMMITTED}
+        if request.method == "Reserve":
+            if message.quantity <= 0:
+                return {Reason.INVALID_REQUEST}
+            sku = self.skus.get(request.sku)
+            if sku is None or sku.total_version == 0:
+                return {Reason.SKU_NOT_FOUND}
+            available = sku.total - sku.held - sku.sold
+            return {None} if available >= message.quantity else {Reason.INSUFFICIENT_STOCK}
+        if request.method in ("Confirm", "Release"):
+            held = self.holds.get(request.rid)
+            if held is None:
+                return {Reason.RESERVATION_NOT_FOUND}
+            # A snapshot behind the store (a commit that failed after applying)
+            # makes any move on the reservation compensate first.
+            return {Reason.VERSION_CONFLICT} | self._settles(request, held)
+        return None
+
+    def _settles(self, request: Request, held: _Held) -> set[Reason | None]:
+        if held.state is State.RELEASED and held.expired:
+            return {Reason.HOLD_EXPIRED}
+        if request.method == "Release":
+            return {None} if held.state is State.RESERVED else {Reason.INVALID_TRANSITION}
+        expected = request.message.expected_version
+        if expected and expected != held.version:
+            return {Reason.VERSION_CONFLICT}
+        if held.state is not State.RESERVED:
+            return {Reason.INVALID_TRANSITION}
+        earliest_ms, latest_ms = self.now_window_ms
+        if held.expires_at_ms <= earliest_ms:
+            return {Reason.HOLD_EXPIRED}
+        return {None} if held.expires_at_ms > latest_ms else {None, Reason.HOLD_EXPIRED}
 
     def _replayed(self, request: Request, recorded: _Recorded, outcome: Outcome) -> None:
         if request.fingerprint != recorded.fingerprint:
@@ -184,18 +239,19 @@ class Auditor:
             last = self.fresh_versions.get(request.rid, 0)
             require(reply.version > last, f"{request.rid}: version went from {last} to {reply.version}")
             self.fresh_versions[request.rid] = reply.version
-        self._settle(request.rid, reply.sku_id, reply.quantity, state, reply.version)
+        self._settle(request.rid, reply, request.method == "Expire")
 
-    def _settle(self, rid: str, sku_id: str, quantity: int, state: State, version: int) -> None:
+    def _settle(self, rid: str, reply: pb.ReservationReply, expired: bool) -> None:
         """Moves the model's reservation to `state` unless it already knows a later version."""
         held = self.holds.get(rid)
-        if held is not None and held.version >= version:
+        if held is not None and held.version >= reply.version:
             return
-        sku = self.skus.setdefault(sku_id, _Sku())
+        state = State(reply.state)
+        sku = self.skus.setdefault(reply.sku_id, _Sku())
         if held is not None:
             _count(sku, held.state, -held.quantity)
-        _count(sku, state, quantity)
-        self.holds[rid] = _Held(sku_id, quantity, state, version)
+        _count(sku, state, reply.quantity)
+        self.holds[rid] = _Held(reply.sku_id, reply.quantity, state, reply.version, reply.expires_at_ms, expired)
         (self.reserved.add if state is State.RESERVED else self.reserved.discard)(rid)
 
     def _read(self, request: Request, outcome: Outcome | None) -> None:

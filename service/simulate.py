@@ -29,11 +29,14 @@ from typing import Callable, Iterable, TypeVar
 import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
+from google.protobuf.message import Message
+
 from contracts import contract as contracts
+from contracts.contract import Contract
 from service.auditor import Auditor, Kind, Request, Violation
 from service.clock import ManualClock
 from service.engine import Engine
-from service.gateway import Call, _admit, _current, idempotency_key
+from service.gateway import Call, _current, idempotency_key
 from service.inventory import REAPER_METHOD, SERVICE, Holds, Inventory, reservation_id
 from service.machine import INTENTS, State
 from service.outcome import Outcome
@@ -246,11 +249,16 @@ class SimStore:
         return self.rows.reservations.values()
 
 
-class _NoDeadline:
-    """The bit of a grpc.aio context the gateway's admission reads."""
-
-    def time_remaining(self) -> None:
-        return None
+def _call_of(contract: Contract, message: Message) -> Call:
+    """The `Call` the gateway would hand the servicer: its key and fingerprint
+    from the same public derivation (`idempotency_key`, sha256 of the
+    deterministic encoding). No deadline: budgets are wall-clock time, which a
+    simulation never reads, and the simulated store ignores them."""
+    fingerprint = hashlib.sha256(message.SerializeToString(deterministic=True)).digest()
+    values = tuple(getattr(message, name) for name in contract.idempotency_key)
+    assert all(value not in ("", 0) for value in values), "the simulated client always sets its key fields"
+    key = idempotency_key(contract.method, values)
+    return Call(contract, key, fingerprint, hashlib.sha256(b"context:" + key).hexdigest()[:32], float("inf"))
 
 
 class _ObservedInventory(Inventory):
@@ -294,7 +302,7 @@ class Simulation:
         self._sku_of: dict[str, str | None] = {}  # reservation id -> the SKU its Reserve named
         self._reserves: list[str] = []  # every reservation id a Reserve named, in order
         self._decided: dict[tuple[str, str], Request] = {}
-        self._admitted: dict[tuple[str, bytes], tuple[Call, Outcome | None]] = {}
+        self._calls: dict[tuple[str, bytes], Call] = {}
         self._sent: list[Request] = []  # recent requests, for late (reordered) deliveries
         self._reaped: list[tuple[Request, Outcome]] = []
         self._start()
@@ -320,8 +328,8 @@ class Simulation:
 
     def request(self, method: str, message: object) -> Request:
         """A request with the gateway's key and fingerprint, and what it may touch."""
-        call, rejected = _admit(CONTRACTS[method], message, _NoDeadline(), 0.0)
-        self._admitted[(method, call.fingerprint)] = (call, rejected)
+        call = _call_of(CONTRACTS[method], message)
+        self._calls[(method, call.fingerprint)] = call
         sku = getattr(message, "sku_id", None) or None
         rid = getattr(message, "reservation_id", None) or None
         if method == "Reserve":
@@ -357,11 +365,13 @@ class Simulation:
         the moves finished, which is the order they ran. `lost[i]` drops a reply."""
         lost = lost or [False] * len(requests)
         finished: list[tuple[int, Outcome]] = []
+        earliest_ms = self.clock.now_ms()
 
         async def one(n: int) -> None:
             finished.append((n, await self._call(requests[n])))
 
         await asyncio.gather(*(one(n) for n in range(len(requests))))
+        self.auditor.now_window_ms = (earliest_ms, self.clock.now_ms())
         answers: list[Outcome | None] = [None] * len(requests)
         for n, outcome in finished:
             answers[n] = None if lost[n] else outcome
@@ -374,12 +384,7 @@ class Simulation:
         if request.method == "Expire":
             assert request.hold is not None
             return await self.inventory.expire(request.hold)
-        # What the gateway made of it when it was built: admission is a pure
-        # function of the request (the deadline it sets is wall-clock, which
-        # the simulated store ignores).
-        call, rejected = self._admitted[(request.method, request.fingerprint)]
-        if rejected is not None:
-            return rejected
+        call = self._calls[(request.method, request.fingerprint)]
         token = _current.set(call)
         try:
             return await getattr(self.inventory, request.method)(request.message, None)
@@ -405,6 +410,7 @@ class Simulation:
             await self.reaper.reap()
         except StoreUnavailable:
             pass  # the round's read failed; the next round reads again
+        self.auditor.now_window_ms = (self.clock.now_ms() - delta_ms, self.clock.now_ms())
         for request, outcome in self._reaped:
             self._answered(request, outcome)
 

@@ -63,10 +63,21 @@ def _forget_stock(txn, found, target, sold, why):
     return service.inventory.success(service.inventory._reservation_reply(done))
 
 
+_take_stock = MemTxn.take_stock
+
+
+def _stingy_take(self, sku_id, quantity):
+    """A broken conditional update (`available > quantity`): it never oversells,
+    it undersells, which only a model of the stock can notice."""
+    stock = self.stock(sku_id)
+    return stock is not None and stock.available > quantity and _take_stock(self, sku_id, quantity)
+
+
 # (what breaks, the patch): each must be caught, with the seed and step to reproduce it.
 BROKEN = [
     ("settling forgets the stock", service.inventory, "_settle", _forget_stock),
     ("idempotency records are never found", MemTxn, "recorded", lambda self, key: None),
+    ("the last units are never sold", MemTxn, "take_stock", _stingy_take),
 ]
 
 
