@@ -34,8 +34,15 @@ from service.store import Reservation, Stock
 
 # Answers that say nothing about whether an earlier attempt committed.
 TRANSIENT = frozenset({Reason.DEPENDENCY_UNAVAILABLE, Reason.BUDGET_EXCEEDED})
-# The state a successful move of each kind leaves its reservation in.
-SETTLES_TO = {"Reserve": State.RESERVED, "Confirm": State.CONFIRMED, "Release": State.RELEASED, "Expire": State.RELEASED}
+# The states a successful move of each kind may leave its reservation in
+# (recovery drives an intent forward or back: machine.RECOVERY).
+SETTLES_TO = {
+    "Reserve": {State.RESERVED},
+    "Confirm": {State.CONFIRMED},
+    "Release": {State.RELEASED},
+    "Expire": {State.RELEASED},
+    "Recover": {State.AVAILABLE, State.CONFIRMED, State.RELEASED},
+}
 READS = frozenset({"GetStock", "GetReservation"})
 
 
@@ -234,7 +241,7 @@ class Auditor:
         reply = pb.ReservationReply.FromString(outcome.payload)
         state = State(reply.state)
         require(reply.reservation_id == request.rid and reply.sku_id == request.sku, f"{request.method} answered for {reply.reservation_id}")
-        require(state is SETTLES_TO[request.method], f"{request.method} of {request.rid} left it {state.name}")
+        require(state in SETTLES_TO[request.method], f"{request.method} of {request.rid} left it {state.name}")
         if not outcome.replayed:
             last = self.fresh_versions.get(request.rid, 0)
             require(reply.version > last, f"{request.rid}: version went from {last} to {reply.version}")

@@ -37,7 +37,7 @@ from service.auditor import Auditor, Kind, Request, Violation
 from service.clock import ManualClock
 from service.engine import Engine
 from service.gateway import Call, _current, idempotency_key
-from service.inventory import REAPER_METHOD, SERVICE, Holds, Inventory, reservation_id
+from service.inventory import REAPER_METHOD, RECOVERY_METHOD, SERVICE, Holds, Inventory, reservation_id
 from service.machine import INTENTS, State
 from service.outcome import Outcome
 from service.reaper import Reaper
@@ -262,15 +262,22 @@ def _call_of(contract: Contract, message: Message) -> Call:
 
 
 class _ObservedInventory(Inventory):
-    """The real servicer, with the reaper's answers reported to the simulation."""
+    """The real servicer, with the reaper's answers (expiry, recovery) reported
+    to the simulation: they change reservations as much as a client's moves do."""
 
-    def __init__(self, engine: Engine, seen: Callable[[Reservation, Outcome], None]) -> None:
+    def __init__(self, engine: Engine, seen: Callable[[str, bytes, Reservation, Outcome], None]) -> None:
         super().__init__(engine, Holds())
         self._seen = seen
 
     async def expire(self, hold: Reservation) -> Outcome:
         outcome = await super().expire(hold)
-        self._seen(hold, outcome)
+        self._seen("Expire", idempotency_key(REAPER_METHOD, (hold.reservation_id,)), hold, outcome)
+        return outcome
+
+    async def recover(self, intent: Reservation) -> Outcome:
+        outcome = await super().recover(intent)
+        key = idempotency_key(RECOVERY_METHOD, (intent.reservation_id, intent.state.name, intent.retry_count))
+        self._seen("Recover", key, intent, outcome)
         return outcome
 
 
@@ -284,6 +291,7 @@ class Result:
     trace: str
     failure: str | None = None
     failed_step: int | None = None
+    recovered: int = 0  # intents recovery drove forward after a torn crash
 
 
 class Simulation:
@@ -304,7 +312,8 @@ class Simulation:
         self._decided: dict[tuple[str, str], Request] = {}
         self._calls: dict[tuple[str, bytes], Call] = {}
         self._sent: list[Request] = []  # recent requests, for late (reordered) deliveries
-        self._reaped: list[tuple[Request, Outcome]] = []
+        self._background: list[tuple[Request, Outcome]] = []  # the reaper's answers, as they come
+        self.recovered = 0
         self._start()
 
     # -- the process -------------------------------------------------------------------
@@ -313,16 +322,38 @@ class Simulation:
         """A fresh process over the persisted rows: new engine, empty snapshot, nothing in flight."""
         self.store = SimStore(self.rows, random.Random(self.rng.getrandbits(64)), self.faults, self.clock)
         self.engine = Engine(self.store, MemorySnapshot(), self.clock)
-        self.inventory = _ObservedInventory(self.engine, self._expired)
+        self.inventory = _ObservedInventory(self.engine, self._observed)
         self.reaper = Reaper(self.inventory)
 
-    async def restart(self) -> None:
+    async def restart(self, torn: bool = False) -> None:
         """The process crashed: start over from the store and recover its intents.
-        Recovery must finish before serving, so it runs on a store that answers."""
+        Recovery must finish before serving, so it runs on a store that answers.
+        `torn` leaves one intent behind, as a writer that persists its intent
+        before its effect would when it dies between the two."""
+        if torn:
+            self._tear()
         self._start()
         self.store.faults = NO_FAULTS
-        await self.reaper.recover()
+        self._background.clear()
+        self.recovered += await self.reaper.recover()
+        self.auditor.now_window_ms = (self.clock.now_ms(), self.clock.now_ms())
+        for request, outcome in self._background:
+            self._answered(request, outcome)
         self.store.faults = self.faults
+
+    def _tear(self) -> None:
+        """A RESERVED hold whose state the answers fix exactly is left CONFIRMING
+        or RELEASING (stock still held, as the intent's contract says)."""
+        uncertain = self.auditor.uncertain_rids()
+        candidates = sorted(rid for rid in self.auditor.reserved if rid not in uncertain)
+        if not candidates:
+            return
+        found = self.rows.reservations[self.rng.choice(candidates)]
+        intent = self.rng.choice((State.CONFIRMING, State.RELEASING))
+        torn = replace(found, state=intent, version=found.version + 1)
+        self.rows.reservations[found.reservation_id] = torn
+        self.rows.reserved.discard(found.reservation_id)
+        self.rows.touched_rids.add(found.reservation_id)
 
     # -- requests, built as a client would ---------------------------------------------
 
@@ -398,20 +429,19 @@ class Simulation:
             self._trace.update(len(part).to_bytes(8, "big") + part)
         self.auditor.answered(request, outcome)
 
-    def _expired(self, hold: Reservation, outcome: Outcome) -> None:
-        key = idempotency_key(REAPER_METHOD, (hold.reservation_id,))
-        self._reaped.append((Request("Expire", None, key, key, hold.sku_id, hold.reservation_id, hold), outcome))
+    def _observed(self, method: str, key: bytes, hold: Reservation, outcome: Outcome) -> None:
+        self._background.append((Request(method, None, key, key, hold.sku_id, hold.reservation_id, hold), outcome))
 
     async def tick(self, delta_ms: int) -> None:
         """Business time passes and the reaper runs one round, as ordinary moves."""
         self.clock.advance(delta_ms)
-        self._reaped.clear()
+        self._background.clear()
         try:
             await self.reaper.reap()
         except StoreUnavailable:
             pass  # the round's read failed; the next round reads again
         self.auditor.now_window_ms = (self.clock.now_ms() - delta_ms, self.clock.now_ms())
-        for request, outcome in self._reaped:
+        for request, outcome in self._background:
             self._answered(request, outcome)
 
     # -- checks ----------------------------------------------------------------------------
@@ -466,7 +496,7 @@ class Simulation:
         for request in requests[cut:]:  # still on the wire when the process died
             self._answered(request, None)
         if crash:
-            await self.restart()
+            await self.restart(torn=rng.random() < 0.5)
         self.check(requests)
 
     def _misdeliver(self, requests: list[Request]) -> list[Request]:
@@ -552,7 +582,7 @@ def run(seed: int, ops: int, faults: Faults = Faults()) -> Result:
         asyncio.run(simulation.run(ops))
     except (Violation, AssertionError) as error:
         return Result(seed, simulation.step, simulation.trace(), f"{type(error).__name__}: {error}", simulation.step)
-    return Result(seed, ops, simulation.trace())
+    return Result(seed, ops, simulation.trace(), recovered=simulation.recovered)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -76,9 +76,10 @@ class Inventory(RuleBasedStateMachine):
         self.loop.run_until_complete(self.sim.tick(delta_ms))
         self.sim.check()
 
-    @rule()
-    def crash(self) -> None:
-        self.loop.run_until_complete(self.sim.restart())
+    @rule(torn=st.booleans())
+    def crash(self, torn: bool) -> None:
+        """A restart; `torn` leaves an intent behind for recovery to settle."""
+        self.loop.run_until_complete(self.sim.restart(torn=torn))
         self.sim.check()
 
     @invariant()

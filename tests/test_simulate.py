@@ -51,6 +51,14 @@ def test_the_trace_does_not_depend_on_the_process() -> None:
     assert len(outputs) == 1
 
 
+def test_torn_crashes_are_recovered() -> None:
+    """Crashes that leave intents behind: recovery settles them, and the
+    auditor follows the recovery moves like any other answer."""
+    result = simulate.run(9, 2000, Faults(crash=0.05))
+    assert result.failure is None, result.failure
+    assert result.recovered > 0
+
+
 def test_faults_off_runs_clean() -> None:
     result = simulate.run(5, 2000, simulate.NO_FAULTS)
     assert result.failure is None, result.failure
