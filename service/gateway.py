@@ -11,12 +11,13 @@ context id, and hands one `Call` to the servicer. It turns the servicer's
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Mapping
+from typing import Awaitable, Callable, Iterator, Mapping
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -58,6 +59,17 @@ def current_call() -> Call:
     return _current.get()
 
 
+@contextlib.contextmanager
+def serving(call: Call) -> Iterator[None]:
+    """Makes `call` the current call for the block: how the gateway hands a
+    call to the servicer, and how a simulation drives the servicer without gRPC."""
+    token = _current.set(call)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
 def idempotency_key(method: str, values: tuple[object, ...]) -> bytes:
     """Method-scoped, so Confirm and Release of one reservation never collide;
     JSON-encoded, so no choice of field values can make two keys collide."""
@@ -96,11 +108,8 @@ class Gateway(grpc.aio.ServerInterceptor):
             if rejected is not None:
                 outcome = rejected
             else:
-                token = _current.set(call)
-                try:
+                with serving(call):
                     outcome = await behavior(request, context)
-                finally:
-                    _current.reset(token)
             metrics.LATENCY.labels(contract.method).observe(time.monotonic() - started)
             return await _answer(context, contract, outcome, call)
 

@@ -36,7 +36,7 @@ from contracts.contract import Contract
 from service.auditor import Auditor, Kind, Request, Violation
 from service.clock import ManualClock
 from service.engine import Engine
-from service.gateway import Call, _current, idempotency_key
+from service.gateway import Call, idempotency_key, serving
 from service.inventory import REAPER_METHOD, RECOVERY_METHOD, SERVICE, Holds, Inventory, reservation_id
 from service.machine import INTENTS, State
 from service.outcome import Outcome
@@ -415,12 +415,8 @@ class Simulation:
         if request.method == "Expire":
             assert request.hold is not None
             return await self.inventory.expire(request.hold)
-        call = self._calls[(request.method, request.fingerprint)]
-        token = _current.set(call)
-        try:
+        with serving(self._calls[(request.method, request.fingerprint)]):
             return await getattr(self.inventory, request.method)(request.message, None)
-        finally:
-            _current.reset(token)
 
     def _answered(self, request: Request, outcome: Outcome | None) -> None:
         reason = "LOST" if outcome is None else ("OK" if outcome.ok else outcome.reason.name)
