@@ -169,7 +169,7 @@ class SqlTxn:
     LOCK: ClassVar[str] = ""  # " FOR UPDATE" where concurrent writers exist
     _translated: ClassVar[dict[str, str]]
 
-    __slots__ = ("_cursor", "written")
+    __slots__ = ("_cursor", "written", "_reservations")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -178,6 +178,10 @@ class SqlTxn:
     def __init__(self, cursor: Any) -> None:
         self._cursor = cursor
         self.written: dict[str, int] = {}
+        # Rows this move has read or written: the engine's version check and
+        # the move itself read the same reservation, and one read (one round
+        # trip, one row lock) serves both. A Txn lives for one move attempt.
+        self._reservations: dict[str, Reservation | None] = {}
 
     def _execute(self, sql: str, params: tuple = ()) -> Any:
         text = self._translated.get(sql)
@@ -234,10 +238,14 @@ class SqlTxn:
         assert cursor.rowcount == 1, f"settling {quantity} of {sku_id} that is not held"
 
     def reservation(self, reservation_id: str) -> Reservation | None:
+        if reservation_id in self._reservations:
+            return self._reservations[reservation_id]
         row = self._execute(
             f"SELECT {_RESERVATION_COLUMNS} FROM reservation WHERE reservation_id = %s" + self.LOCK, (reservation_id,)
         ).fetchone()
-        return None if row is None else _reservation(row)
+        found = None if row is None else _reservation(row)
+        self._reservations[reservation_id] = found
+        return found
 
     def save_reservation(self, r: Reservation, expected_version: int) -> None:
         """Compare-and-set on the version; a new reservation expects version 0.
@@ -260,6 +268,7 @@ class SqlTxn:
         if cursor.rowcount != 1:
             raise Contended(f"reservation {r.reservation_id} moved past version {expected_version}")
         self.written[r.reservation_id] = r.version
+        self._reservations[r.reservation_id] = r
 
     def due_holds(self, now_ms: int, limit: int) -> list[Reservation]:
         rows = self._execute(
