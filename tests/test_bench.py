@@ -5,11 +5,32 @@ Only that it ran is checked, never how fast (DESIGN.md, "Performance rules")."""
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
+from collections import Counter
 
 import pytest
 
-from service.bench import Backend, _backend, _labels, main
+from service import bench
+from service.bench import (
+    MIXES,
+    REFUSED_FOR_STOCK,
+    REPLAY_KEYS,
+    Backend,
+    Result,
+    _backend,
+    _contract_violations,
+    _definite,
+    _labels,
+    _options,
+    _report,
+    _stock_count,
+    _table,
+    main,
+)
+
+SHORT = ["--duration", "1", "--warmup", "0.5", "--json"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _assert_all_ok(row: dict) -> None:
@@ -70,4 +91,214 @@ def test_labels_name_the_schemes_and_stay_distinct():
 def test_target_does_not_go_with_backends():
     with pytest.raises(SystemExit) as exited:
         main(["--target", "127.0.0.1:1", "--backend", "sqlite"])
+    assert exited.value.code == 2
+
+
+# -- mixes -----------------------------------------------------------------------------------
+
+
+def _assert_only_expected_answers(report: dict) -> None:
+    """Every answer of every row (echo too) is one the mix expects; none is a contract violation."""
+    answers = MIXES[report["mix"]].answers
+    for label, row in report["targets"].items():
+        assert row["calls"] > 0 and row["calls_per_s"] > 0, (label, row)
+        assert set(row["outcomes"]) <= answers, (label, row["outcomes"])
+        assert set(row["warmup_outcomes"]) <= answers, (label, row["warmup_outcomes"])
+        assert row["contract_violations"] == 0, (label, row)
+        assert row["calls_made"] >= row["calls"], (label, row)
+
+
+@pytest.mark.parametrize(
+    ("mix", "held"),
+    [
+        ("reserve-release", 0),  # every hold released again
+        ("replay", REPLAY_KEYS),  # the seeds' holds; the replays took nothing
+    ],
+)
+def test_mix_answers_only_its_reasons_and_its_stock_adds_up(mix, held, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    assert main([*SHORT, "--in-flight", "8", "--mix", mix]) == 0
+
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["targets"]) == ["sqlite+memory", "echo"]
+    _assert_only_expected_answers(report)
+    assert set(report["targets"]["sqlite+memory"]["outcomes"]) == {"OK"}
+    stock = report["targets"]["sqlite+memory"]["stock"]
+    assert stock["ok"], stock["problems"]
+    assert (stock["sold"], stock["held"]) == (0, held)
+    assert report["stock_ok"]
+
+
+def test_hot_sku_sells_exactly_its_stock_to_200_in_flight(capsys, monkeypatch, tmp_path, postgres_url, redis_url):
+    """200 lanes race for 150 units on one SKU, embedded and on PostgreSQL +
+    Redis: the first 200 Reserves alone outnumber the stock, so it sells out
+    whatever the machine's speed; exactly 150 are sold, each to a Confirm
+    answered OK, and the other Reserves are refused for stock."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    argv = [*SHORT, "--mix", "hot-sku", "--in-flight", "200", "--stock", "150",
+            "--backend", "sqlite", "--backend", f"{postgres_url},{redis_url}", "--store-pool", "2"]
+
+    assert main(argv) == 0
+
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["targets"]) == ["sqlite+memory", "postgres+redis", "echo"]
+    _assert_only_expected_answers(report)
+    table = _table(report)
+    for label in ("sqlite+memory", "postgres+redis"):
+        stock = report["targets"][label]["stock"]
+        assert stock["ok"], (label, stock["problems"])
+        assert not stock["oversold"]
+        assert (stock["total"], stock["sold"], stock["held"], stock["available"]) == (150, 150, 0, 0), stock
+        assert stock["ok_confirms"] == 150 and stock["unsettled"] == 0
+        assert stock["ledger"]["Reserve OK"] == 150
+        assert stock["ledger"][f"Reserve {REFUSED_FOR_STOCK}"] >= 50  # the first wave's losers, at least
+        assert f"{label}: stock: 150 sold of 150, no oversell" in table
+    assert report["stock_ok"]
+
+
+def test_hot_sku_count_stays_exact_when_answers_are_lost(capsys, monkeypatch, tmp_path):
+    """A 5 ms deadline loses most answers on the client: each lost call is sent
+    again after the window (same key, so a replay or the call itself) until
+    the ledger knows what it did, and the count still adds up exactly."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    argv = ["--duration", "0.5", "--warmup", "0", "--json", "--mix", "hot-sku", "--in-flight", "20", "--stock", "30",
+            "--timeout-s", "0.005"]
+
+    assert main(argv) == 0
+
+    stock = json.loads(capsys.readouterr().out)["targets"]["sqlite+memory"]["stock"]
+    assert stock["ok"], stock["problems"]
+    assert stock["unsettled"] == 0
+    assert stock["sold"] + stock["held"] == 30 == stock["ledger"]["Reserve OK"]
+
+
+def test_workers_reach_every_server_and_the_count_holds_across_them(capsys, monkeypatch, tmp_path, postgres_url, redis_url):
+    """`--workers 2` goes to the started server (PostgreSQL + Redis: a store
+    and snapshot shared by its processes); two client processes, so two
+    connections for the kernel to spread; still exactly the stock sold."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    argv = [*SHORT, "--mix", "hot-sku", "--in-flight", "200", "--clients", "2", "--stock", "150", "--workers", "2",
+            "--backend", f"{postgres_url},{redis_url}"]
+
+    assert main(argv) == 0
+
+    report = json.loads(capsys.readouterr().out)
+    assert report["workers"] == 2
+    row = report["targets"]["postgres+redis"]
+    assert row["address"].endswith("--workers 2)")
+    assert set(row["outcomes"]) | set(row["warmup_outcomes"]) <= MIXES["hot-sku"].answers
+    assert (row["stock"]["sold"], row["stock"]["ok_confirms"], row["stock"]["held"]) == (150, 150, 0)
+    assert row["stock"]["ok"], row["stock"]["problems"]
+
+
+# -- the stock count ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("put", "total", "available", "held", "sold", "ledger", "unsettled", "problems"),
+    [
+        (10, 10, 3, 2, 5, {"Reserve OK": 7, "Confirm OK": 5}, 0, []),
+        (10, 10, 4, 1, 5, {"Reserve OK": 8, "Confirm OK": 5, "Release OK": 2}, 0, []),
+        (10, 10, 0, 0, 10, {"Reserve OK": 10, "Confirm OK": 10}, 3, ["3 calls never got a definite answer"]),
+        (10, 12, 2, 0, 10, {"Reserve OK": 10, "Confirm OK": 10}, 0, ["total 12 is not the 10 put"]),
+        (10, 10, 1, 0, 10, {"Reserve OK": 10, "Confirm OK": 10}, 0, ["available 1 + held 0 + sold 10 != total 10"]),
+        (10, 10, -1, 0, 11, {"Reserve OK": 11, "Confirm OK": 11}, 0, ["oversold: 11 sold of 10"]),
+        (10, 10, 0, 0, 10, {"Reserve OK": 10, "Confirm OK": 9}, 0,
+         ["sold 10 != 9 Confirms answered OK", "held 0 != 1 Reserves answered OK"]),
+        (10, 10, 0, 3, 7, {"Reserve OK": 9, "Confirm OK": 7}, 0, ["held 3 != 2 Reserves answered OK"]),
+    ],
+)
+def test_stock_count_names_each_mismatch(put, total, available, held, sold, ledger, unsettled, problems):
+    count = _stock_count(put, total, available, held, sold, Counter(ledger), unsettled)
+    assert count["ok"] is (not problems)
+    assert len(count["problems"]) == len(problems), count["problems"]
+    for found, expected in zip(count["problems"], problems):
+        assert found.startswith(expected), (found, expected)
+
+
+def test_a_count_that_does_not_add_up_is_a_failed_line_and_exit_1(capsys, monkeypatch):
+    def run(options, tmp, stack):
+        served = Result(calls=1, latencies_us=[900], outcomes=Counter(OK=1))
+        served.stock = _stock_count(10, 10, -1, 0, 11, Counter({"Reserve OK": 11, "Confirm OK": 11}), 0)
+        echo = Result(calls=2, latencies_us=[400, 500], outcomes=Counter(OK=2))
+        return _report(options, {"sqlite+memory": ("127.0.0.1:1", served)}, echo)
+
+    monkeypatch.setattr(bench, "_run", run)
+
+    assert main(["--mix", "hot-sku", "--stock", "10"]) == 1
+
+    out = capsys.readouterr().out
+    assert "sqlite+memory: stock: FAILED: oversold: 11 sold of 10" in out
+
+
+@pytest.mark.parametrize(
+    ("outcome", "definite"),
+    [
+        ("OK", True),
+        (REFUSED_FOR_STOCK, True),
+        ("DEADLINE_EXCEEDED/BUDGET_EXCEEDED", True),  # the server's: the move never started
+        ("DEADLINE_EXCEEDED", False),  # the client's deadline: the answer was lost
+        ("CANCELLED", False),
+        ("UNAVAILABLE", False),
+        ("UNAVAILABLE/DEPENDENCY_UNAVAILABLE", False),  # the store failed under the call: it may have committed
+        ("ABORTED/REQUEST_IN_FLIGHT", False),
+        ("UNKNOWN/MISMATCHED_STATUS_DETAILS", False),
+    ],
+)
+def test_only_definite_answers_go_into_the_ledger_unsettled(outcome, definite):
+    assert _definite(outcome) is definite
+
+
+# -- the report: contract violations, the plot -----------------------------------------------
+
+
+def test_contract_violations_count_answers_by_their_reason():
+    outcomes = Counter({"OK": 5, "INVALID_ARGUMENT/CONTRACT_VIOLATION": 2, "INVALID_ARGUMENT/INVALID_REQUEST": 1})
+    assert _contract_violations(outcomes) == 2
+
+
+def test_plot_draws_a_png_of_every_target(capsys, monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    picture = tmp_path / "bench.png"
+
+    assert main(["--duration", "0.5", "--warmup", "0.2", "--in-flight", "4", "--json", "--plot", str(picture)]) == 0
+
+    report = json.loads(capsys.readouterr().out)
+    assert report["plot"] == str(picture)
+    data = picture.read_bytes()
+    assert data.startswith(PNG_SIGNATURE)
+    assert len(data) > 20_000  # two rows of two panels, not an empty canvas
+
+
+def test_plot_without_matplotlib_fails_before_running(capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+
+    def run(*args):
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(bench, "_run", run)
+
+    assert main(["--plot", str(tmp_path / "bench.png")]) == 1
+
+    assert "pip install 'holdfast[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "bench.png").exists()
+
+
+# -- options -------------------------------------------------------------------------------------
+
+
+def test_hot_sku_stock_defaults_small_and_stock_option_overrides():
+    assert _options(["--mix", "hot-sku"]).total == 1000
+    assert _options(["--mix", "hot-sku", "--stock", "5"]).total == 5
+    assert _options(["--mix", "reserve"]).total == 10**15
+
+
+def test_workers_option_is_checked_and_kept():
+    assert _options(["--workers", "3"]).workers == 3
+    assert _options([]).workers is None
+    with pytest.raises(SystemExit) as exited:
+        _options(["--workers", "0"])
     assert exited.value.code == 2
