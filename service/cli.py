@@ -126,7 +126,7 @@ def _client(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     from service.inventory import Holds
-    from service.server import Config, serve
+    from service.server import Config, run, serve
     from service.store import StoreUnavailable
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -135,7 +135,7 @@ def _serve(args: argparse.Namespace) -> int:
                     metrics_listen=args.metrics_listen or (f"127.0.0.1:{args.metrics_port}" if args.metrics_port else ""),
                     holds=holds, faults=args.faults, journal=args.journal)
     try:
-        asyncio.run(serve(config))
+        run(serve(config))
     except (OSError, ValueError, StoreUnavailable) as error:
         print(f"holdfast: {error}", file=sys.stderr)
         return 2

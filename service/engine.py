@@ -21,7 +21,7 @@ from service import metrics
 from service.clock import Clock
 from service.outcome import Outcome, Reason, failure
 from service.snapshot import Snapshot
-from service.store import BudgetSpent, Record, Store, StoreUnavailable, Txn
+from service.store import BudgetSpent, Prefetch, Record, Store, StoreUnavailable, Txn
 
 Apply = Callable[[Txn, int], Outcome]
 
@@ -34,7 +34,8 @@ class Move:
     `fingerprint` identifies the payload, so the same key with another payload
     is refused rather than silently replayed; `entity` is the reservation whose
     version the snapshot double-checks (None when the move creates one or
-    guards itself by a conditional update, like stock).
+    guards itself by a conditional update, like stock); `skus` the stock it
+    will read, so that its batch loads it with the rest (service.batch).
     """
 
     method: str
@@ -42,6 +43,7 @@ class Move:
     fingerprint: bytes
     entity: str | None
     apply: Apply
+    skus: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +81,8 @@ class Engine:
     async def _move(self, move: Move, deadline: float | None) -> Outcome:
         seen = None if move.entity is None else await self.snapshot.version(move.entity)
         try:
-            result = await self.store.transact(lambda txn: self._decide(txn, move, seen), deadline)
+            rows = Prefetch((move.key,), () if move.entity is None else (move.entity,), move.skus)
+            result = await self.store.transact(lambda txn: self._decide(txn, move, seen), deadline, rows)
         except BudgetSpent:  # counted as a timeout fallback by the gateway, which answers it
             return failure(Reason.BUDGET_EXCEEDED, "the call's budget ran out before the move could start; nothing changed")
         except StoreUnavailable as error:

@@ -1,7 +1,9 @@
-"""The gateway: a grpc.aio server interceptor that does contract work only.
+"""The gateway: contract work around every method handler, and nothing else.
 
-For every call it looks up the method's contract (read once from the compiled
-descriptors), sets the budget to `min(client deadline, timeout_ms)`, derives
+It wraps each of a service's method handlers once, at start-up, with the
+method's contract (read once from the compiled descriptors), so a call pays
+no handler construction, contract look-up or interceptor chain. For every
+call it sets the budget to `min(client deadline, timeout_ms)`, derives
 the idempotency key from the declared fields, the request fingerprint and the
 context id, and hands one `Call` to the servicer. It turns the servicer's
 `Outcome` into the wire answer: the exact reply bytes, or the status with its
@@ -86,22 +88,29 @@ class _Malformed:
 Behavior = Callable[[Message, grpc.aio.ServicerContext], Awaitable[Outcome]]
 
 
-class Gateway(grpc.aio.ServerInterceptor):
+class Gateway:
     def __init__(self, contracts: Mapping[str, Contract]) -> None:
         self._contracts = dict(contracts)
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        contract = self._contracts.get(handler_call_details.method)
-        if handler is None or contract is None or handler.unary_unary is None:
-            return handler
-        return grpc.unary_unary_rpc_method_handler(
-            self._guard(contract, handler.unary_unary),
-            request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )
+    def guard(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> dict[str, grpc.RpcMethodHandler]:
+        """`service`'s method handlers by name, each wrapped with its contract;
+        register them with `add_registered_method_handlers`. Every method
+        must have a contract: the linter sees to that, this asserts it."""
+        guarded = {}
+        for name, handler in handlers.items():
+            contract = self._contracts.get(f"/{service}/{name}")
+            assert contract is not None, f"{service}/{name} has no contract"
+            assert handler.unary_unary is not None, f"{service}/{name} is not unary"
+            guarded[name] = grpc.unary_unary_rpc_method_handler(
+                self._guard(contract, handler.unary_unary),
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        return guarded
 
     def _guard(self, contract: Contract, behavior: Behavior):
+        latency = metrics.LATENCY.labels(contract.method)  # a labelled child, looked up once
+
         async def guarded(request, context: grpc.aio.ServicerContext) -> bytes:
             started = time.monotonic()
             call, rejected = _admit(contract, request, context, _arrived.get(started), started)
@@ -110,7 +119,7 @@ class Gateway(grpc.aio.ServerInterceptor):
             else:
                 with serving(call):
                     outcome = await behavior(request, context)
-            metrics.LATENCY.labels(contract.method).observe(time.monotonic() - started)
+            latency.observe(time.monotonic() - started)
             return await _answer(context, contract, outcome, call)
 
         return guarded

@@ -64,7 +64,7 @@ class Inventory:
         def apply(txn: Txn, now_ms: int) -> Outcome:
             return _put_stock(txn, sku_id, total)
 
-        return await self._move(current_call(), None, apply)
+        return await self._move(current_call(), None, apply, skus=(sku_id,))
 
     async def GetStock(self, request: pb.GetStockRequest, context) -> Outcome:
         if not request.sku_id:
@@ -95,7 +95,7 @@ class Inventory:
         def apply(txn: Txn, now_ms: int) -> Outcome:
             return _reserve(txn, rid, order_id, sku_id, quantity, now_ms + hold_ms)
 
-        return await self._move(call, rid, apply)
+        return await self._move(call, rid, apply, skus=(sku_id,))
 
     async def Confirm(self, request: pb.ConfirmRequest, context) -> Outcome:
         rid, expected = request.reservation_id, request.expected_version
@@ -142,8 +142,8 @@ class Inventory:
         rid = intent.reservation_id
         return await self.engine.move(Move(RECOVERY_METHOD, key, key, rid, lambda txn, now_ms: _recover(txn, rid)))
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        """Method handlers built from the descriptor; replies are already bytes."""
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """Method handlers by name, built from the descriptor; replies are already bytes."""
         handlers = {}
         for method in SERVICE.methods:
             request_type = pb.DESCRIPTOR.message_types_by_name[method.input_type.name]
@@ -151,10 +151,10 @@ class Inventory:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 getattr(self, method.name), request_deserializer=request_class.FromString
             )
-        return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)
+        return handlers
 
-    async def _move(self, call: Call, entity: str | None, apply) -> Outcome:
-        move = Move(call.contract.method, call.key, call.fingerprint, entity, apply)
+    async def _move(self, call: Call, entity: str | None, apply, skus: tuple[str, ...] = ()) -> Outcome:
+        move = Move(call.contract.method, call.key, call.fingerprint, entity, apply, skus)
         return await self.engine.move(move, call.deadline)
 
 

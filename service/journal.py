@@ -52,7 +52,7 @@ from service.clock import Clock
 from service.gateway import CONTEXT_ID, REPLAYED, STATUS_DETAILS
 from service.inventory import Holds, Inventory
 from service.outcome import Outcome
-from service.store import Reservation, Txn
+from service.store import Prefetch, Reservation, Txn
 
 FORMAT = 1
 # Transport headers say nothing the servicer reads; everything else is kept.
@@ -91,11 +91,11 @@ class PinningStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def transact(self, work: Callable[[Txn], Any], deadline: float | None = None) -> Any:
+    async def transact(self, work: Callable[[Txn], Any], deadline: float | None = None, prefetch: Prefetch | None = None) -> Any:
         if _pinned.get() is None:
-            return await self._store.transact(work, deadline)
+            return await self._store.transact(work, deadline, prefetch)
         context = contextvars.copy_context()
-        return await self._store.transact(lambda txn: context.run(work, txn), deadline)
+        return await self._store.transact(lambda txn: context.run(work, txn), deadline, prefetch)
 
 
 class JournalWriter:

@@ -42,7 +42,7 @@ from service.machine import INTENTS, State
 from service.outcome import Outcome
 from service.reaper import Reaper
 from service.snapshot import MemorySnapshot
-from service.store import Record, Reservation, Stock, StoreUnavailable, Txn
+from service.store import Prefetch, Record, Reservation, Stock, StoreUnavailable, Txn
 
 T = TypeVar("T")
 CONTRACTS = {c.method.rsplit("/", 1)[1]: c for c in contracts.of_service(SERVICE).values()}
@@ -213,8 +213,8 @@ class SimStore:
     async def close(self) -> None:
         pass
 
-    async def transact(self, work: Callable[[Txn], T], deadline: float | None = None) -> T:
-        """`deadline` is ignored: budgets are wall-clock time, which a simulation never reads."""
+    async def transact(self, work: Callable[[Txn], T], deadline: float | None = None, prefetch: Prefetch | None = None) -> T:
+        """`deadline` and `prefetch` are ignored: budgets are wall-clock time, which a simulation never reads."""
         await asyncio.sleep(0)
         if self._rng.random() < self.faults.delay:
             self._clock.advance(self._rng.randrange(1, 5_000))

@@ -49,6 +49,25 @@ class Contended(Exception):
     another worker): the move is undone and run again on the new state."""
 
 
+class Isolate(Exception):
+    """A batch run without savepoints cannot finish (a move failed, a buffered
+    flush lost a race, a statement aborted the transaction): it is rolled back
+    and run again with a savepoint around each move, so a failure undoes that
+    move alone."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetch:
+    """Rows a transaction will read. A backend that runs batches buffered
+    (service.batch) loads every job's rows with one statement per table
+    instead of one per read; others ignore it. A row not named is still read,
+    just on its own."""
+
+    keys: tuple[bytes, ...] = ()
+    reservations: tuple[str, ...] = ()
+    skus: tuple[str, ...] = ()
+
+
 @dataclass(slots=True)
 class Stock:
     sku_id: str
@@ -108,7 +127,9 @@ class Txn(Protocol):
 class Store(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    async def transact(self, work: Callable[[Txn], T], deadline: float | None = None) -> T: ...
+    async def transact(
+        self, work: Callable[[Txn], T], deadline: float | None = None, prefetch: Prefetch | None = None
+    ) -> T: ...
     def describe(self) -> str: ...
 
 
@@ -151,10 +172,10 @@ def schema(integer: str, blob: str) -> str:
     return _SCHEMA.format(integer=integer, blob=blob)
 
 
-_RESERVATION_COLUMNS = "reservation_id, order_id, sku_id, quantity, state, version, expires_at_ms, retry_count, release_reason"
+RESERVATION_COLUMNS = "reservation_id, order_id, sku_id, quantity, state, version, expires_at_ms, retry_count, release_reason"
 
 
-def _reservation(row: tuple) -> Reservation:
+def reservation_of_row(row: tuple) -> Reservation:
     return Reservation(row[0], row[1], row[2], row[3], State(row[4]), *row[5:])
 
 
@@ -241,9 +262,9 @@ class SqlTxn:
         if reservation_id in self._reservations:
             return self._reservations[reservation_id]
         row = self._execute(
-            f"SELECT {_RESERVATION_COLUMNS} FROM reservation WHERE reservation_id = %s" + self.LOCK, (reservation_id,)
+            f"SELECT {RESERVATION_COLUMNS} FROM reservation WHERE reservation_id = %s" + self.LOCK, (reservation_id,)
         ).fetchone()
-        found = None if row is None else _reservation(row)
+        found = None if row is None else reservation_of_row(row)
         self._reservations[reservation_id] = found
         return found
 
@@ -272,19 +293,19 @@ class SqlTxn:
 
     def due_holds(self, now_ms: int, limit: int) -> list[Reservation]:
         rows = self._execute(
-            f"SELECT {_RESERVATION_COLUMNS} FROM reservation WHERE state = %s AND expires_at_ms <= %s"
+            f"SELECT {RESERVATION_COLUMNS} FROM reservation WHERE state = %s AND expires_at_ms <= %s"
             " ORDER BY expires_at_ms, reservation_id LIMIT %s",
             (int(State.RESERVED), now_ms, limit),
         ).fetchall()
-        return [_reservation(row) for row in rows]
+        return [reservation_of_row(row) for row in rows]
 
     def intents(self, limit: int) -> list[Reservation]:
         states = tuple(sorted(int(s) for s in INTENTS))
         rows = self._execute(
-            f"SELECT {_RESERVATION_COLUMNS} FROM reservation WHERE state IN (%s, %s, %s) ORDER BY reservation_id LIMIT %s",
+            f"SELECT {RESERVATION_COLUMNS} FROM reservation WHERE state IN (%s, %s, %s) ORDER BY reservation_id LIMIT %s",
             (*states, limit),
         ).fetchall()
-        return [_reservation(row) for row in rows]
+        return [reservation_of_row(row) for row in rows]
 
     def versions(self, after: str, limit: int) -> list[tuple[str, int]]:
         rows = self._execute(
@@ -295,17 +316,18 @@ class SqlTxn:
 
 
 @dataclass(slots=True)
-class _Job:
+class Job:
     work: Callable[[Txn], object]
     deadline: float | None
     future: asyncio.Future
+    prefetch: Prefetch | None
     # Decided once, under the store's claim lock: the worker starts the job,
     # or its caller (out of budget) abandons it. Never both.
     started: bool = False
     abandoned: bool = False
 
 
-_Result = tuple[asyncio.Future, object, BaseException | None]
+JobResult = tuple[asyncio.Future, object, BaseException | None]
 
 
 class GroupCommitStore:
@@ -322,7 +344,7 @@ class GroupCommitStore:
         assert workers > 0 and batch_max > 0
         self._workers = workers
         self._batch_max = batch_max
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._claims = threading.Lock()
@@ -367,28 +389,40 @@ class GroupCommitStore:
             await asyncio.to_thread(thread.join)
         self._threads.clear()
 
-    async def transact(self, work: Callable[[Txn], T], deadline: float | None = None) -> T:
+    async def transact(
+        self, work: Callable[[Txn], T], deadline: float | None = None, prefetch: Prefetch | None = None
+    ) -> T:
         assert self._loop is not None, "store not open"
         if deadline is not None and time.monotonic() >= deadline:
             raise BudgetSpent()
         future = self._loop.create_future()
-        job = _Job(work, deadline, future)
+        job = Job(work, deadline, future, prefetch)
         self._jobs.put(job)
         if deadline is None:
             return await future
+        # One timer per call rather than wait_for(shield(...)), which costs a
+        # task and two futures per call on the event loop.
+        timer = self._loop.call_later(max(0.0, deadline - time.monotonic()), self._expire, job)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            with self._claims:
-                job.abandoned = not job.started
-            if job.abandoned:
-                raise BudgetSpent() from None
-            # A database that stopped answering mid-transaction: the move may
-            # yet commit, so this is no "nothing changed" answer.
-            raise StoreUnavailable(
-                f"{self.describe()} did not answer within the call's budget; the move may still commit,"
-                " so retry with the same idempotency key to learn its outcome"
-            ) from None
+            return await future
+        finally:
+            timer.cancel()
+
+    def _expire(self, job: Job) -> None:
+        """The call's budget ran out before its batch answered."""
+        if job.future.done():
+            return
+        with self._claims:
+            job.abandoned = not job.started
+        if job.abandoned:
+            job.future.set_exception(BudgetSpent())
+            return
+        # A database that stopped answering mid-transaction: the move may
+        # yet commit, so this is no "nothing changed" answer.
+        job.future.set_exception(StoreUnavailable(
+            f"{self.describe()} did not answer within the call's budget; the move may still commit,"
+            " so retry with the same idempotency key to learn its outcome"
+        ))
 
     def _first_connection(self) -> Any:
         try:
@@ -428,7 +462,7 @@ class GroupCommitStore:
             if connection is not None:
                 connection.close()
 
-    def _next_batch(self) -> list[_Job] | None:
+    def _next_batch(self) -> list[Job] | None:
         first = self._jobs.get()
         if first is None:
             return None
@@ -444,7 +478,7 @@ class GroupCommitStore:
             batch.append(job)
         return batch
 
-    def _run_batch(self, connection: Any, batch: list[_Job]) -> tuple[Any, list[_Result]]:
+    def _run_batch(self, connection: Any, batch: list[Job]) -> tuple[Any, list[JobResult]]:
         for attempt in range(self.BATCH_RETRIES + 1):
             try:
                 if connection is None:
@@ -477,37 +511,46 @@ class GroupCommitStore:
             return None
         return connection
 
-    def _transaction(self, connection: Any, batch: list[_Job]) -> list[_Result]:
-        """Runs the batch without savepoints (two round trips fewer per move);
-        if any move fails, runs it again with a savepoint around each move so
-        that the failure undoes that move alone."""
+    def _transaction(self, connection: Any, batch: list[Job]) -> list[JobResult]:
+        """Runs the batch the fast way; if any move fails, runs it again with
+        a savepoint around each move so that the failure undoes that move alone."""
         cursor = connection.cursor()
         try:
-            return self._attempt(cursor, batch, isolated=False)
-        except _Rerun:
+            return self._fast(connection, batch)
+        except Isolate:
             cursor.execute("ROLLBACK")
             return self._attempt(cursor, batch, isolated=True)
 
-    def _attempt(self, cursor: Any, batch: list[_Job], isolated: bool) -> list[_Result]:
+    def _fast(self, connection: Any, batch: list[Job]) -> list[JobResult]:
+        """The batch in one transaction without savepoints (two round trips
+        fewer per move). A backend may run it buffered instead (service.batch)."""
+        return self._attempt(connection.cursor(), batch, isolated=False)
+
+    def _attempt(self, cursor: Any, batch: list[Job], isolated: bool) -> list[JobResult]:
         cursor.execute(self.BEGIN)
         results = [(job.future, *self._run_one(cursor, job, isolated)) for job in batch]
         cursor.execute("COMMIT")
         return results
 
-    def _run_one(self, cursor: Any, job: _Job, isolated: bool) -> tuple[object, BaseException | None]:
+    def _claim(self, job: Job) -> bool:
+        """True if the job may run: its caller still waits and has budget left.
+        Once claimed, a job is seen through even if its batch is run again."""
         if not job.started:
             with self._claims:
                 if not job.abandoned and (job.deadline is None or time.monotonic() < job.deadline):
                     job.started = True
-            if not job.started:
-                return None, BudgetSpent()
+        return job.started
+
+    def _run_one(self, cursor: Any, job: Job, isolated: bool) -> tuple[object, BaseException | None]:
+        if not self._claim(job):
+            return None, BudgetSpent()
         if not isolated:
             try:
                 return job.work(self.TXN(cursor)), None
             except Exception as error:
                 if self._is_unavailable(error) or self._is_retryable(error):
                     raise  # the whole batch fails or reruns
-                raise _Rerun() from error
+                raise Isolate() from error
         for _ in range(self.CONTENDED_RERUNS):
             cursor.execute("SAVEPOINT move")
             try:
@@ -526,11 +569,6 @@ class GroupCommitStore:
         return None, StoreUnavailable("the move lost every rerun to concurrent writers")
 
 
-class _Rerun(Exception):
-    """A move failed in a batch run without savepoints: run the batch again,
-    isolating each move."""
-
-
 def _settle(future: asyncio.Future, value: object, error: BaseException | None) -> None:
     if future.done():  # the caller went away (cancelled); the outcome stays recorded
         return
@@ -540,7 +578,7 @@ def _settle(future: asyncio.Future, value: object, error: BaseException | None) 
         future.set_exception(error)
 
 
-def _deliver(results: list[_Result]) -> None:
+def _deliver(results: list[JobResult]) -> None:
     for future, value, error in results:
         _settle(future, value, error)
 
