@@ -179,10 +179,10 @@ def test_describe_shows_no_password(url, shown):
 async def test_script_reports_whether_this_call_applied(redis_snapshot):
     key = snapshot_key("r1")
     script = redis_snapshot.advance_script
-    assert await script(keys=[key], args=[3]) == 1
-    assert await script(keys=[key], args=[3]) == 0  # a retry of the same call: no change
-    assert await script(keys=[key], args=[2]) == 0
-    assert await script(keys=[key], args=[4]) == 1
+    assert await script(keys=[key], args=[3]) == [1]
+    assert await script(keys=[key], args=[3]) == [0]  # a retry of the same call: no change
+    assert await script(keys=[key], args=[2]) == [0]
+    assert await script(keys=[key], args=[4]) == [1]
     assert await redis_snapshot.version("r1") == 4
 
 
@@ -193,7 +193,7 @@ async def test_advance_survives_a_script_flush(redis_snapshot):
     assert [await redis_snapshot.version(f"r{i}") for i in range(10)] == [2] * 10
     assert not redis_snapshot.degraded
     assert await redis_snapshot.client.script_flush()
-    assert await redis_snapshot.advance_script(keys=[snapshot_key("r1")], args=[3]) == 1
+    assert await redis_snapshot.advance_script(keys=[snapshot_key("r1")], args=[3]) == [1]
 
 
 @pytest.mark.parametrize("entity", ["r1", "0f3a9c", "order/42:sku-7", "with{braces}"])
@@ -207,19 +207,38 @@ async def test_an_entity_lives_in_one_slot(redis_cluster_url, opened, entity):
     assert await snapshot.version(entity) == 7
 
 
+def _count_round_trips(snapshot: RedisSnapshot, monkeypatch) -> list[str]:
+    """Every way the snapshot can send to Redis, logged by name as it is called."""
+    sent: list[str] = []
+    for name in ("pipeline", "evalsha", "mget", "mget_nonatomic", "get"):
+        if not hasattr(snapshot.client, name):
+            continue
+        original = getattr(snapshot.client, name)
+
+        def counting(*args, _name=name, _original=original, **kwargs):
+            sent.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(snapshot.client, name, counting)
+    return sent
+
+
 async def test_concurrent_advances_share_one_round_trip(redis_snapshot, monkeypatch):
-    pipelines = 0
-    make_pipeline = redis_snapshot.client.pipeline
-
-    def counting(*args, **kwargs):
-        nonlocal pipelines
-        pipelines += 1
-        return make_pipeline(*args, **kwargs)
-
-    monkeypatch.setattr(redis_snapshot.client, "pipeline", counting)
+    sent = _count_round_trips(redis_snapshot, monkeypatch)
     await asyncio.gather(*(redis_snapshot.advance({f"r{i}": i + 1}) for i in range(50)))
-    assert pipelines == 1
+    # plain Redis: one EVALSHA over all 50 keys; Cluster: one pipeline of single-key calls
+    assert sent == (["pipeline"] if redis_snapshot.client.__class__.__name__ == "RedisCluster" else ["evalsha"])
     assert [await redis_snapshot.version(f"r{i}") for i in range(50)] == list(range(1, 51))
+
+
+async def test_concurrent_reads_share_one_round_trip(redis_snapshot, monkeypatch):
+    await redis_snapshot.advance({f"r{i}": i + 1 for i in range(50)})
+    sent = _count_round_trips(redis_snapshot, monkeypatch)
+    found = await asyncio.gather(*(redis_snapshot.version(f"r{i}") for i in range(60)))
+    assert found == [*range(1, 51), *[None] * 10]
+    # plain Redis: one MGET; Cluster: mget_nonatomic, which is one pipeline of GETs
+    cluster = redis_snapshot.client.__class__.__name__ == "RedisCluster"
+    assert sent == (["mget_nonatomic", "pipeline"] if cluster else ["mget"])
 
 
 async def test_open_catches_up_with_the_store(redis_url, opened):
