@@ -86,7 +86,14 @@ class Engine:
         except BudgetSpent:  # counted as a timeout fallback by the gateway, which answers it
             return failure(Reason.BUDGET_EXCEEDED, "the call's budget ran out before the move could start; nothing changed")
         except StoreUnavailable as error:
-            return failure(Reason.DEPENDENCY_UNAVAILABLE, f"store unavailable, nothing changed: {error}")
+            # A lost connection can take the COMMIT with it, and a store that
+            # stops answering mid-batch may yet commit: whether the move
+            # happened is unknown, and a retry with the same key tells.
+            return failure(
+                Reason.DEPENDENCY_UNAVAILABLE,
+                f"store unavailable; the move may or may not have committed, retry with the same idempotency key"
+                f" to learn its outcome: {error}",
+            )
         if isinstance(result, _Conflict):
             return await self._compensate(result)
         outcome, written = result
