@@ -1,0 +1,137 @@
+"""PostgreSQL's buffered batches (service/batch.py): the moves of a batch run
+against rows prefetched and locked in one round trip, and their changes go
+out as multi-row statements. What memory cannot know (another instance
+committing the same key or reservation meanwhile, a statement that aborts
+the transaction) sends the batch back to the savepoint path; these tests
+make each of those happen, on a real server, and check that every move
+still happens exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import pytest
+
+from service.machine import State
+from service.store import Prefetch, Record, Reservation, Stock, open_store
+
+KEY = b"k" * 32
+THEIRS = Record(b"their fingerprint", None, b"their reply")
+OURS = Record(b"our fingerprint", None, b"our reply")
+
+
+@pytest.fixture
+async def store(postgres_url):
+    opened = open_store(postgres_url)
+    await opened.open()
+    await opened.transact(lambda txn: txn.put_stock(Stock("sku", 100, 100, 0, 0, 1)))
+    yield opened
+    await opened.close()
+
+
+def _elsewhere(url: str, sql: str, params: tuple) -> None:
+    """Another instance commits, while our batch is between prefetch and flush."""
+    with psycopg.connect(url, autocommit=True) as other:
+        other.execute(sql, params)
+
+
+def _stock(store):
+    return store.transact(lambda txn: txn.stock("sku"))
+
+
+async def test_a_key_recorded_elsewhere_after_the_prefetch_replays_and_batch_mates_apply_once(store, postgres_url):
+    attempts: list[str] = []
+
+    def record_unless_recorded(txn):
+        found = txn.recorded(KEY)
+        if found is not None:
+            attempts.append("found")
+            return found
+        attempts.append("recording")
+        if len(attempts) == 1:
+            _elsewhere(
+                postgres_url,
+                "INSERT INTO outcome (key, fingerprint, reason, payload, recorded_at_ms) VALUES (%s, %s, NULL, %s, 1)",
+                (KEY, THEIRS.fingerprint, THEIRS.payload),
+            )
+        txn.record(KEY, OURS, 2)
+        return OURS
+
+    taken, answer = await asyncio.gather(
+        store.transact(lambda txn: txn.take_stock("sku", 3)),
+        store.transact(record_unless_recorded, prefetch=Prefetch(keys=(KEY,))),
+    )
+
+    assert taken is True
+    assert attempts == ["recording", "found"]  # the buffered attempt lost the flush; the rerun saw their row
+    assert answer == THEIRS
+    assert await store.transact(lambda txn: txn.recorded(KEY)) == THEIRS
+    assert await _stock(store) == Stock("sku", 100, 97, 3, 0, 2)  # the batch-mate took its 3 exactly once
+
+
+async def test_a_reservation_created_elsewhere_after_the_prefetch_loses_the_compare_and_set(store, postgres_url):
+    hold = Reservation("r1", "o1", "sku", 2, State.RESERVED, 1, 10**15)
+    outcomes: list[str] = []
+
+    def create(txn):
+        if txn.reservation("r1") is not None:
+            outcomes.append("exists")
+            return "exists"
+        if not outcomes:
+            _elsewhere(
+                postgres_url,
+                "INSERT INTO reservation (reservation_id, order_id, sku_id, quantity, state, version, expires_at_ms)"
+                " VALUES ('r1', 'theirs', 'sku', 1, %s, 1, 5)",
+                (int(State.RESERVED),),
+            )
+        outcomes.append("created")
+        assert txn.take_stock("sku", 2)
+        txn.save_reservation(hold, 0)
+        return "created"
+
+    assert await store.transact(create, prefetch=Prefetch(reservations=("r1",), skus=("sku",))) == "exists"
+    assert outcomes == ["created", "exists"]
+    assert (await store.transact(lambda txn: txn.reservation("r1"))).order_id == "theirs"
+    assert await _stock(store) == Stock("sku", 100, 100, 0, 0, 1)  # our take was undone with the batch
+
+
+async def test_a_statement_error_inside_a_move_fails_that_move_alone(store):
+    def take_then_break(txn):
+        assert txn.take_stock("sku", 5)
+        txn._execute("SELECT no_such_column FROM stock")
+
+    results = await asyncio.gather(
+        store.transact(lambda txn: txn.take_stock("sku", 1)),
+        store.transact(take_then_break),
+        store.transact(lambda txn: txn.take_stock("sku", 2)),
+        return_exceptions=True,
+    )
+
+    assert results[0] is True and results[2] is True
+    assert isinstance(results[1], psycopg.errors.UndefinedColumn)
+    assert await _stock(store) == Stock("sku", 100, 97, 3, 0, 3)
+
+
+async def test_a_range_query_sees_the_writes_of_earlier_moves_in_its_batch(store):
+    hold = Reservation("due", "o1", "sku", 1, State.RESERVED, 1, 50)
+
+    saved, due = await asyncio.gather(
+        store.transact(lambda txn: txn.save_reservation(hold, 0)),
+        store.transact(lambda txn: [r.reservation_id for r in txn.due_holds(100, 10)]),
+    )
+
+    assert saved is None and due == ["due"]
+
+
+async def test_a_move_that_writes_then_asks_a_range_query_sees_its_own_write(store):
+    """Half a move cannot be flushed and then undone in memory: this one runs
+    on the savepoint path instead, with the same answer."""
+    hold = Reservation("due", "o1", "sku", 1, State.RESERVED, 1, 50)
+
+    def write_then_query(txn):
+        txn.save_reservation(hold, 0)
+        return [r.reservation_id for r in txn.due_holds(100, 10)]
+
+    assert await store.transact(write_then_query) == ["due"]
+    assert (await store.transact(lambda txn: txn.reservation("due"))) == hold
