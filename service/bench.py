@@ -116,6 +116,7 @@ import grpc
 import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
+from service import loop as event_loop
 from service.gateway import REPLAYED, idempotency_key
 from service.inventory import reservation_id
 from service.metrics import UNDETERMINED_REASONS
@@ -955,6 +956,7 @@ def _report(options: Options, rows: dict[str, tuple[str, Result]], echo: Result)
         "duration_s": options.duration_s,
         "store_pool": options.store_pool,
         "workers": options.workers,
+        "loop": event_loop.name(),  # every server and client of the run, echo included
         "stock": options.total,
         "targets": targets,
         "ratios": {label: targets[label]["ratio"] for label in rows},
@@ -966,7 +968,8 @@ def _report(options: Options, rows: dict[str, tuple[str, Result]], echo: Result)
 def _table(report: dict) -> str:
     header = (
         f"holdfast bench: mix {report['mix']}, {report['in_flight']} in flight from {report['clients']} client"
-        f" process{'es' if report['clients'] > 1 else ''}, {report['duration_s']:g} s after {report['warmup_s']:g} s warm-up"
+        f" process{'es' if report['clients'] > 1 else ''}, {report['duration_s']:g} s after {report['warmup_s']:g} s warm-up,"
+        f" every process on {report['loop']}"
     )
     width = max(10, *(len(name) + 2 for name in report["targets"]))
     columns = (f"{'target':<{width}}{'calls/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'p99.9 ms':>10}{'/ echo':>9}"
@@ -1304,7 +1307,7 @@ async def _start_time() -> float:
 def _worker(spec_json: str) -> int:
     spec = WorkerSpec(**json.loads(spec_json))
     try:
-        result = asyncio.run(_drive(spec))
+        result = event_loop.run(_drive(spec))
     except KeyboardInterrupt:
         return 130
     except (BenchError, TimeoutError, grpc.RpcError) as error:
@@ -1343,7 +1346,7 @@ def _child(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "_worker":
         return _worker(argv[1])
     if len(argv) == 3 and argv[0] == "_echo":
-        asyncio.run(_serve_echo(argv[1], float(argv[2])))
+        event_loop.run(_serve_echo(argv[1], float(argv[2])))
         return 0
     return main(argv)
 

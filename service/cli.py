@@ -126,7 +126,8 @@ def _client(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _serve(args: argparse.Namespace) -> int:
     from service.inventory import Holds
-    from service.server import Config, run, serve
+    from service.loop import run
+    from service.server import Config, serve
     from service.store import StoreUnavailable
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
