@@ -159,7 +159,13 @@ class PostgresStore(GroupCommitStore):
             )
             results.append((job.future, value, error))
         changes = rows.changes()
-        if changes and not self._flush(connection, changes):
+        try:
+            flushed = not changes or self._flush(connection, changes)
+        except psycopg.Error as error:
+            if self._is_unavailable(error) or self._is_retryable(error):
+                raise
+            raise Isolate() from error  # a CHECK a move broke: the savepoint path finds which
+        if not flushed:
             raise Isolate()
         connection.execute("COMMIT")
         return results

@@ -489,7 +489,10 @@ class GroupCommitStore:
                 if self._is_retryable(error) and attempt < self.BATCH_RETRIES:
                     continue
                 if not self._is_unavailable(error) and not self._is_retryable(error):
-                    raise
+                    # A bug, not an outage: every caller of the batch sees it,
+                    # and the worker lives on to serve the next batch.
+                    log.exception("a store batch failed")
+                    return connection, [(job.future, None, error) for job in batch]
                 failed = StoreUnavailable(f"{self.describe()}: {error}".strip())
                 return connection, [(job.future, None, failed) for job in batch]
         raise AssertionError("unreachable: the last attempt returns")
