@@ -15,6 +15,11 @@ from service.store import GroupCommitStore, SqlTxn, schema
 SCHEMA = schema(integer="INTEGER", blob="BLOB")
 
 
+# SQLite's primary result codes that mean the database, not the move, failed.
+_UNAVAILABLE = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_CORRUPT",
+                "SQLITE_NOTADB", "SQLITE_READONLY", "SQLITE_PROTOCOL", "SQLITE_NOMEM", "SQLITE_PERM")
+
+
 class SqliteTxn(SqlTxn):
     PLACEHOLDER = "?"
 
@@ -52,4 +57,10 @@ class SqliteStore(GroupCommitStore):
         connection.execute("COMMIT")
 
     def _is_unavailable(self, error: BaseException) -> bool:
-        return isinstance(error, sqlite3.Error)
+        """The file cannot be used (busy past the timeout, I/O, full, read-only,
+        corrupt), as opposed to one move's own failure (a broken CHECK, bad
+        SQL), which its savepoint undoes alone."""
+        if not isinstance(error, sqlite3.Error):
+            return False
+        name = getattr(error, "sqlite_errorname", "")
+        return name.startswith(_UNAVAILABLE) or not isinstance(error, (sqlite3.IntegrityError, sqlite3.OperationalError))

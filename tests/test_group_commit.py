@@ -92,9 +92,9 @@ class CountingStore:
     def describe(self) -> str:
         return self.inner.describe()
 
-    async def transact(self, work, deadline=None):
+    async def transact(self, work, deadline=None, prefetch=None):
         self.submitted += 1
-        return await self.inner.transact(work, deadline)
+        return await self.inner.transact(work, deadline, prefetch)
 
 
 class _Busy:
@@ -363,12 +363,6 @@ def _violates_a_check_constraint(txn: Txn) -> None:
     txn.save_reservation(_hold("r-empty", quantity=0), 0)  # the table says quantity > 0
 
 
-_SQLITE_FAILS_THE_BATCH = pytest.mark.xfail(
-    strict=True,
-    reason="SQLite's _is_unavailable counts every sqlite3.Error, IntegrityError included, as the store"
-    " being down: one move's constraint violation answers StoreUnavailable to every move of its batch",
-)
-
 # One row per way a move's work fails, after taking stock in the shared transaction,
 # with what its caller receives.
 FAILING_WORK = [
@@ -381,9 +375,7 @@ FAILING_WORK = [
 
 
 @pytest.mark.parametrize("fail, raised", FAILING_WORK)
-async def test_batch_with_one_failing_move_commits_the_others(store, store_url, fail, raised, request):
-    if fail is _violates_a_check_constraint and store_url.startswith("sqlite"):
-        request.applymarker(_SQLITE_FAILS_THE_BATCH)
+async def test_batch_with_one_failing_move_commits_the_others(store, store_url, fail, raised):
     held_record = Record(b"fp", None, b"held reply")
 
     def seed(txn: Txn) -> None:
