@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--metrics-port", type=_positive, default=None, help="serve Prometheus /metrics on 127.0.0.1:PORT"
     )
+    serve.add_argument(
+        "--workers", type=_positive, default=os.environ.get("HOLDFAST_WORKERS", "1"),
+        help="server processes sharing the port (SO_REUSEPORT); more than 1 needs a postgresql:// store"
+        " and a redis:// snapshot, and worker i serves /metrics on the metrics port + i - 1",
+    )
     serve.set_defaults(run=_serve)
 
     for name, (_, summary) in DELEGATED.items():
@@ -136,6 +141,10 @@ def _serve(args: argparse.Namespace) -> int:
                     metrics_listen=args.metrics_listen or (f"127.0.0.1:{args.metrics_port}" if args.metrics_port else ""),
                     holds=holds, faults=args.faults, journal=args.journal)
     try:
+        if args.workers > 1:
+            from service.workers import supervise
+
+            return supervise(config, args.workers)
         run(serve(config))
     except (OSError, ValueError, StoreUnavailable) as error:
         print(f"holdfast: {error}", file=sys.stderr)

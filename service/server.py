@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -41,6 +42,10 @@ class Config:
     reaper_interval_ms: int = 100
     faults: str = ""  # a fault injection file (service/faults.py); empty injects none
     journal: str = ""  # a JSON-lines journal of every call (service/journal.py); empty records none
+    # Share the port with other servers of this user (SO_REUSEPORT): only the
+    # workers of `holdfast serve --workers N`, after their supervisor has made
+    # sure the port is free (service/workers.py). Alone, a taken port fails.
+    so_reuseport: bool = False
 
 
 @dataclass(slots=True)
@@ -103,8 +108,8 @@ async def _start(config: Config, engine: Engine, faults: FaultPlan | None = None
     if config.journal:
         writer, recorder = journal.install(config.journal, inventory, contracts)
         interceptors.append(recorder)
-    # No SO_REUSEPORT: a second instance on a taken port must fail, not share it.
-    server = grpc.aio.server(interceptors=interceptors or None, options=[("grpc.so_reuseport", 0)])
+    # No SO_REUSEPORT unless asked: a second instance on a taken port must fail, not share it.
+    server = grpc.aio.server(interceptors=interceptors or None, options=[("grpc.so_reuseport", int(config.so_reuseport))])
     # The gateway wraps each handler once, here; registered (not generic)
     # handlers are found by grpc without a Python look-up per call.
     server.add_registered_method_handlers(
@@ -124,27 +129,41 @@ async def _start(config: Config, engine: Engine, faults: FaultPlan | None = None
     await health_servicer.set(SERVICE.full_name, health_pb2.HealthCheckResponse.SERVING)
     return Running(server, port, engine, inventory, asyncio.create_task(reaper.run()), health_servicer, writer)
 
-async def serve(config: Config) -> None:
-    """Runs until SIGTERM or SIGINT, then drains in-flight calls and stops."""
+async def serve(config: Config, ready: Callable[[Running], None] | None = None) -> None:
+    """Runs until SIGTERM or SIGINT, then drains in-flight calls and stops.
+
+    `ready`, when given, is called once serving instead of printing the
+    start-up and stop lines: a worker tells its supervisor, which prints one
+    line for the group (service/workers.py)."""
+    # Metrics first: a taken metrics port (worker i of a group uses port + i - 1)
+    # must stop the start before the backends open and calls arrive.
+    metrics_note = ""
+    if config.metrics_listen:
+        metrics_host, _, metrics_port = config.metrics_listen.rpartition(":")
+        try:
+            prometheus_client.start_http_server(int(metrics_port), addr=metrics_host or "127.0.0.1")
+        except OSError as error:
+            raise OSError(f"cannot serve metrics on {config.metrics_listen}: {error.strerror}") from None
+        metrics_note = f", metrics on http://{config.metrics_listen}/metrics"
     running = await start(config)
     # What start-up built lives as long as the server: out of the collector's
     # sight, so each collection scans only what calls allocate.
     gc.freeze()
-    host = config.listen.rsplit(":", 1)[0]
-    metrics_note = ""
-    if config.metrics_listen:
-        metrics_host, _, metrics_port = config.metrics_listen.rpartition(":")
-        prometheus_client.start_http_server(int(metrics_port), addr=metrics_host or "127.0.0.1")
-        metrics_note = f", metrics on http://{config.metrics_listen}/metrics"
-    print(
-        f"holdfast serving {SERVICE.full_name} on {host}:{running.port}"
-        f" (store {running.engine.store.describe()}, snapshot {running.engine.snapshot.describe()}{metrics_note})",
-        flush=True,
-    )
+    # Handlers before the start-up line: a signal sent once it is out is a clean stop.
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    host = config.listen.rsplit(":", 1)[0]
+    if ready is not None:
+        ready(running)
+    else:
+        print(
+            f"holdfast serving {SERVICE.full_name} on {host}:{running.port}"
+            f" (store {running.engine.store.describe()}, snapshot {running.engine.snapshot.describe()}{metrics_note})",
+            flush=True,
+        )
     await stopping.wait()
     await running.stop()
-    print("holdfast stopped", flush=True)
+    if ready is None:
+        print("holdfast stopped", flush=True)
