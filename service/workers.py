@@ -50,7 +50,6 @@ restart would hide a crash loop. Exit 2: refused or failed to start.
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import errno
 import logging
