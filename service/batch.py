@@ -39,9 +39,12 @@ The guarantees are the savepoint path's, kept in memory:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
-from service.store import Contended, Isolate, Record, Reservation, SqlTxn, Stock, StoreUnavailable, Txn
+from service.store import (
+    BudgetSpent, Contended, GroupCommitStore, Isolate, Job, JobResult, Record, Reservation, SqlTxn, Stock,
+    StoreUnavailable, Txn,
+)
 
 _MISSING = object()
 
@@ -257,3 +260,73 @@ def run_move(
             txn.undo()
             return None, error
     return None, StoreUnavailable("the move lost every rerun to concurrent writers")
+
+
+@dataclass(frozen=True, slots=True)
+class Named:
+    """Every row a batch's jobs named in their `Prefetch`."""
+
+    keys: frozenset[bytes]
+    reservations: frozenset[str]
+    skus: frozenset[str]
+
+    @classmethod
+    def of(cls, batch: list[Job]) -> Named:
+        keys: set[bytes] = set()
+        rids: set[str] = set()
+        skus: set[str] = set()
+        for job in batch:
+            if job.prefetch is not None:
+                keys.update(job.prefetch.keys)
+                rids.update(job.prefetch.reservations)
+                skus.update(job.prefetch.skus)
+        return cls(frozenset(keys), frozenset(rids), frozenset(skus))
+
+    def __bool__(self) -> bool:
+        return bool(self.keys or self.reservations or self.skus)
+
+
+class BufferedStore(GroupCommitStore):
+    """A group-commit store whose batches run buffered: a backend says how
+    to begin and load the named rows (`_load`) and how to write a batch's
+    changes (`_write`); the rest, and the fall-back to savepoints, is here."""
+
+    # A driver error that leaves the transaction unusable or its effects
+    # unknown: the batch goes to the savepoint path.
+    DATABASE_ERROR: ClassVar[type[BaseException] | tuple[type[BaseException], ...]]
+
+    def _load(self, connection: Any, named: Named) -> Rows:
+        """Begins the batch's transaction and loads (and locks) the named rows."""
+        raise NotImplementedError
+
+    def _write(self, connection: Any, changes: Changes) -> bool:
+        """Writes `changes`; False when a statement affected fewer rows than
+        it holds (another writer got there first)."""
+        raise NotImplementedError
+
+    def _fast(self, connection: Any, batch: list[Job]) -> list[JobResult]:
+        rows = self._load(connection, Named.of(batch))
+        db = self.TXN(connection.cursor())
+        flush = lambda changes: self._write(connection, changes)  # noqa: E731
+        results: list[JobResult] = []
+        for job in batch:
+            if not self._claim(job):
+                results.append((job.future, None, BudgetSpent()))
+                continue
+            value, error = run_move(
+                rows, db, flush, job.work, self.CONTENDED_RERUNS,
+                fails_batch=lambda e: self._is_unavailable(e) or self._is_retryable(e),
+                aborts_transaction=lambda e: isinstance(e, self.DATABASE_ERROR),
+            )
+            results.append((job.future, value, error))
+        changes = rows.changes()
+        try:
+            flushed = not changes or self._write(connection, changes)
+        except self.DATABASE_ERROR as error:
+            if self._is_unavailable(error) or self._is_retryable(error):
+                raise
+            raise Isolate() from error  # a CHECK a move broke: the savepoint path finds which
+        if not flushed:
+            raise Isolate()
+        connection.execute("COMMIT")
+        return results

@@ -3,14 +3,21 @@
 `synchronous=FULL`: a reply is sent only after its transaction is durable,
 so a crash never loses an acknowledged move. One worker thread: SQLite has a
 single writer, and group commit already amortises each fsync over the batch.
+
+Batches run buffered (service.batch): a Reserve is five statements, and each
+statement releases the GIL and takes it back from the busy event loop, so
+one SELECT per table for the batch and one `executemany` per table to write
+it keep the worker thread off the loop's back. `BEGIN IMMEDIATE` takes the
+file's write lock, so every row read stays what the batch read.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from service.store import GroupCommitStore, SqlTxn, schema
+from service.batch import BufferedStore, Changes, Named, Rows
+from service.store import RESERVATION_COLUMNS, Record, SqlTxn, Stock, reservation_of_row, row_of_reservation, schema
 
 SCHEMA = schema(integer="INTEGER", blob="BLOB")
 
@@ -24,9 +31,42 @@ class SqliteTxn(SqlTxn):
     PLACEHOLDER = "?"
 
 
-class SqliteStore(GroupCommitStore):
+def _in(names: frozenset) -> tuple[str, tuple]:
+    """`IN (?, ?, ...)` for `names`, and its parameters."""
+    return "(" + ", ".join("?" * len(names)) + ")", tuple(names)
+
+
+# Multi-row statements: one step, so one GIL hand-off, per table and batch.
+# `{values}` is "(?, ...), (?, ...)", a group per row.
+INSERT_OUTCOMES = (
+    "INSERT INTO outcome (key, fingerprint, reason, payload, recorded_at_ms) VALUES {values}"
+    " ON CONFLICT (key) DO NOTHING"
+)
+INSERT_RESERVATIONS = f"INSERT INTO reservation ({RESERVATION_COLUMNS}) VALUES {{values}} ON CONFLICT (reservation_id) DO NOTHING"
+UPDATE_RESERVATIONS = (
+    f"WITH u ({RESERVATION_COLUMNS}, stored) AS (VALUES {{values}})"
+    " UPDATE reservation SET order_id = u.order_id, sku_id = u.sku_id, quantity = u.quantity, state = u.state,"
+    " version = u.version, expires_at_ms = u.expires_at_ms, retry_count = u.retry_count,"
+    " release_reason = u.release_reason"
+    " FROM u WHERE reservation.reservation_id = u.reservation_id AND reservation.version = u.stored"
+)
+UPSERT_STOCKS = (
+    "INSERT INTO stock (sku_id, total, available, held, sold, version) VALUES {values}"
+    " ON CONFLICT (sku_id) DO UPDATE SET total = excluded.total, available = excluded.available,"
+    " held = excluded.held, sold = excluded.sold, version = excluded.version"
+)
+
+
+def _many(sql: str, rows: list[tuple]) -> tuple[str, tuple]:
+    """`sql` with a `(?, ...)` group per row, and the rows' values in order."""
+    group = "(" + ", ".join("?" * len(rows[0])) + ")"
+    return sql.format(values=", ".join([group] * len(rows))), tuple(value for row in rows for value in row)
+
+
+class SqliteStore(BufferedStore):
     TXN = SqliteTxn
     BEGIN: ClassVar[str] = "BEGIN IMMEDIATE"
+    DATABASE_ERROR = sqlite3.Error
 
     def __init__(self, path: str, batch_max: int = 256) -> None:
         super().__init__(workers=1, batch_max=batch_max)
@@ -56,6 +96,53 @@ class SqliteStore(GroupCommitStore):
         self._stamp_schema(connection)
         connection.execute("COMMIT")
 
+    # -- a batch, buffered --
+
+    def _load(self, connection: sqlite3.Connection, named: Named) -> Rows:
+        """BEGIN, then every named row in one statement (one step per row
+        found): the outcomes, the reservations, and the stock of the SKUs
+        named and of the reservations' SKUs, told apart by a first column."""
+        connection.execute(self.BEGIN)
+        rows = Rows()
+        if not named:
+            return rows
+        keys, key_params = _in(named.keys)
+        rids, rid_params = _in(named.reservations)
+        skus, sku_params = _in(named.skus)
+        sql = (
+            f"SELECT 'o', key, fingerprint, reason, payload, NULL, NULL, NULL, NULL, NULL FROM outcome WHERE key IN {keys}"
+            f" UNION ALL SELECT 'r', {RESERVATION_COLUMNS} FROM reservation WHERE reservation_id IN {rids}"
+            " UNION ALL SELECT 's', sku_id, total, available, held, sold, version, NULL, NULL, NULL FROM stock"
+            f" WHERE sku_id IN {skus} OR sku_id IN (SELECT sku_id FROM reservation WHERE reservation_id IN {rids})"
+        )
+        found: dict[str, dict] = {"o": {}, "r": {}, "s": {}}
+        for kind, *row in connection.execute(sql, (*key_params, *rid_params, *sku_params, *rid_params)):
+            found[kind][row[0]] = row
+        for key in key_params:
+            row = found["o"].get(key)
+            rows.loaded_outcome(key, None if row is None else Record(row[1], row[2], row[3]))
+        for rid in rid_params:
+            row = found["r"].get(rid)
+            rows.loaded_reservation(rid, None if row is None else reservation_of_row(tuple(row)))
+        for sku in {*sku_params, *found["s"]}:
+            row = found["s"].get(sku)
+            rows.loaded_stock(sku, None if row is None else Stock(*row[:6]))
+        return rows
+
+    def _write(self, connection: sqlite3.Connection, changes: Changes) -> bool:
+        """One multi-row statement per table; False when one affected fewer
+        rows than it holds (another process wrote the row after our read)."""
+        writes: list[tuple[str, list[tuple[Any, ...]]]] = []
+        if changes.outcomes:
+            writes.append((INSERT_OUTCOMES, [(k, r.fingerprint, r.reason, r.payload, ms) for k, r, ms in changes.outcomes]))
+        if changes.inserted:
+            writes.append((INSERT_RESERVATIONS, [row_of_reservation(r) for r in changes.inserted]))
+        if changes.updated:
+            writes.append((UPDATE_RESERVATIONS, [(*row_of_reservation(r), stored) for r, stored in changes.updated]))
+        if changes.stocks:
+            writes.append((UPSERT_STOCKS, [(s.sku_id, s.total, s.available, s.held, s.sold, s.version) for s in changes.stocks]))
+        return all(connection.execute(*_many(sql, rows)).rowcount == len(rows) for sql, rows in writes)
+
     def _is_unavailable(self, error: BaseException) -> bool:
         """The file cannot be used (busy past the timeout, I/O, full, read-only,
         corrupt), as opposed to one move's own failure (a broken CHECK, bad
@@ -64,3 +151,4 @@ class SqliteStore(GroupCommitStore):
             return False
         name = getattr(error, "sqlite_errorname", "")
         return name.startswith(_UNAVAILABLE) or not isinstance(error, (sqlite3.IntegrityError, sqlite3.OperationalError))
+

@@ -175,6 +175,12 @@ def schema(integer: str, blob: str) -> str:
 RESERVATION_COLUMNS = "reservation_id, order_id, sku_id, quantity, state, version, expires_at_ms, retry_count, release_reason"
 
 
+def row_of_reservation(r: Reservation) -> tuple:
+    """A reservation as RESERVATION_COLUMNS lists them."""
+    return (r.reservation_id, r.order_id, r.sku_id, r.quantity, int(r.state), r.version, r.expires_at_ms,
+            r.retry_count, r.release_reason)
+
+
 def reservation_of_row(row: tuple) -> Reservation:
     return Reservation(row[0], row[1], row[2], row[3], State(row[4]), *row[5:])
 
