@@ -100,6 +100,7 @@ import select
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -269,6 +270,7 @@ class Options:
     stock: int | None = None  # None: the mix's
     plot: Path | None = None
     workers: int | None = None  # None: the server's own default
+    rounds: int = 1
 
     @property
     def total(self) -> int:
@@ -307,6 +309,14 @@ def _parser() -> argparse.ArgumentParser:
         f" or {PG_BINDIR}) and redis-server for the run, and add them as one more backend",
     )
     parser.add_argument("--store-pool", type=int, default=1, help="--store-pool of every started server (default 1)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every target this many times, interleaved (holdfast rows, echo, holdfast rows, echo...);"
+        " calls/s is each target's median round, so a noisy stretch of the machine weighs on every target"
+        " alike (default 1)",
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -359,6 +369,8 @@ def _options(argv: list[str] | None) -> Options:
         parser.error("--duration must be within (0, 3600] seconds")
     if not 0 <= args.warmup <= 600:
         parser.error("--warmup must be within [0, 600] seconds")
+    if not 1 <= args.rounds <= 20:
+        parser.error("--rounds must be within 1..20")
     if not 1 <= args.clients <= 64:
         parser.error("--clients must be within 1..64")
     if not args.clients <= args.in_flight <= 10_000:
@@ -392,7 +404,7 @@ def _options(argv: list[str] | None) -> Options:
     return Options(
         args.duration, args.warmup, args.in_flight, args.clients, args.mix, args.target, args.timeout_s, args.json,
         backends, args.with_postgres_redis, args.store_pool, args.stock,
-        None if args.plot is None else args.plot.resolve(), args.workers,
+        None if args.plot is None else args.plot.resolve(), args.workers, args.rounds,
     )
 
 
@@ -444,31 +456,39 @@ def _run(options: Options, tmp: Path, stack: contextlib.ExitStack) -> dict:
     children = stack.enter_context(Children())
     if options.with_postgres_redis:
         backends.append(Backend(store, _start_redis(children, tmp)))
-    rows: dict[str, tuple[str, Result]] = {}
-
+    targets: list[tuple[str, str, str, subprocess.Popen | None]] = []  # label, address, description, server
     if options.target is not None:
         _put_stock(options.target, sku_id, options.total, run_id, None)
-        result = _measure(children, tmp, HOLDFAST, options.target, options, run_id, sku_id)
-        result.stock = _account(options.target, sku_id, options.total, result)
-        rows[HOLDFAST] = (f"{options.target} (--target)", result)
+        targets.append((HOLDFAST, options.target, f"{options.target} (--target)", None))
     for label, backend in zip(_labels(backends), backends):
-        store = f"sqlite:///{tmp.resolve()}/{len(rows)}.db" if backend.store == SQLITE_IN_TMP else backend.store
+        store = f"sqlite:///{tmp.resolve()}/{len(targets)}.db" if backend.store == SQLITE_IN_TMP else backend.store
         argv = ["--store", store, "--snapshot", backend.snapshot, "--store-pool", str(options.store_pool)]
         if options.workers is not None:
             argv += ["--workers", str(options.workers)]
         server, target = _start_holdfast(children, tmp, label, argv)
         _put_stock(target, sku_id, options.total, run_id, server)
-        result = _measure(children, tmp, label, target, options, run_id, sku_id)
-        result.stock = _account(target, sku_id, options.total, result)
-        _stop_server(children, server, label)
-        rows[label] = (f"{target} (started: {' '.join(argv)})", result)
-
-    echo_server, echo_target = _start_echo(children, tmp, lifetime_s)
-    echo = _measure(children, tmp, ECHO, echo_target, options, run_id, sku_id)
+        targets.append((label, target, f"{target} (started: {' '.join(argv)})", server))
+    # The echo server lives through every round of every target.
+    echo_lifetime_s = lifetime_s + _worker_limit_s(options) * (len(targets) + 1) * options.rounds
+    echo_server, echo_target = _start_echo(children, tmp, echo_lifetime_s)
+    results = {label: Result() for label, *_ in targets} | {ECHO: Result()}
+    rates: dict[str, list[float]] = {label: [] for label in results}
+    for round_ in range(options.rounds):
+        units = run_id if round_ == 0 else f"{run_id}-{round_}"  # each round's requests are new ones
+        for label, address in [*((label, address) for label, address, *_ in targets), (ECHO, echo_target)]:
+            result = _measure(children, tmp, label, address, options, units, sku_id)
+            results[label].absorb(result)
+            rates[label].append(result.calls / options.duration_s)
+    rows: dict[str, tuple[str, Result]] = {}
+    for label, address, description, server in targets:
+        results[label].stock = _account(address, sku_id, options.total, results[label])
+        if server is not None:
+            _stop_server(children, server, label)
+        rows[label] = (description, results[label])
     _stop_server(children, echo_server, ECHO)
     if options.plot is not None:
-        _plot(options, {label: result for label, (_, result) in rows.items()} | {ECHO: echo})
-    return _report(options, rows, echo)
+        _plot(options, {label: result for label, (_, result) in rows.items()} | {ECHO: results[ECHO]})
+    return _report(options, rows, results[ECHO], rates)
 
 
 def _labels(backends: list[Backend]) -> list[str]:
@@ -757,6 +777,17 @@ class Result:
     samples: list[tuple[float, int]] = field(default_factory=list)  # (s since the start, latency µs)
     stock: dict | None = None  # the stock count, for a holdfast target
 
+    def absorb(self, other: Result) -> None:
+        """Adds another measurement of the same target (a later round)."""
+        self.calls += other.calls
+        self.latencies_us.extend(other.latencies_us)
+        self.outcomes.update(other.outcomes)
+        self.warmup_outcomes.update(other.warmup_outcomes)
+        self.calls_made += other.calls_made
+        self.ledger.update(other.ledger)
+        self.unsettled += other.unsettled
+        self.samples.extend(other.samples)
+
     def merge(self, part: dict) -> None:
         self.calls += part["calls"]
         self.latencies_us.extend(part["latencies_us"])
@@ -916,12 +947,14 @@ def _percentile(ordered: list[int], q: float) -> float | None:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)] / 1000.0
 
 
-def _summary(result: Result, target: str, duration_s: float) -> dict:
+def _summary(result: Result, target: str, rates: list[float]) -> dict:
+    """`calls_per_s` is the median round's; latency percentiles are over every round's calls."""
     ordered = sorted(result.latencies_us)
     row = {
         "address": target,
         "calls": result.calls,
-        "calls_per_s": result.calls / duration_s,
+        "calls_per_s": statistics.median(rates),
+        "rounds_calls_per_s": rates,
         "latency_ms": {name: _percentile(ordered, q) for name, q in PERCENTILES},
         "outcomes": dict(result.outcomes.most_common()),
         "warmup_outcomes": dict(result.warmup_outcomes.most_common()),
@@ -939,12 +972,12 @@ def _contract_violations(outcomes: Counter) -> int:
     return sum(n for outcome, n in outcomes.items() if outcome.partition("/")[2] == "CONTRACT_VIOLATION")
 
 
-def _report(options: Options, rows: dict[str, tuple[str, Result]], echo: Result) -> dict:
+def _report(options: Options, rows: dict[str, tuple[str, Result]], echo: Result, rates: dict[str, list[float]]) -> dict:
     """`targets`: a row per holdfast (in measuring order), then `echo`; each row's
     `ratio` is its calls/s over echo's, also collected in `ratios`. A holdfast
     row's `stock` is its stock count; `stock_ok` is whether every one held."""
-    targets = {label: _summary(result, address, options.duration_s) for label, (address, result) in rows.items()}
-    targets[ECHO] = _summary(echo, "started (bare grpc.aio echo)", options.duration_s)
+    targets = {label: _summary(result, address, rates[label]) for label, (address, result) in rows.items()}
+    targets[ECHO] = _summary(echo, "started (bare grpc.aio echo)", rates[ECHO])
     echo_rate = targets[ECHO]["calls_per_s"]
     for row in targets.values():
         row["ratio"] = row["calls_per_s"] / echo_rate if echo_rate else None
@@ -954,6 +987,7 @@ def _report(options: Options, rows: dict[str, tuple[str, Result]], echo: Result)
         "clients": options.clients,
         "warmup_s": options.warmup_s,
         "duration_s": options.duration_s,
+        "rounds": options.rounds,
         "store_pool": options.store_pool,
         "workers": options.workers,
         "loop": event_loop.name(),  # every server and client of the run, echo included
@@ -970,6 +1004,7 @@ def _table(report: dict) -> str:
         f"holdfast bench: mix {report['mix']}, {report['in_flight']} in flight from {report['clients']} client"
         f" process{'es' if report['clients'] > 1 else ''}, {report['duration_s']:g} s after {report['warmup_s']:g} s warm-up,"
         f" every process on {report['loop']}"
+        + (f"; {report['rounds']} interleaved rounds, calls/s the median round's" if report["rounds"] > 1 else "")
     )
     width = max(10, *(len(name) + 2 for name in report["targets"]))
     columns = (f"{'target':<{width}}{'calls/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'p99.9 ms':>10}{'/ echo':>9}"

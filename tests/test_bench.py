@@ -223,7 +223,7 @@ def test_a_count_that_does_not_add_up_is_a_failed_line_and_exit_1(capsys, monkey
         served = Result(calls=1, latencies_us=[900], outcomes=Counter(OK=1))
         served.stock = _stock_count(10, 10, -1, 0, 11, Counter({"Reserve OK": 11, "Confirm OK": 11}), 0)
         echo = Result(calls=2, latencies_us=[400, 500], outcomes=Counter(OK=2))
-        return _report(options, {"sqlite+memory": ("127.0.0.1:1", served)}, echo)
+        return _report(options, {"sqlite+memory": ("127.0.0.1:1", served)}, echo, {"sqlite+memory": [1.0], "echo": [2.0]})
 
     monkeypatch.setattr(bench, "_run", run)
 
@@ -302,3 +302,23 @@ def test_workers_option_is_checked_and_kept():
     with pytest.raises(SystemExit) as exited:
         _options(["--workers", "0"])
     assert exited.value.code == 2
+
+
+def test_rounds_interleave_targets_and_report_each_targets_median_round(capsys, monkeypatch, tmp_path):
+    """Three rounds: each target is measured three times, in turn, with new
+    requests every round; calls/s is the median round and the stock count
+    covers every round."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    assert main(["--duration", "0.5", "--warmup", "0.2", "--in-flight", "8", "--rounds", "3", "--json"]) == 0
+
+    report = json.loads(capsys.readouterr().out)
+    assert report["rounds"] == 3
+    for label in ("sqlite+memory", "echo"):
+        row = report["targets"][label]
+        assert len(row["rounds_calls_per_s"]) == 3
+        assert row["calls_per_s"] == sorted(row["rounds_calls_per_s"])[1]
+    held = report["targets"]["sqlite+memory"]["stock"]
+    assert held["ok"], held
+    # Every round's Reserves are new ones: the holds add up over all three rounds.
+    assert report["targets"]["sqlite+memory"]["outcomes"] == {"OK": report["targets"]["sqlite+memory"]["calls"]}
