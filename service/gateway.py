@@ -19,7 +19,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterator, Mapping
+from typing import Any, Awaitable, Callable, Iterator, Mapping
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -151,7 +151,10 @@ def _admit(contract: Contract, request, context, arrived: float, now: float) -> 
 
 async def _answer(context, contract: Contract, outcome: Outcome, call: Call | None) -> bytes:
     reason = "OK" if outcome.reason is None else outcome.reason.name
-    metrics.OUTCOMES.labels(contract.method, reason).inc()
+    counter = _outcome_counters.get((contract.method, reason))
+    if counter is None:
+        counter = _outcome_counters[contract.method, reason] = metrics.OUTCOMES.labels(contract.method, reason)
+    counter.inc()
     if outcome.reason is Reason.BUDGET_EXCEEDED:  # moves and reads alike: every timeout fallback answered
         metrics.TIMEOUT_FALLBACKS.labels(contract.method).inc()
     trailing = [(REPLAYED, "true" if outcome.replayed else "false")]
@@ -163,6 +166,10 @@ async def _answer(context, contract: Contract, outcome: Outcome, call: Call | No
     trailing.append((STATUS_DETAILS, outcome.payload))
     await context.abort(outcome.code, outcome.status().message, trailing_metadata=tuple(trailing))
     raise AssertionError("abort returns only by raising")
+
+
+# Labelled children of holdfast_outcomes_total, looked up once per (method, reason).
+_outcome_counters: dict[tuple[str, str], Any] = {}
 
 
 def _tolerant(deserializer):

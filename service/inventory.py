@@ -6,6 +6,7 @@ transaction.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Iterable
 
@@ -291,12 +292,15 @@ def _invalid(violations: Iterable[tuple[str, str]]) -> Outcome:
     return failure(Reason.INVALID_REQUEST, "invalid request: " + "; ".join(why for _, why in violations), violations)
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")  # one C scan per id instead of a Python loop per character
+
+
 def _id_violations(request, *names: str) -> Iterable[tuple[str, str]]:
     for name in names:
         value = getattr(request, name)
         if len(value) > ID_LENGTH_MAX:
             yield name, f"{name} must be at most {ID_LENGTH_MAX} characters, got {len(value)}"
-        elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        elif _CONTROL.search(value):
             yield name, f"{name} must not contain control characters"
 
 
