@@ -72,10 +72,16 @@ def serving(call: Call) -> Iterator[None]:
         _current.reset(token)
 
 
+# json.dumps(..., ensure_ascii=False) builds a new encoder on every call;
+# this one encodes exactly the same, once built.
+_KEY_ENCODER = json.JSONEncoder(ensure_ascii=False)
+
+
 def idempotency_key(method: str, values: tuple[object, ...]) -> bytes:
     """Method-scoped, so Confirm and Release of one reservation never collide;
-    JSON-encoded, so no choice of field values can make two keys collide."""
-    return hashlib.sha256(json.dumps([method, *values], ensure_ascii=False).encode()).digest()
+    JSON-encoded, so no choice of field values can make two keys collide.
+    Stored keys and reservation ids derive from it: it never changes."""
+    return hashlib.sha256(_KEY_ENCODER.encode([method, *values]).encode()).digest()
 
 
 @dataclass(frozen=True, slots=True)
