@@ -42,8 +42,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 from service.store import (
-    BudgetSpent, Contended, GroupCommitStore, Isolate, Job, JobResult, Record, Reservation, SqlTxn, Stock,
-    StoreUnavailable, Txn,
+    BudgetSpent,
+    Contended,
+    GroupCommitStore,
+    Isolate,
+    Job,
+    JobResult,
+    Record,
+    Reservation,
+    SqlTxn,
+    Stock,
+    StoreUnavailable,
+    Txn,
+    row_of_reservation,
 )
 
 _MISSING = object()
@@ -60,6 +71,20 @@ class Changes:
 
     def __bool__(self) -> bool:
         return bool(self.outcomes or self.inserted or self.updated or self.stocks)
+
+    def row_sets(self) -> list[tuple[str, list[tuple]]]:
+        """The changes as one list of rows per statement a backend sends, in
+        column order: `outcomes` (key, fingerprint, reason, payload,
+        recorded_at_ms), `inserted` (RESERVATION_COLUMNS), `updated`
+        (RESERVATION_COLUMNS, then the version the database holds), `stocks`
+        (sku_id, total, available, held, sold, version). Empty ones are left out."""
+        sets = [
+            ("outcomes", [(key, r.fingerprint, r.reason, r.payload, now_ms) for key, r, now_ms in self.outcomes]),
+            ("inserted", [row_of_reservation(r) for r in self.inserted]),
+            ("updated", [(*row_of_reservation(r), stored) for r, stored in self.updated]),
+            ("stocks", [(s.sku_id, s.total, s.available, s.held, s.sold, s.version) for s in self.stocks]),
+        ]
+        return [(kind, rows) for kind, rows in sets if rows]
 
 
 class Rows:
@@ -99,6 +124,8 @@ class Rows:
             else:
                 changes.updated.append((row, stored))
         changes.stocks = [row for sku, row in self.stocks.items() if row is not None and row != self._stored_stocks[sku]]
+        for row in changes.stocks:
+            row.check()
         return changes
 
     def flushed(self, changes: Changes) -> None:
@@ -307,7 +334,10 @@ class BufferedStore(GroupCommitStore):
     def _fast(self, connection: Any, batch: list[Job]) -> list[JobResult]:
         rows = self._load(connection, Named.of(batch))
         db = self.TXN(connection.cursor())
-        flush = lambda changes: self._write(connection, changes)  # noqa: E731
+
+        def flush(changes: Changes) -> bool:
+            return self._write(connection, changes)
+
         results: list[JobResult] = []
         for job in batch:
             if not self._claim(job):

@@ -10,7 +10,8 @@ holdfast with the best a bare server does here, not with a slower loop.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Coroutine, TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 

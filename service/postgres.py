@@ -21,7 +21,13 @@ from psycopg import errors
 
 from service.batch import BufferedStore, Changes, Named, Rows
 from service.store import (
-    RESERVATION_COLUMNS, Record, Reservation, SqlTxn, Stock, reservation_of_row, row_of_reservation, schema,
+    RESERVATION_COLUMNS,
+    Record,
+    Reservation,
+    SqlTxn,
+    Stock,
+    reservation_of_row,
+    schema,
 )
 
 SCHEMA = schema(integer="BIGINT", blob="BYTEA")
@@ -98,6 +104,9 @@ FLUSH_STOCK = (
     " ON CONFLICT (sku_id) DO UPDATE SET total = excluded.total, available = excluded.available,"
     " held = excluded.held, sold = excluded.sold, version = excluded.version"
 )
+
+
+FLUSH = {"outcomes": FLUSH_OUTCOMES, "inserted": FLUSH_INSERTED, "updated": FLUSH_UPDATED, "stocks": FLUSH_STOCK}
 
 
 def _json(rows: list[tuple]) -> str:
@@ -187,19 +196,8 @@ class PostgresStore(BufferedStore):
         """One multi-row statement per table, in one round trip. False when
         one of them affected fewer rows than it holds: another writer got
         there first, and the batch must run again on the savepoint path."""
-        statements: list[tuple[str, list[tuple]]] = []
-        if changes.outcomes:
-            statements.append((FLUSH_OUTCOMES, [(k, r.fingerprint, r.reason, r.payload, ms) for k, r, ms in changes.outcomes]))
-        if changes.inserted:
-            statements.append((FLUSH_INSERTED, [row_of_reservation(r) for r in changes.inserted]))
-        if changes.updated:
-            statements.append((FLUSH_UPDATED, [(*row_of_reservation(r), stored) for r, stored in changes.updated]))
-        if changes.stocks:
-            for stock in changes.stocks:
-                stock.check()
-            statements.append((FLUSH_STOCK, [(s.sku_id, s.total, s.available, s.held, s.sold, s.version) for s in changes.stocks]))
         with connection.pipeline():
-            cursors = [(connection.execute(sql, (_json(rows),)), len(rows)) for sql, rows in statements]
+            cursors = [(connection.execute(FLUSH[kind], (_json(rows),)), len(rows)) for kind, rows in changes.row_sets()]
         return all(cursor.rowcount == expected for cursor, expected in cursors)
 
     def _after_failure(self, connection: Any, error: BaseException) -> Any:

@@ -14,10 +14,17 @@ file's write lock, so every row read stays what the batch read.
 from __future__ import annotations
 
 import sqlite3
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from service.batch import BufferedStore, Changes, Named, Rows
-from service.store import RESERVATION_COLUMNS, Record, SqlTxn, Stock, reservation_of_row, row_of_reservation, schema
+from service.store import (
+    RESERVATION_COLUMNS,
+    Record,
+    SqlTxn,
+    Stock,
+    reservation_of_row,
+    schema,
+)
 
 SCHEMA = schema(integer="INTEGER", blob="BLOB")
 
@@ -55,6 +62,9 @@ UPSERT_STOCKS = (
     " ON CONFLICT (sku_id) DO UPDATE SET total = excluded.total, available = excluded.available,"
     " held = excluded.held, sold = excluded.sold, version = excluded.version"
 )
+
+
+WRITE = {"outcomes": INSERT_OUTCOMES, "inserted": INSERT_RESERVATIONS, "updated": UPDATE_RESERVATIONS, "stocks": UPSERT_STOCKS}
 
 
 def _many(sql: str, rows: list[tuple]) -> tuple[str, tuple]:
@@ -132,16 +142,7 @@ class SqliteStore(BufferedStore):
     def _write(self, connection: sqlite3.Connection, changes: Changes) -> bool:
         """One multi-row statement per table; False when one affected fewer
         rows than it holds (another process wrote the row after our read)."""
-        writes: list[tuple[str, list[tuple[Any, ...]]]] = []
-        if changes.outcomes:
-            writes.append((INSERT_OUTCOMES, [(k, r.fingerprint, r.reason, r.payload, ms) for k, r, ms in changes.outcomes]))
-        if changes.inserted:
-            writes.append((INSERT_RESERVATIONS, [row_of_reservation(r) for r in changes.inserted]))
-        if changes.updated:
-            writes.append((UPDATE_RESERVATIONS, [(*row_of_reservation(r), stored) for r, stored in changes.updated]))
-        if changes.stocks:
-            writes.append((UPSERT_STOCKS, [(s.sku_id, s.total, s.available, s.held, s.sold, s.version) for s in changes.stocks]))
-        return all(connection.execute(*_many(sql, rows)).rowcount == len(rows) for sql, rows in writes)
+        return all(connection.execute(*_many(WRITE[kind], rows)).rowcount == len(rows) for kind, rows in changes.row_sets())
 
     def _is_unavailable(self, error: BaseException) -> bool:
         """The file cannot be used (busy past the timeout, I/O, full, read-only,

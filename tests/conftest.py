@@ -35,6 +35,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("backend", BACKENDS, indirect=True)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    """Each store-of-record backend in turn: a fresh SQLite file, or a fresh
+    database on the test PostgreSQL (tests/backends.py)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store.db"
+    return request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture
 def backend(request: pytest.FixtureRequest) -> str:
     return getattr(request, "param", "embedded")

@@ -23,13 +23,6 @@ THEIRS = Record(b"their fingerprint", None, b"their reply")
 OURS = Record(b"our fingerprint", None, b"our reply")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/store.db"
-    return request.getfixturevalue("postgres_url")
-
-
 async def _opened(url: str):
     opened = open_store(url)
     await opened.open()

@@ -185,13 +185,6 @@ def read_books(url: str, sku_id: str) -> Books:
 # -- stores ------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/store.db"
-    return request.getfixturevalue("postgres_url")
-
-
 @pytest.fixture
 async def store(store_url):
     opened = CountingStore(open_store(store_url))

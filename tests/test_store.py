@@ -1,8 +1,8 @@
 """The store contract: what every store-of-record backend must do.
 
-Parametrised by backend; a new backend joins by adding to `store_url` and
-passing every test here unchanged. PostgreSQL is a real server started by
-tests/backends.py, with a fresh database per test.
+Parametrised by backend; a new backend joins by adding to the `store_url`
+fixture (tests/conftest.py) and passing every test here unchanged. PostgreSQL
+is a real server started by tests/backends.py, with a fresh database per test.
 """
 
 from __future__ import annotations
@@ -14,13 +14,6 @@ import pytest
 
 from service.machine import State
 from service.store import SCHEMA_VERSION, BudgetSpent, Contended, Record, Reservation, SchemaTooNew, Stock, open_store
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/store.db"
-    return request.getfixturevalue("postgres_url")
-
 
 @pytest.fixture
 async def store(store_url):
