@@ -332,7 +332,12 @@ class BufferedStore(GroupCommitStore):
         raise NotImplementedError
 
     def _fast(self, connection: Any, batch: list[Job]) -> list[JobResult]:
-        rows = self._load(connection, Named.of(batch))
+        try:
+            rows = self._load(connection, Named.of(batch))
+        except self.DATABASE_ERROR as error:
+            if self._is_unavailable(error) or self._is_retryable(error):
+                raise
+            raise Isolate() from error  # row by row, a failing read falls on its own move
         db = self.TXN(connection.cursor())
 
         def flush(changes: Changes) -> bool:

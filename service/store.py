@@ -5,10 +5,13 @@ A move runs as one function over a `Txn` inside one store transaction: the
 idempotency record, the version compare-and-set, the stock effect and the
 outcome commit together or not at all. Concurrent moves share a transaction
 (group commit): worker threads, each with its own connection, drain one
-queue, run each move under its own SAVEPOINT so one move's failure never
-undoes another's, and commit once. The event loop never blocks on the
-database. Backends (service.sqlite, service.postgres) differ only in how they
-connect and in their SQL dialect.
+queue and commit each batch once. A batch runs the fast way first (both
+stores run it buffered: service.batch); if a move fails, or memory cannot
+tell what the database holds, the batch is rolled back and run again with a
+SAVEPOINT around each move (`Isolate`), so one move's failure never undoes
+another's. The event loop never blocks on the database. Backends
+(service.sqlite, service.postgres) differ only in how they connect, how they
+load and write a batch's rows, and in their SQL dialect.
 """
 
 from __future__ import annotations
