@@ -354,14 +354,20 @@ class BufferedStore(GroupCommitStore):
                 aborts_transaction=lambda e: isinstance(e, self.DATABASE_ERROR),
             )
             results.append((job.future, value, error))
-        changes = rows.changes()
         try:
-            flushed = not changes or self._write(connection, changes)
+            committed = self._commit(connection, rows.changes())
         except self.DATABASE_ERROR as error:
             if self._is_unavailable(error) or self._is_retryable(error):
                 raise
             raise Isolate() from error  # a CHECK a move broke: the savepoint path finds which
-        if not flushed:
+        if not committed:
             raise Isolate()
-        connection.execute("COMMIT")
         return results
+
+    def _commit(self, connection: Any, changes: Changes) -> bool:
+        """Writes the batch's last changes and commits; False (nothing
+        committed) when a write lost a race. A backend may do both at once."""
+        if changes and not self._write(connection, changes):
+            return False
+        connection.execute("COMMIT")
+        return True

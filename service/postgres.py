@@ -30,7 +30,20 @@ from service.store import (
     schema,
 )
 
-SCHEMA = schema(integer="BIGINT", blob="BYTEA")
+# A flush statement fails, rather than reports, a short row count: so the
+# COMMIT can ride in the same pipeline, and is skipped when one fails.
+EXPECT_ROWS = """
+CREATE OR REPLACE FUNCTION holdfast_expect_rows(written BIGINT, expected BIGINT) RETURNS BIGINT
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF written <> expected THEN
+    RAISE EXCEPTION 'holdfast: wrote % of % rows', written, expected USING ERRCODE = 'HF409';
+  END IF;
+  RETURN written;
+END $$;
+"""
+SHORT_WRITE = "HF409"  # the SQLSTATE it raises
+SCHEMA = schema(integer="BIGINT", blob="BYTEA") + EXPECT_ROWS
 # Instances starting together must not race on CREATE TABLE.
 SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('holdfast.schema'))"
 
@@ -106,7 +119,18 @@ FLUSH_STOCK = (
 )
 
 
-FLUSH = {"outcomes": FLUSH_OUTCOMES, "inserted": FLUSH_INSERTED, "updated": FLUSH_UPDATED, "stocks": FLUSH_STOCK}
+def _expecting(statement: str) -> str:
+    """`statement`, failing with SHORT_WRITE unless it wrote as many rows as
+    the second parameter says."""
+    return f"WITH written AS ({statement} RETURNING 1) SELECT holdfast_expect_rows(count(*), %s) FROM written"
+
+
+FLUSH = {
+    kind: _expecting(statement)
+    for kind, statement in (
+        ("outcomes", FLUSH_OUTCOMES), ("inserted", FLUSH_INSERTED), ("updated", FLUSH_UPDATED), ("stocks", FLUSH_STOCK),
+    )
+}
 
 
 def _json(rows: list[tuple]) -> str:
@@ -194,11 +218,26 @@ class PostgresStore(BufferedStore):
 
     def _write(self, connection: psycopg.Connection, changes: Changes) -> bool:
         """One multi-row statement per table, in one round trip. False when
-        one of them affected fewer rows than it holds: another writer got
-        there first, and the batch must run again on the savepoint path."""
-        with connection.pipeline():
-            cursors = [(connection.execute(FLUSH[kind], (_json(rows),)), len(rows)) for kind, rows in changes.row_sets()]
-        return all(cursor.rowcount == expected for cursor, expected in cursors)
+        one of them wrote fewer rows than it holds: another writer got there
+        first, and the batch must run again on the savepoint path."""
+        return self._send(connection, changes, commit=False)
+
+    def _commit(self, connection: psycopg.Connection, changes: Changes) -> bool:
+        """The last writes and the COMMIT in one round trip."""
+        return self._send(connection, changes, commit=True)
+
+    def _send(self, connection: psycopg.Connection, changes: Changes, commit: bool) -> bool:
+        try:
+            with connection.pipeline():
+                for kind, rows in changes.row_sets():
+                    connection.execute(FLUSH[kind], (_json(rows), len(rows)))
+                if commit:
+                    connection.execute("COMMIT")
+        except psycopg.Error as error:
+            if error.sqlstate == SHORT_WRITE:  # the transaction is aborted; the caller rolls it back
+                return False
+            raise
+        return True
 
     def _after_failure(self, connection: Any, error: BaseException) -> Any:
         if connection is not None and connection.closed:
