@@ -39,7 +39,7 @@ The guarantees are the savepoint path's, kept in memory:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 from service.store import (
     BudgetSpent,
@@ -317,10 +317,6 @@ class BufferedStore(GroupCommitStore):
     """A group-commit store whose batches run buffered: a backend says how
     to begin and load the named rows (`_load`) and how to write a batch's
     changes (`_write`); the rest, and the fall-back to savepoints, is here."""
-
-    # A driver error that leaves the transaction unusable or its effects
-    # unknown: the batch goes to the savepoint path.
-    DATABASE_ERROR: ClassVar[type[BaseException] | tuple[type[BaseException], ...]]
 
     def _load(self, connection: Any, named: Named) -> Rows:
         """Begins the batch's transaction and loads (and locks) the named rows."""

@@ -172,6 +172,13 @@ class PostgresStore(BufferedStore):
             keepalives_interval=2,
             keepalives_count=3,
             tcp_user_timeout=10000,
+            # No server-side prepared statements: psycopg's cache of them went
+            # out of step with the server after aborted pipelines ("prepared
+            # statement _pg3_12 does not exist", two instances racing in
+            # tests/test_faults.py). A batch sends few statements, so parsing
+            # them each time costs little, and PgBouncer's transaction pooling
+            # works as it is.
+            prepare_threshold=None,
         )
 
     def _create_schema(self, connection: psycopg.Connection) -> None:

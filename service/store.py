@@ -346,6 +346,8 @@ class GroupCommitStore:
 
     TXN: ClassVar[type[SqlTxn]]
     BEGIN: ClassVar[str] = "BEGIN"
+    # The driver's errors: what a move's statement or the database can raise.
+    DATABASE_ERROR: ClassVar[type[BaseException] | tuple[type[BaseException], ...]] = ()
     CONTENDED_RERUNS: ClassVar[int] = 3  # a move rerun this often against new winners gives up
     BATCH_RETRIES: ClassVar[int] = 3  # a whole batch retried after a deadlock
 
@@ -497,7 +499,12 @@ class GroupCommitStore:
                 connection = self._after_failure(connection, error)
                 if self._is_retryable(error) and attempt < self.BATCH_RETRIES:
                     continue
-                if not self._is_unavailable(error) and not self._is_retryable(error):
+                if isinstance(error, self.DATABASE_ERROR) and not self._is_unavailable(error):
+                    # The database refused the batch in a way no move caused
+                    # (the savepoint path would have caught a move's own):
+                    # rolled back, so the callers may retry with their keys.
+                    log.warning("a store batch failed: %r", error)
+                elif not self._is_unavailable(error) and not self._is_retryable(error):
                     # A bug, not an outage: every caller of the batch sees it,
                     # and the worker lives on to serve the next batch.
                     log.exception("a store batch failed")
