@@ -91,7 +91,7 @@ class Rows:
     """Every row a batch has read or written, and what the database holds of
     each, so that a flush writes exactly the difference."""
 
-    __slots__ = ("outcomes", "reservations", "stocks", "_stored_versions", "_stored_stocks", "_new_outcomes")
+    __slots__ = ("outcomes", "reservations", "stocks", "_stored_versions", "_stored_stocks", "new_outcomes")
 
     def __init__(self) -> None:
         self.outcomes: dict[bytes, Record | None] = {}
@@ -99,7 +99,7 @@ class Rows:
         self.stocks: dict[str, Stock | None] = {}
         self._stored_versions: dict[str, int] = {}  # 0: no row in the database
         self._stored_stocks: dict[str, Stock | None] = {}
-        self._new_outcomes: dict[bytes, tuple[Record, int]] = {}
+        self.new_outcomes: dict[bytes, tuple[Record, int]] = {}  # recorded by this batch, not yet written
 
     def loaded_outcome(self, key: bytes, record: Record | None) -> None:
         self.outcomes[key] = record
@@ -113,7 +113,7 @@ class Rows:
         self._stored_stocks[sku_id] = row
 
     def changes(self) -> Changes:
-        changes = Changes([(key, record, now_ms) for key, (record, now_ms) in self._new_outcomes.items()])
+        changes = Changes([(key, record, now_ms) for key, (record, now_ms) in self.new_outcomes.items()])
         for rid, row in self.reservations.items():
             stored = self._stored_versions[rid]
             if row is None or row.version == stored:
@@ -130,7 +130,7 @@ class Rows:
 
     def flushed(self, changes: Changes) -> None:
         """The database now holds `changes`."""
-        self._new_outcomes.clear()
+        self.new_outcomes.clear()
         for row in changes.inserted:
             self._stored_versions[row.reservation_id] = row.version
         for row, _ in changes.updated:
@@ -181,7 +181,7 @@ class BatchTxn:
         if self.recorded(key) is not None:
             raise Contended("the idempotency key was recorded by a concurrent move")
         self._set(self._rows.outcomes, key, record)
-        self._set(self._rows._new_outcomes, key, (record, now_ms))
+        self._set(self._rows.new_outcomes, key, (record, now_ms))
 
     # -- stock --
 
