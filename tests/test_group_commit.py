@@ -31,6 +31,7 @@ import random
 import signal
 import sqlite3
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, replace
@@ -171,15 +172,45 @@ class Books:
     outcome_keys: frozenset[bytes]
 
 
+BOOKS_QUERIES = (
+    "SELECT total, available, held, sold, version FROM stock WHERE sku_id = {sku}",
+    "SELECT reservation_id, sku_id, quantity, state, version FROM reservation",
+    "SELECT key FROM outcome",
+)
+
+
 def read_books(url: str, sku_id: str) -> Books:
-    stock = read_outside(url, f"SELECT total, available, held, sold, version FROM stock WHERE sku_id = '{sku_id}'")
-    rows = read_outside(url, "SELECT reservation_id, sku_id, quantity, state, version FROM reservation")
-    keys = read_outside(url, "SELECT key FROM outcome")
+    """The three tables in one snapshot: read one by one, a commit landing
+    between two reads would show a batch half done that never was."""
+    if url.startswith("sqlite://"):
+        with closing(sqlite3.connect(SqliteStore.from_url(url).path, isolation_level=None)) as db:
+            db.execute("BEGIN")
+            stock, rows, keys = (db.execute(q.format(sku="?"), (sku_id,) if "{sku}" in q else ()).fetchall()
+                                 for q in BOOKS_QUERIES)
+            db.execute("COMMIT")
+    else:
+        with psycopg.connect(url, connect_timeout=10) as db:
+            db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            stock, rows, keys = (db.execute(q.format(sku="%s"), (sku_id,) if "{sku}" in q else ()).fetchall()
+                                 for q in BOOKS_QUERIES)
     return Books(
         tuple(stock[0]) if stock else (),
         {row[0]: tuple(row[1:]) for row in rows},
         frozenset(bytes(key) for (key,) in keys),
     )
+
+
+def wait_sessions_gone(url: str) -> None:
+    """Waits until no other session is connected to the database. A killed
+    server's PostgreSQL session still runs what it had received, a pipelined
+    COMMIT included, until it notices the socket is gone."""
+    if url.startswith("sqlite://"):
+        return  # in-process: the writes died with the server
+    deadline = time.monotonic() + TIMEOUT_S
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    while read_outside(url, query)[0][0]:
+        assert time.monotonic() < deadline, "the killed server's sessions did not end"
+        time.sleep(0.05)
 
 
 # -- stores ------------------------------------------------------------------------------
@@ -757,6 +788,7 @@ async def test_sigkill_mid_batch_loses_only_unacknowledged_moves(backend_pair, t
         early = [a for a in unacked if a.reason and a.reason not in INCONCLUSIVE]
         assert not early, [a.describe() for a in early[:5]]
 
+        await asyncio.to_thread(wait_sessions_gone, store_url)
         at_crash = await asyncio.to_thread(read_books, store_url, CRASH_SKU)
         check_no_partial_batch(at_crash)
         for answer in acked:
