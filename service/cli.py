@@ -22,6 +22,8 @@ from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 from service.gateway import CONTEXT_ID, REPLAYED
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+# service.graph.Format's values; spelled here so building the parser imports no machine.
+GRAPH_FORMATS = ("mermaid", "svg", "png")
 # Subcommands whose module parses its own arguments: name -> (module, summary).
 DELEGATED = {
     "bench": ("service.bench", "measure Reserve throughput against a bare gRPC echo baseline"),
@@ -77,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     codegen = commands.add_parser("codegen", help="generate code from protos/ (or --check its freshness)")
     codegen.add_argument("--check", action="store_true", help="exit 1, naming stale files, if the stamp does not match")
     codegen.set_defaults(run=lambda a: __import__("contracts.codegen", fromlist=["main"]).main(a.check))
+
+    graph = commands.add_parser("graph", help="draw a service's state machine (mermaid text, svg or png)")
+    graph.add_argument("machine", help="the machine's name, e.g. inventory (an unknown name lists them all)")
+    graph.add_argument("--format", choices=GRAPH_FORMATS, default=GRAPH_FORMATS[0], help="svg and png need Graphviz")
+    graph.add_argument("--output", default=None, metavar="FILE", help="write the diagram here instead of stdout")
+    graph.set_defaults(run=_graph)
 
     stock = commands.add_parser("stock", help="put or get a SKU's stock").add_subparsers(dest="verb", required=True)
     put = _client(stock.add_parser("put", help="set a SKU's total stock"))
@@ -148,6 +156,35 @@ def _serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError, StoreUnavailable) as error:
         print(f"holdfast: {error}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _graph(args: argparse.Namespace) -> int:
+    from service.graph import MACHINES, GraphvizMissing, draw
+
+    machine = MACHINES.get(args.machine)
+    if machine is None:
+        print(f"holdfast graph: no machine {args.machine!r}; known: {', '.join(sorted(MACHINES))}", file=sys.stderr)
+        return 2
+    try:
+        drawn = draw(machine, args.format)
+    except GraphvizMissing as error:
+        print(f"holdfast graph: {error}", file=sys.stderr)
+        return 2
+    data = drawn.encode() if isinstance(drawn, str) else drawn
+    if args.output:
+        try:
+            with open(args.output, "wb") as file:
+                file.write(data)
+        except OSError as error:
+            print(f"holdfast graph: {error}", file=sys.stderr)
+            return 2
+    elif isinstance(drawn, bytes) and sys.stdout.isatty():
+        print(f"holdfast graph: {args.format} is binary; write it with --output FILE", file=sys.stderr)
+        return 2
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
     return 0
 
 

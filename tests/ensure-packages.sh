@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the real-backend tests start (tests/backends.py) when it is
 # missing: PostgreSQL (initdb, pg_ctl, postgres) and Redis (redis-server,
-# redis-cli), from Debian's packages. Silent and a no-op when everything is
-# there. Run by `make test`; safe to run any number of times.
+# redis-cli), and Graphviz's `dot`, which draws `holdfast graph --format
+# svg|png` (tests/test_graph.py), from Debian's packages. Silent and a no-op
+# when everything is there. Run by `make test`; safe to run any number of times.
 #
 # `apt-get update` runs only when the install fails without it. The distro's
 # own services are not started (the tests start their own servers on free
@@ -30,6 +31,7 @@ missing=()
 have_postgres || missing+=(postgresql)
 have redis-server || missing+=(redis-server)
 have redis-cli || missing+=(redis-tools)
+have dot || missing+=(graphviz)
 
 [ ${#missing[@]} -eq 0 ] && exit 0
 
@@ -81,3 +83,4 @@ fi
 have_postgres || { log "PostgreSQL still missing after the install"; exit 1; }
 have redis-server || { log "redis-server still missing after the install"; exit 1; }
 have redis-cli || { log "redis-cli still missing after the install"; exit 1; }
+have dot || { log "Graphviz's dot still missing after the install"; exit 1; }
