@@ -8,7 +8,8 @@ reach about 3,000 moves/s against about 14,000 as set-based statements. So a
 batch that a backend runs *buffered* goes:
 
     prefetch   every row the batch's moves named (their keys, reservations,
-               SKUs): one statement per table, rows locked, one round trip
+               entities, SKUs): one statement per table, rows locked, one
+               round trip
     moves      each runs against `Rows` in memory; a read the prefetch
                missed is loaded (and locked) on the spot
     flush      what the moves changed, one multi-row statement per table
@@ -25,12 +26,12 @@ The guarantees are the savepoint path's, kept in memory:
   the state in memory, as it would on the savepoint path.
 * What memory cannot know is settled by the flush: a row inserted by
   another instance after the prefetch (the same idempotency key, the same
-  reservation id) makes a multi-row insert affect fewer rows than it holds.
+  reservation or entity id) makes a multi-row insert affect fewer rows than it holds.
   The backend then answers False and the batch is run again on the
   savepoint path (`Isolate`), which finds the winner's rows and replays or
   reruns. So does a database error inside a move: it aborted the whole
   transaction, which only a savepoint could have contained.
-* Range queries (due holds, intents, versions) read the database, so the
+* Range queries (due holds, due entities, intents, versions) read the database, so the
   batch flushes before one. A move that has written and then asks one
   would see half of itself flushed; that cannot be undone in memory, so
   the batch goes to the savepoint path instead (no move does this today).
@@ -38,12 +39,13 @@ The guarantees are the savepoint path's, kept in memory:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from service.store import (
     BudgetSpent,
     Contended,
+    Entity,
     GroupCommitStore,
     Isolate,
     Job,
@@ -54,6 +56,7 @@ from service.store import (
     Stock,
     StoreUnavailable,
     Txn,
+    row_of_entity,
     row_of_reservation,
 )
 
@@ -68,20 +71,28 @@ class Changes:
     inserted: list[Reservation] = field(default_factory=list)
     updated: list[tuple[Reservation, int]] = field(default_factory=list)  # (row, version the database holds)
     stocks: list[Stock] = field(default_factory=list)
+    inserted_entities: list[Entity] = field(default_factory=list)
+    updated_entities: list[tuple[Entity, int]] = field(default_factory=list)  # (row, version the database holds)
 
     def __bool__(self) -> bool:
-        return bool(self.outcomes or self.inserted or self.updated or self.stocks)
+        return bool(
+            self.outcomes or self.inserted or self.updated or self.stocks or self.inserted_entities or self.updated_entities
+        )
 
     def row_sets(self) -> list[tuple[str, list[tuple]]]:
         """The changes as one list of rows per statement a backend sends, in
         column order: `outcomes` (key, fingerprint, reason, payload,
         recorded_at_ms), `inserted` (RESERVATION_COLUMNS), `updated`
-        (RESERVATION_COLUMNS, then the version the database holds), `stocks`
+        (RESERVATION_COLUMNS, then the version the database holds),
+        `inserted_entities` (ENTITY_COLUMNS), `updated_entities`
+        (ENTITY_COLUMNS, then the version the database holds), `stocks`
         (sku_id, total, available, held, sold, version). Empty ones are left out."""
         sets = [
             ("outcomes", [(key, r.fingerprint, r.reason, r.payload, now_ms) for key, r, now_ms in self.outcomes]),
             ("inserted", [row_of_reservation(r) for r in self.inserted]),
             ("updated", [(*row_of_reservation(r), stored) for r, stored in self.updated]),
+            ("inserted_entities", [row_of_entity(e) for e in self.inserted_entities]),
+            ("updated_entities", [(*row_of_entity(e), stored) for e, stored in self.updated_entities]),
             ("stocks", [(s.sku_id, s.total, s.available, s.held, s.sold, s.version) for s in self.stocks]),
         ]
         return [(kind, rows) for kind, rows in sets if rows]
@@ -91,13 +102,16 @@ class Rows:
     """Every row a batch has read or written, and what the database holds of
     each, so that a flush writes exactly the difference."""
 
-    __slots__ = ("outcomes", "reservations", "stocks", "_stored_versions", "_stored_stocks", "new_outcomes")
+    __slots__ = ("outcomes", "reservations", "entities", "stocks", "_stored_versions", "_stored_entity_versions",
+                 "_stored_stocks", "new_outcomes")
 
     def __init__(self) -> None:
         self.outcomes: dict[bytes, Record | None] = {}
         self.reservations: dict[str, Reservation | None] = {}
+        self.entities: dict[str, Entity | None] = {}
         self.stocks: dict[str, Stock | None] = {}
         self._stored_versions: dict[str, int] = {}  # 0: no row in the database
+        self._stored_entity_versions: dict[str, int] = {}  # 0: no row in the database
         self._stored_stocks: dict[str, Stock | None] = {}
         self.new_outcomes: dict[bytes, tuple[Record, int]] = {}  # recorded by this batch, not yet written
 
@@ -108,21 +122,18 @@ class Rows:
         self.reservations[rid] = row
         self._stored_versions[rid] = 0 if row is None else row.version
 
+    def loaded_entity(self, entity_id: str, row: Entity | None) -> None:
+        self.entities[entity_id] = row
+        self._stored_entity_versions[entity_id] = 0 if row is None else row.version
+
     def loaded_stock(self, sku_id: str, row: Stock | None) -> None:
         self.stocks[sku_id] = row
         self._stored_stocks[sku_id] = row
 
     def changes(self) -> Changes:
         changes = Changes([(key, record, now_ms) for key, (record, now_ms) in self.new_outcomes.items()])
-        for rid, row in self.reservations.items():
-            stored = self._stored_versions[rid]
-            if row is None or row.version == stored:
-                continue
-            assert row.version > stored, f"reservation {rid} would move back from version {stored} to {row.version}"
-            if stored == 0:
-                changes.inserted.append(row)
-            else:
-                changes.updated.append((row, stored))
+        changes.inserted, changes.updated = _versioned_changes(self.reservations, self._stored_versions)
+        changes.inserted_entities, changes.updated_entities = _versioned_changes(self.entities, self._stored_entity_versions)
         changes.stocks = [row for sku, row in self.stocks.items() if row is not None and row != self._stored_stocks[sku]]
         for row in changes.stocks:
             row.check()
@@ -135,8 +146,30 @@ class Rows:
             self._stored_versions[row.reservation_id] = row.version
         for row, _ in changes.updated:
             self._stored_versions[row.reservation_id] = row.version
+        for row in changes.inserted_entities:
+            self._stored_entity_versions[row.entity_id] = row.version
+        for row, _ in changes.updated_entities:
+            self._stored_entity_versions[row.entity_id] = row.version
         for row in changes.stocks:
             self._stored_stocks[row.sku_id] = row
+
+
+def _versioned_changes(rows: dict[str, Any], stored_versions: dict[str, int]) -> tuple[list, list[tuple[Any, int]]]:
+    """Of versioned rows (reservations, entities) by id: those to insert (the
+    database holds none) and those to update, each with the version the
+    database holds, which the update compares and sets."""
+    inserted: list = []
+    updated: list[tuple[Any, int]] = []
+    for row_id, row in rows.items():
+        stored = stored_versions[row_id]
+        if row is None or row.version == stored:
+            continue
+        assert row.version > stored, f"{row_id} would move back from version {stored} to {row.version}"
+        if stored == 0:
+            inserted.append(row)
+        else:
+            updated.append((row, stored))
+    return inserted, updated
 
 
 Flush = Callable[[Changes], bool]
@@ -228,11 +261,36 @@ class BatchTxn:
         self._set(self._rows.reservations, r.reservation_id, r)
         self.written[r.reservation_id] = r.version
 
+    # -- entities --
+    #
+    # Entities are copied in and out: a service built on the framework may
+    # change the one it read in place, and the batch's rows (which its
+    # batch-mates read, and `undo` restores) must not change with it.
+
+    def entity(self, entity_id: str) -> Entity | None:
+        if entity_id not in self._rows.entities:
+            self._rows.loaded_entity(entity_id, self._db.entity(entity_id))
+        found = self._rows.entities[entity_id]
+        return None if found is None else replace(found)
+
+    def save_entity(self, entity: Entity, expected_version: int) -> None:
+        assert entity.version == expected_version + 1, "a move advances the version by exactly one"
+        current = self.entity(entity.entity_id)
+        if (0 if current is None else current.version) != expected_version:
+            raise Contended(f"entity {entity.entity_id} moved past version {expected_version}")
+        assert current is None or current.kind == entity.kind, f"entity {entity.entity_id} would change its kind"
+        self._set(self._rows.entities, entity.entity_id, replace(entity))
+        self.written[entity.entity_id] = entity.version
+
     # -- range queries: the database's answer, after the batch's writes --
 
     def due_holds(self, now_ms: int, limit: int) -> list[Reservation]:
         self._before_range_query()
         return self._db.due_holds(now_ms, limit)
+
+    def due_entities(self, kind: str, now_ms: int, limit: int) -> list[Entity]:
+        self._before_range_query()
+        return self._db.due_entities(kind, now_ms, limit)
 
     def intents(self, limit: int) -> list[Reservation]:
         self._before_range_query()
@@ -296,21 +354,24 @@ class Named:
     keys: frozenset[bytes]
     reservations: frozenset[str]
     skus: frozenset[str]
+    entities: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, batch: list[Job]) -> Named:
         keys: set[bytes] = set()
         rids: set[str] = set()
         skus: set[str] = set()
+        entities: set[str] = set()
         for job in batch:
             if job.prefetch is not None:
                 keys.update(job.prefetch.keys)
                 rids.update(job.prefetch.reservations)
                 skus.update(job.prefetch.skus)
-        return cls(frozenset(keys), frozenset(rids), frozenset(skus))
+                entities.update(job.prefetch.entities)
+        return cls(frozenset(keys), frozenset(rids), frozenset(skus), frozenset(entities))
 
     def __bool__(self) -> bool:
-        return bool(self.keys or self.reservations or self.skus)
+        return bool(self.keys or self.reservations or self.skus or self.entities)
 
 
 class BufferedStore(GroupCommitStore):

@@ -21,11 +21,14 @@ from psycopg import errors
 
 from service.batch import BufferedStore, Changes, Named, Rows
 from service.store import (
+    ENTITY_COLUMNS,
     RESERVATION_COLUMNS,
+    Entity,
     Record,
     Reservation,
     SqlTxn,
     Stock,
+    entity_of_row,
     reservation_of_row,
     schema,
 )
@@ -59,6 +62,12 @@ class PostgresTxn(SqlTxn):
     def reservation(self, reservation_id: str) -> Reservation | None:
         return None if "\x00" in reservation_id else super().reservation(reservation_id)
 
+    def entity(self, entity_id: str) -> Entity | None:
+        return None if "\x00" in entity_id else super().entity(entity_id)
+
+    def due_entities(self, kind: str, now_ms: int, limit: int) -> list[Entity]:
+        return [] if "\x00" in kind else super().due_entities(kind, now_ms, limit)
+
 
 # -- a batch as set-based statements (service.batch) ----------------------------
 #
@@ -82,6 +91,8 @@ _OUTCOME = (("key", "bytea"), ("fingerprint", "bytea"), ("reason", "text"), ("pa
 _RESERVATION = (("reservation_id", "text"), ("order_id", "text"), ("sku_id", "text"), ("quantity", "bigint"),
                 ("state", "int"), ("version", "bigint"), ("expires_at_ms", "bigint"), ("retry_count", "int"),
                 ("release_reason", "text"))
+_ENTITY = (("entity_id", "text"), ("kind", "text"), ("state", "int"), ("version", "bigint"), ("data", "bytea"),
+           ("lease_owner", "text"), ("lease_until_ms", "bigint"), ("due_at_ms", "bigint"))
 _STOCK = (("sku_id", "text"), ("total", "bigint"), ("available", "bigint"), ("held", "bigint"), ("sold", "bigint"),
           ("version", "bigint"))
 _KEYS = "(SELECT decode(value, 'hex') FROM json_array_elements_text(%s::json))"
@@ -91,6 +102,7 @@ PREFETCH_OUTCOMES = f"SELECT key, fingerprint, reason, payload FROM outcome WHER
 PREFETCH_RESERVATIONS = (
     f"SELECT {RESERVATION_COLUMNS} FROM reservation WHERE reservation_id IN {_IDS} ORDER BY reservation_id FOR UPDATE"
 )
+PREFETCH_ENTITIES = f"SELECT {ENTITY_COLUMNS} FROM entity WHERE entity_id IN {_IDS} ORDER BY entity_id FOR UPDATE"
 # The SKUs named, and those of the reservations named (a Confirm knows only
 # its reservation): the stock a move settles is locked with the rest.
 PREFETCH_STOCK = (
@@ -112,6 +124,16 @@ FLUSH_UPDATED = (
     f" FROM (SELECT {_json_rows((*_RESERVATION, ('stored', 'bigint')))}) AS u"
     " WHERE r.reservation_id = u.reservation_id AND r.version = u.stored"
 )
+FLUSH_INSERTED_ENTITIES = (
+    f"INSERT INTO entity ({ENTITY_COLUMNS}) SELECT {_json_rows(_ENTITY)} ON CONFLICT (entity_id) DO NOTHING"
+)
+# The kind is left as inserted: a machine never turns into another.
+FLUSH_UPDATED_ENTITIES = (
+    "UPDATE entity AS e SET state = u.state, version = u.version, data = u.data, lease_owner = u.lease_owner,"
+    " lease_until_ms = u.lease_until_ms, due_at_ms = u.due_at_ms"
+    f" FROM (SELECT {_json_rows((*_ENTITY, ('stored', 'bigint')))}) AS u"
+    " WHERE e.entity_id = u.entity_id AND e.version = u.stored"
+)
 FLUSH_STOCK = (
     f"INSERT INTO stock (sku_id, total, available, held, sold, version) SELECT {_json_rows(_STOCK)}"
     " ON CONFLICT (sku_id) DO UPDATE SET total = excluded.total, available = excluded.available,"
@@ -128,7 +150,9 @@ def _expecting(statement: str) -> str:
 FLUSH = {
     kind: _expecting(statement)
     for kind, statement in (
-        ("outcomes", FLUSH_OUTCOMES), ("inserted", FLUSH_INSERTED), ("updated", FLUSH_UPDATED), ("stocks", FLUSH_STOCK),
+        ("outcomes", FLUSH_OUTCOMES), ("inserted", FLUSH_INSERTED), ("updated", FLUSH_UPDATED),
+        ("inserted_entities", FLUSH_INSERTED_ENTITIES), ("updated_entities", FLUSH_UPDATED_ENTITIES),
+        ("stocks", FLUSH_STOCK),
     )
 }
 
@@ -196,18 +220,22 @@ class PostgresStore(BufferedStore):
     # -- a batch, buffered: prefetch, moves in memory, flush, commit --
 
     def _load(self, connection: psycopg.Connection, named: Named) -> Rows:
-        """BEGIN and one SELECT per table, in one round trip."""
+        """BEGIN and one SELECT per table, in one round trip (entities only
+        when a job named one: most batches are the inventory's)."""
         keys, rids = named.keys, named.reservations
         rows = Rows()
         if not named:
             connection.execute("BEGIN")
             return rows
-        rid_list, sku_list = _ids(rids), _ids(named.skus)
+        rid_list, sku_list, eid_list = _ids(rids), _ids(named.skus), _ids(named.entities)
+        entities = None
         with connection.pipeline():
             connection.execute("BEGIN")
             rid_json = json.dumps(rid_list, ensure_ascii=False)
             outcomes = connection.execute(PREFETCH_OUTCOMES, (json.dumps([key.hex() for key in keys]),))
             reservations = connection.execute(PREFETCH_RESERVATIONS, (rid_json,))
+            if eid_list:
+                entities = connection.execute(PREFETCH_ENTITIES, (json.dumps(eid_list, ensure_ascii=False),))
             stocks = connection.execute(PREFETCH_STOCK, (json.dumps(sku_list, ensure_ascii=False), rid_json))
         found_outcomes = {bytes(k): Record(bytes(f), reason, bytes(p)) for k, f, reason, p in outcomes.fetchall()}
         for key in keys:
@@ -216,6 +244,9 @@ class PostgresStore(BufferedStore):
         for rid in rids:
             if "\x00" not in rid:
                 rows.loaded_reservation(rid, found_reservations.get(rid))
+        found_entities = {} if entities is None else {row[0]: entity_of_row(row) for row in entities.fetchall()}
+        for eid in eid_list:
+            rows.loaded_entity(eid, found_entities.get(eid))
         for row in stocks.fetchall():
             rows.loaded_stock(row[0], Stock(*row))
         for sku in sku_list:

@@ -18,10 +18,12 @@ from typing import ClassVar
 
 from service.batch import BufferedStore, Changes, Named, Rows
 from service.store import (
+    ENTITY_COLUMNS,
     RESERVATION_COLUMNS,
     Record,
     SqlTxn,
     Stock,
+    entity_of_row,
     reservation_of_row,
     schema,
 )
@@ -57,6 +59,14 @@ UPDATE_RESERVATIONS = (
     " release_reason = u.release_reason"
     " FROM u WHERE reservation.reservation_id = u.reservation_id AND reservation.version = u.stored"
 )
+INSERT_ENTITIES = f"INSERT INTO entity ({ENTITY_COLUMNS}) VALUES {{values}} ON CONFLICT (entity_id) DO NOTHING"
+# The kind is left as inserted: a machine never turns into another.
+UPDATE_ENTITIES = (
+    f"WITH u ({ENTITY_COLUMNS}, stored) AS (VALUES {{values}})"
+    " UPDATE entity SET state = u.state, version = u.version, data = u.data, lease_owner = u.lease_owner,"
+    " lease_until_ms = u.lease_until_ms, due_at_ms = u.due_at_ms"
+    " FROM u WHERE entity.entity_id = u.entity_id AND entity.version = u.stored"
+)
 UPSERT_STOCKS = (
     "INSERT INTO stock (sku_id, total, available, held, sold, version) VALUES {values}"
     " ON CONFLICT (sku_id) DO UPDATE SET total = excluded.total, available = excluded.available,"
@@ -64,7 +74,14 @@ UPSERT_STOCKS = (
 )
 
 
-WRITE = {"outcomes": INSERT_OUTCOMES, "inserted": INSERT_RESERVATIONS, "updated": UPDATE_RESERVATIONS, "stocks": UPSERT_STOCKS}
+WRITE = {
+    "outcomes": INSERT_OUTCOMES,
+    "inserted": INSERT_RESERVATIONS,
+    "updated": UPDATE_RESERVATIONS,
+    "inserted_entities": INSERT_ENTITIES,
+    "updated_entities": UPDATE_ENTITIES,
+    "stocks": UPSERT_STOCKS,
+}
 
 
 def _many(sql: str, rows: list[tuple]) -> tuple[str, tuple]:
@@ -110,23 +127,27 @@ class SqliteStore(BufferedStore):
 
     def _load(self, connection: sqlite3.Connection, named: Named) -> Rows:
         """BEGIN, then every named row in one statement (one step per row
-        found): the outcomes, the reservations, and the stock of the SKUs
-        named and of the reservations' SKUs, told apart by a first column."""
+        found): the outcomes, the reservations, the entities, and the stock
+        of the SKUs named and of the reservations' SKUs, told apart by a
+        first column."""
         connection.execute(self.BEGIN)
         rows = Rows()
         if not named:
             return rows
         keys, key_params = _in(named.keys)
         rids, rid_params = _in(named.reservations)
+        eids, eid_params = _in(named.entities)
         skus, sku_params = _in(named.skus)
         sql = (
             f"SELECT 'o', key, fingerprint, reason, payload, NULL, NULL, NULL, NULL, NULL FROM outcome WHERE key IN {keys}"
             f" UNION ALL SELECT 'r', {RESERVATION_COLUMNS} FROM reservation WHERE reservation_id IN {rids}"
+            f" UNION ALL SELECT 'e', {ENTITY_COLUMNS}, NULL FROM entity WHERE entity_id IN {eids}"
             " UNION ALL SELECT 's', sku_id, total, available, held, sold, version, NULL, NULL, NULL FROM stock"
             f" WHERE sku_id IN {skus} OR sku_id IN (SELECT sku_id FROM reservation WHERE reservation_id IN {rids})"
         )
-        found: dict[str, dict] = {"o": {}, "r": {}, "s": {}}
-        for kind, *row in connection.execute(sql, (*key_params, *rid_params, *sku_params, *rid_params)):
+        found: dict[str, dict] = {"o": {}, "r": {}, "e": {}, "s": {}}
+        params = (*key_params, *rid_params, *eid_params, *sku_params, *rid_params)
+        for kind, *row in connection.execute(sql, params):
             found[kind][row[0]] = row
         for key in key_params:
             row = found["o"].get(key)
@@ -134,6 +155,9 @@ class SqliteStore(BufferedStore):
         for rid in rid_params:
             row = found["r"].get(rid)
             rows.loaded_reservation(rid, None if row is None else reservation_of_row(tuple(row)))
+        for eid in eid_params:
+            row = found["e"].get(eid)
+            rows.loaded_entity(eid, None if row is None else entity_of_row(row))
         for sku in {*sku_params, *found["s"]}:
             row = found["s"].get(sku)
             rows.loaded_stock(sku, None if row is None else Stock(*row[:6]))

@@ -44,7 +44,8 @@ class SchemaTooNew(ValueError):
 
 # The tables' layout. Bump it with a migration step in each backend; a store
 # stamped with a higher number than this code knows is refused at start-up.
-SCHEMA_VERSION = 1
+# 2: the `entity` table (a version-1 store gains it when it opens).
+SCHEMA_VERSION = 2
 
 
 class Contended(Exception):
@@ -69,6 +70,7 @@ class Prefetch:
     keys: tuple[bytes, ...] = ()
     reservations: tuple[str, ...] = ()
     skus: tuple[str, ...] = ()
+    entities: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -99,6 +101,25 @@ class Reservation:
     release_reason: str = ""
 
 
+@dataclass(slots=True)
+class Entity:
+    """A state-machine entity of a service built on the framework (a waybill, a table booking):
+    the machine's state and the row's version, plus the service's own fields as opaque bytes.
+
+    The store never looks inside `data`, so a service changes its fields
+    without a schema migration; what the store does look at (the state, the
+    lease, the timeout) has columns of its own."""
+
+    entity_id: str  # globally unique; services prefix it (e.g. "wb_...")
+    kind: str  # the machine's name, e.g. "fulfillment"; fixed when the entity is created
+    state: int
+    version: int
+    data: bytes  # the service's own fields, serialized by the service
+    lease_owner: str = ""  # who holds the entity's lease ("" = nobody)
+    lease_until_ms: int = 0  # the lease ends at this clock time
+    due_at_ms: int = 0  # when its timeout event fires; 0 = none
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """A recorded outcome: `reason` None is success; `payload` the exact bytes."""
@@ -125,6 +146,9 @@ class Txn(Protocol):
     def due_holds(self, now_ms: int, limit: int) -> list[Reservation]: ...
     def intents(self, limit: int) -> list[Reservation]: ...
     def versions(self, after: str, limit: int) -> list[tuple[str, int]]: ...
+    def entity(self, entity_id: str) -> Entity | None: ...
+    def save_entity(self, entity: Entity, expected_version: int) -> None: ...
+    def due_entities(self, kind: str, now_ms: int, limit: int) -> list[Entity]: ...
 
 
 class Store(Protocol):
@@ -165,6 +189,17 @@ CREATE TABLE IF NOT EXISTS outcome (
     payload {blob} NOT NULL,
     recorded_at_ms {integer} NOT NULL
 );
+CREATE TABLE IF NOT EXISTS entity (
+    entity_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    version {integer} NOT NULL CHECK (version > 0),
+    data {blob} NOT NULL,
+    lease_owner TEXT NOT NULL DEFAULT '',
+    lease_until_ms {integer} NOT NULL DEFAULT 0,
+    due_at_ms {integer} NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS entity_due ON entity (kind, due_at_ms);
 CREATE TABLE IF NOT EXISTS holdfast_schema (version INTEGER NOT NULL);
 """
 
@@ -188,6 +223,19 @@ def reservation_of_row(row: tuple) -> Reservation:
     return Reservation(row[0], row[1], row[2], row[3], State(row[4]), *row[5:])
 
 
+ENTITY_COLUMNS = "entity_id, kind, state, version, data, lease_owner, lease_until_ms, due_at_ms"
+
+
+def row_of_entity(e: Entity) -> tuple:
+    """An entity as ENTITY_COLUMNS lists them."""
+    return (e.entity_id, e.kind, e.state, e.version, e.data, e.lease_owner, e.lease_until_ms, e.due_at_ms)
+
+
+def entity_of_row(row: tuple | list) -> Entity:
+    """The inverse of `row_of_entity`; drivers may hand `data` back as a buffer, not bytes."""
+    return Entity(row[0], row[1], row[2], row[3], bytes(row[4]), row[5], row[6], row[7])
+
+
 class SqlTxn:
     """`Txn` over a DB-API cursor, inside the batch's transaction.
 
@@ -199,7 +247,7 @@ class SqlTxn:
     LOCK: ClassVar[str] = ""  # " FOR UPDATE" where concurrent writers exist
     _translated: ClassVar[dict[str, str]]
 
-    __slots__ = ("_cursor", "written", "_reservations")
+    __slots__ = ("_cursor", "written", "_reservations", "_entities")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -212,6 +260,7 @@ class SqlTxn:
         # the move itself read the same reservation, and one read (one round
         # trip, one row lock) serves both. A Txn lives for one move attempt.
         self._reservations: dict[str, Reservation | None] = {}
+        self._entities: dict[str, Entity | None] = {}
 
     def _execute(self, sql: str, params: tuple = ()) -> Any:
         text = self._translated.get(sql)
@@ -317,11 +366,61 @@ class SqlTxn:
         return [reservation_of_row(row) for row in rows]
 
     def versions(self, after: str, limit: int) -> list[tuple[str, int]]:
+        """Reservations' and entities' versions in one id order (their ids
+        never collide: reservation ids start with "rsv_"), as the snapshot
+        holds both."""
         rows = self._execute(
-            "SELECT reservation_id, version FROM reservation WHERE reservation_id > %s ORDER BY reservation_id LIMIT %s",
-            (after, limit),
+            "SELECT reservation_id, version FROM reservation WHERE reservation_id > %s"
+            " UNION ALL SELECT entity_id, version FROM entity WHERE entity_id > %s ORDER BY 1 LIMIT %s",
+            (after, after, limit),
         ).fetchall()
-        return [(rid, version) for rid, version in rows]
+        return [(row_id, version) for row_id, version in rows]
+
+    # -- entities of services built on the framework --
+
+    def entity(self, entity_id: str) -> Entity | None:
+        """One entity, locked like a reservation; one read serves the
+        engine's version check and the move alike."""
+        if entity_id in self._entities:
+            return self._entities[entity_id]
+        row = self._execute(f"SELECT {ENTITY_COLUMNS} FROM entity WHERE entity_id = %s" + self.LOCK, (entity_id,)).fetchone()
+        found = None if row is None else entity_of_row(row)
+        self._entities[entity_id] = found
+        return found
+
+    def save_entity(self, entity: Entity, expected_version: int) -> None:
+        """Compare-and-set on the version, as `save_reservation`: a new
+        entity expects version 0, a lost race raises `Contended`. The kind is
+        written once, on insert: a machine never turns into another."""
+        assert entity.version == expected_version + 1, "a move advances the version by exactly one"
+        cached = self._entities.get(entity.entity_id)
+        assert cached is None or cached.kind == entity.kind, f"entity {entity.entity_id} would change its kind"
+        if expected_version == 0:
+            cursor = self._execute(
+                f"INSERT INTO entity ({ENTITY_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (entity_id) DO NOTHING",
+                row_of_entity(entity),
+            )
+        else:
+            cursor = self._execute(
+                "UPDATE entity SET state = %s, version = %s, data = %s, lease_owner = %s, lease_until_ms = %s,"
+                " due_at_ms = %s WHERE entity_id = %s AND version = %s",
+                (*row_of_entity(entity)[2:], entity.entity_id, expected_version),
+            )
+        if cursor.rowcount != 1:
+            raise Contended(f"entity {entity.entity_id} moved past version {expected_version}")
+        self.written[entity.entity_id] = entity.version
+        self._entities[entity.entity_id] = entity
+
+    def due_entities(self, kind: str, now_ms: int, limit: int) -> list[Entity]:
+        """The entities of `kind` whose timeout is due, oldest first: what a
+        reaper fires timeout events for (due_at_ms 0 means no timeout)."""
+        rows = self._execute(
+            f"SELECT {ENTITY_COLUMNS} FROM entity WHERE kind = %s AND due_at_ms > 0 AND due_at_ms <= %s"
+            " ORDER BY due_at_ms, entity_id LIMIT %s",
+            (kind, now_ms, limit),
+        ).fetchall()
+        return [entity_of_row(row) for row in rows]
 
 
 @dataclass(slots=True)
@@ -457,6 +556,10 @@ class GroupCommitStore:
         found = cursor.execute("SELECT max(version) FROM holdfast_schema").fetchone()[0]
         if found is None:
             cursor.execute(f"INSERT INTO holdfast_schema (version) VALUES ({SCHEMA_VERSION})")
+        elif found < SCHEMA_VERSION:
+            # Every step so far only adds tables (2: entity), which the
+            # schema's CREATE ... IF NOT EXISTS has just made.
+            cursor.execute(f"UPDATE holdfast_schema SET version = {SCHEMA_VERSION}")
         elif found > SCHEMA_VERSION:
             raise SchemaTooNew(
                 f"{self.describe()} has schema version {found}, newer than this holdfast's {SCHEMA_VERSION}; upgrade holdfast"
@@ -603,8 +706,8 @@ def _deliver(results: list[JobResult]) -> None:
 
 
 async def version_pages(store: Store, page: int = 1000) -> AsyncIterator[dict[str, int]]:
-    """Every reservation's version, a page per transaction: what a snapshot is
-    rebuilt from after it lost writes."""
+    """Every reservation's and entity's version, a page per transaction: what
+    a snapshot is rebuilt from after it lost writes."""
     after = ""
     while rows := await store.transact(lambda txn, after=after: txn.versions(after, page)):
         yield dict(rows)
