@@ -50,13 +50,13 @@ STYLES = {
 
 
 class _Marked:
-    """Styles the initial and terminal states, whatever the model's state."""
+    """Styles the initial and terminal states in place of the library's
+    styling of a model's run (its current state "active", set at start)."""
 
     def get_graph(self, title=None, roi_state=None):
         self.reset_styling()
-        for name, state in self.machine.states.items():
-            if state.final:
-                self.set_node_style(name, "terminal")
+        for name in self._final_states():
+            self.set_node_style(name, "terminal")
         self.set_node_style(self.machine.initial, "initial")
         return super().get_graph(title=title, roi_state=roi_state)
 
