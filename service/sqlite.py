@@ -90,6 +90,16 @@ def _many(sql: str, rows: list[tuple]) -> tuple[str, tuple]:
     return sql.format(values=", ".join([group] * len(rows))), tuple(value for row in rows for value in row)
 
 
+def _wrote(connection: sqlite3.Connection, sql: str, params: tuple) -> int:
+    """The rows `sql` inserted or updated. Not `cursor.rowcount`: Python
+    before 3.12 reports -1 for a statement that starts with WITH (the
+    updates do), which would send every batch that updates a row to the
+    savepoint path."""
+    before = connection.total_changes
+    connection.execute(sql, params)
+    return connection.total_changes - before
+
+
 class SqliteStore(BufferedStore):
     TXN = SqliteTxn
     BEGIN: ClassVar[str] = "BEGIN IMMEDIATE"
@@ -166,7 +176,7 @@ class SqliteStore(BufferedStore):
     def _write(self, connection: sqlite3.Connection, changes: Changes) -> bool:
         """One multi-row statement per table; False when one affected fewer
         rows than it holds (another process wrote the row after our read)."""
-        return all(connection.execute(*_many(WRITE[kind], rows)).rowcount == len(rows) for kind, rows in changes.row_sets())
+        return all(_wrote(connection, *_many(WRITE[kind], rows)) == len(rows) for kind, rows in changes.row_sets())
 
     def _is_unavailable(self, error: BaseException) -> bool:
         """The file cannot be used (busy past the timeout, I/O, full, read-only,
