@@ -44,6 +44,9 @@ class Move:
     entity: str | None
     apply: Apply
     skus: tuple[str, ...] = ()
+    # `entity` names a generic entity of a service built on the framework
+    # (service.framework) rather than an inventory reservation.
+    generic: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +81,25 @@ class Engine:
         except StoreUnavailable as error:
             return failure(Reason.DEPENDENCY_UNAVAILABLE, f"store unavailable: {error}")
 
+    async def recorded(self, key: bytes, fingerprint: bytes, deadline: float | None = None) -> Outcome | None:
+        """What a move under `key` would replay, or None when none was
+        recorded: lets a call made of several moves (a claim, a carrier's
+        answer, a settlement) answer a retry before redoing any of them."""
+
+        def read(txn: Txn, now_ms: int) -> Outcome | None:
+            found = txn.recorded(key)
+            return None if found is None else _replay(found, fingerprint)
+
+        return await self.read(read, deadline)
+
     async def _move(self, move: Move, deadline: float | None) -> Outcome:
         seen = None if move.entity is None else await self.snapshot.version(move.entity)
         try:
-            rows = Prefetch((move.key,), () if move.entity is None else (move.entity,), move.skus)
+            named = () if move.entity is None else (move.entity,)
+            if move.generic:
+                rows = Prefetch((move.key,), skus=move.skus, entities=named)
+            else:
+                rows = Prefetch((move.key,), named, move.skus)
             result = await self.store.transact(lambda txn: self._decide(txn, move, seen), deadline, rows)
         except BudgetSpent:  # counted as a timeout fallback by the gateway, which answers it
             return failure(Reason.BUDGET_EXCEEDED, "the call's budget ran out before the move could start; nothing changed")
@@ -109,12 +127,9 @@ class Engine:
         """Steps 1-4, on the store's thread inside the transaction."""
         recorded = txn.recorded(move.key)
         if recorded is not None:
-            if recorded.fingerprint != move.fingerprint:
-                return failure(Reason.IDEMPOTENCY_KEY_REUSED, "this idempotency key was used with another request"), {}
-            reason = None if recorded.reason is None else Reason[recorded.reason]
-            return Outcome(reason, recorded.payload, replayed=True), {}
+            return _replay(recorded, move.fingerprint), {}
         if move.entity is not None and seen is not None:
-            current = txn.reservation(move.entity)
+            current = txn.entity(move.entity) if move.generic else txn.reservation(move.entity)
             store_version = 0 if current is None else current.version
             if store_version != seen:
                 return _Conflict(move.entity, seen, store_version)
@@ -142,3 +157,11 @@ class Engine:
             f"reservation {conflict.entity} moved concurrently (now at version {conflict.store_version}); re-read and retry",
             metadata={"reservation_id": conflict.entity, "version": str(conflict.store_version)},
         )
+
+
+def _replay(recorded: Record, fingerprint: bytes) -> Outcome:
+    """Step 1: the stored outcome, or a refusal when the payload differs."""
+    if recorded.fingerprint != fingerprint:
+        return failure(Reason.IDEMPOTENCY_KEY_REUSED, "this idempotency key was used with another request")
+    reason = None if recorded.reason is None else Reason[recorded.reason]
+    return Outcome(reason, recorded.payload, replayed=True)

@@ -1,10 +1,257 @@
 """The public API of holdfast: everything a team imports to build its own
-deterministic service. Nothing outside this module's `__all__` is promised;
-the names are pinned by tests/test_framework.py.
+deterministic service. Nothing outside `__all__` is promised; the names are
+pinned by tests/test_framework.py, and the services in this repository
+(service.inventory, service.fulfillment, examples/) use nothing else.
+
+A service built on the framework is
+
+* a `.proto` whose every RPC declares its contract (timeout, idempotency
+  key fields, retry policy, lock lease), linted by `holdfast lint`;
+* a `Machine`: its states, the table of (source, event, destination), the
+  initial and terminal states;
+* a `Service` subclass with one async method per RPC. A mutating method
+  validates its request, then calls `self.move(entity_id, decide)`, where
+  `decide(entity, now_ms)` returns either an `Outcome` (a refusal: nothing
+  is written) or a `Change` (the events to walk, the entity's new data and
+  how to answer). The framework does the rest in one store transaction:
+  the replay of a recorded key, the snapshot's double check, the lease, the
+  state check against the table, the compare-and-set on the version, the
+  outcome recorded under the key;
+* `serve(config, services=[...])` to run it, or `start` in tests.
 """
 
 from __future__ import annotations
 
-from service.machine import Machine
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping
 
-__all__ = ["Machine"]
+import grpc
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message_factory as _message_factory
+from google.protobuf.message import Message
+
+from contracts.contract import Contract, of_service
+from service.clock import Clock, ManualClock, SystemClock
+from service.engine import Engine, Move
+from service.gateway import Call, current_call, idempotency_key
+from service.machine import Machine
+from service.outcome import Outcome, Reason, failure, success
+from service.store import Entity, Txn
+
+__all__ = [
+    # declaring a state machine
+    "Machine",
+    # a service and its moves
+    "Service",
+    "Change",
+    "Entity",
+    "Outcome",
+    "Reason",
+    "success",
+    "failure",
+    "derive_id",
+    "lease_held",
+    "encode_data",
+    "decode_data",
+    # what a call carries (set by the gateway from the contract in the .proto)
+    "Call",
+    "Contract",
+    "current_call",
+    "idempotency_key",
+    # lower level: moves over the store's transaction, as inventory does
+    "Engine",
+    "Move",
+    "Txn",
+    # time
+    "Clock",
+    "SystemClock",
+    "ManualClock",
+]
+
+ID_LENGTH_MAX = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What a move decided: walk `events` from the entity's state (the table
+    must allow every step), store `data` as its new fields, and answer.
+
+    The answer is `reply(entity)` (the reply message, built from the entity
+    as stored), or `refusal` when the change is itself the end of a failed
+    attempt (it must be a recorded reason: the change is written and the
+    same refusal replayed). `lease_owner` holds the entity's lease for the
+    method's contract `lock_ttl_ms` from now; "" releases it. `due_at_ms`
+    schedules the entity's timeout event; 0 clears it.
+    """
+
+    events: tuple[str, ...]
+    data: bytes
+    reply: Callable[[Entity], Message] | None = None
+    refusal: Outcome | None = None
+    lease_owner: str = ""
+    due_at_ms: int = 0
+
+    def __post_init__(self) -> None:
+        assert self.events, "a change walks at least one event"
+        assert (self.reply is None) != (self.refusal is None), "a change answers with a reply or a refusal"
+        assert self.refusal is None or (not self.refusal.ok and self.refusal.recorded), (
+            "a change that refuses writes, so its refusal must be recorded to replay the same"
+        )
+
+
+Decide = Callable[[Entity | None, int], "Change | Outcome"]
+
+
+def derive_id(prefix: str, key: bytes) -> str:
+    """An entity id derived from the idempotency key of the call that creates
+    it, so a retry, a replay or another instance names the same entity."""
+    return f"{prefix}_{key.hex()[:24]}"
+
+
+def lease_held(entity: Entity | None, now_ms: int) -> bool:
+    """True while someone's lease on `entity` has not run out."""
+    return entity is not None and bool(entity.lease_owner) and now_ms < entity.lease_until_ms
+
+
+def encode_data(fields: Mapping[str, Any]) -> bytes:
+    """An entity's fields as canonical JSON: the same fields give the same
+    bytes on every instance, so stored rows and replies stay deterministic."""
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode_data(data: bytes) -> dict[str, Any]:
+    return json.loads(data)
+
+
+@dataclass(slots=True)
+class _Bound:
+    """A Service's contracts and message classes, read once per class."""
+
+    contracts: dict[str, Contract]
+    requests: dict[str, type[Message]] = field(default_factory=dict)
+
+
+class Service:
+    """Base of a servicer built on the framework.
+
+    Subclasses set `DESCRIPTOR` (the `.proto`'s ServiceDescriptor) and
+    `MACHINE`, and define one `async def Method(self, request, context) ->
+    Outcome` per RPC. The gateway (service.gateway) turns outcomes into
+    replies and statuses and sets `current_call()` for every call.
+    """
+
+    DESCRIPTOR: ClassVar[_descriptor.ServiceDescriptor]
+    MACHINE: ClassVar[Machine]
+    # Entity ids this service creates start with this and "_".
+    ID_PREFIX: ClassVar[str] = ""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._bound = _bind(self.DESCRIPTOR)
+
+    @property
+    def name(self) -> str:
+        """The service's full proto name, e.g. `holdfast.fulfillment.v1.DispatchService`."""
+        return self.DESCRIPTOR.full_name
+
+    @property
+    def contracts(self) -> dict[str, Contract]:
+        """Every RPC's contract, by gRPC path, read from the compiled `.proto`."""
+        return self._bound.contracts
+
+    def contract(self, method: str) -> Contract:
+        """The contract of RPC `method` (its name, e.g. `Dispatch`)."""
+        return self._bound.contracts[f"/{self.name}/{method}"]
+
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """Method handlers by name; the servicer's replies are already bytes."""
+        handlers = {}
+        for method in self.DESCRIPTOR.methods:
+            handler = getattr(self, method.name, None)
+            assert handler is not None, f"{type(self).__name__} does not implement {self.name}/{method.name}"
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                handler, request_deserializer=self._bound.requests[method.name].FromString
+            )
+        return handlers
+
+    # -- moves -----------------------------------------------------------------
+
+    async def move(
+        self, entity_id: str, decide: Decide, *, owner: str = "", call: Call | None = None
+    ) -> Outcome:
+        """Runs the current call's move on `entity_id`.
+
+        `owner` is who asks: a move on an entity whose lease another owner
+        holds is refused (LEASE_HELD) before `decide` runs. `call` defaults to
+        the call being served; a call made of several moves passes its own
+        (another key) for the steps that are not its answer.
+        """
+        call = call or current_call()
+        machine, ttl_ms = self.MACHINE, call.contract.lock_ttl_ms
+
+        def apply(txn: Txn, now_ms: int) -> Outcome:
+            return _apply(txn, machine, entity_id, decide, now_ms, owner, ttl_ms)
+
+        move = Move(call.contract.method, call.key, call.fingerprint, entity_id, apply, generic=True)
+        return await self.engine.move(move, call.deadline)
+
+    async def read(self, entity_id: str, render: Callable[[Entity], Message], not_found: Outcome) -> Outcome:
+        """A read-only answer: `render(entity)`, or `not_found`."""
+
+        def read(txn: Txn, now_ms: int) -> Outcome:
+            found = txn.entity(entity_id)
+            if found is None or found.kind != self.MACHINE.name:
+                return not_found
+            return success(render(found).SerializeToString(deterministic=True))
+
+        return await self.engine.read(read, current_call().deadline)
+
+    async def recorded(self, call: Call | None = None) -> Outcome | None:
+        """The outcome recorded under the call's key, if any: a call made of
+        several moves checks this first, so a retry redoes none of them."""
+        call = call or current_call()
+        return await self.engine.recorded(call.key, call.fingerprint, call.deadline)
+
+
+def _apply(
+    txn: Txn, machine: Machine, entity_id: str, decide: Decide, now_ms: int, owner: str, ttl_ms: int
+) -> Outcome:
+    """One move on a generic entity, inside its store transaction."""
+    current = txn.entity(entity_id)
+    if current is not None and current.kind != machine.name:
+        return failure(Reason.ENTITY_NOT_FOUND, f"{entity_id} is not a {machine.name} entity")
+    if lease_held(current, now_ms) and current.lease_owner != owner:
+        return failure(
+            Reason.LEASE_HELD,
+            f"{entity_id} is leased to {current.lease_owner} until {current.lease_until_ms}; retry after it",
+            metadata={"lease_owner": current.lease_owner, "lease_until_ms": str(current.lease_until_ms)},
+        )
+    decided = decide(current, now_ms)
+    if isinstance(decided, Outcome):
+        return decided
+    state = machine.initial if current is None else machine.states(current.state)
+    after = machine.walk(state, decided.events)
+    if after is None:
+        return failure(
+            Reason.INVALID_TRANSITION,
+            f"{entity_id} is {state.name}: {' then '.join(decided.events)} is not allowed from there",
+            metadata={"entity_id": entity_id, "state": state.name},
+        )
+    version = 0 if current is None else current.version
+    lease_until = now_ms + ttl_ms if decided.lease_owner else 0
+    assert not decided.lease_owner or ttl_ms > 0, "a lease needs the contract's lock_ttl_ms"
+    saved = Entity(entity_id, machine.name, int(after), version + 1, decided.data,
+                   decided.lease_owner, lease_until, decided.due_at_ms)
+    txn.save_entity(saved, version)
+    if decided.refusal is not None:
+        return decided.refusal
+    assert decided.reply is not None
+    return success(decided.reply(saved).SerializeToString(deterministic=True))
+
+
+def _bind(service: _descriptor.ServiceDescriptor) -> _Bound:
+    bound = _Bound(of_service(service))
+    for method in service.methods:
+        bound.requests[method.name] = _message_factory.GetMessageClass(method.input_type)
+    return bound

@@ -11,9 +11,37 @@ from the proto, never restated here.
 
 from __future__ import annotations
 
+import asyncio
 import enum
+from dataclasses import replace
+from typing import Protocol
 
-from service.framework import Machine
+from google.protobuf.message import Message
+
+import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
+from holdfast.fulfillment.v1 import fulfillment_pb2 as pb
+
+from service.carrier import Answer, Carrier, Parcel
+from service.framework import (
+    Call,
+    Change,
+    Engine,
+    Entity,
+    Machine,
+    Outcome,
+    Reason,
+    Service,
+    current_call,
+    decode_data,
+    derive_id,
+    encode_data,
+    failure,
+    idempotency_key,
+    lease_held,
+)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["DispatchService"]
+ID_LENGTH_MAX = 128
 
 
 class Waybill(enum.IntEnum):
@@ -44,3 +72,226 @@ WAYBILL: Machine[Waybill] = Machine(
     initial=Waybill.NEW,
     terminal=(Waybill.ACKNOWLEDGED, Waybill.FAILED),
 )
+
+
+class Reservations(Protocol):
+    """What dispatch needs of inventory (service.inventory.Inventory): None
+    when the reservation is CONFIRMED, which is terminal, so the answer
+    cannot go stale before the waybill is created; otherwise the refusal."""
+
+    async def confirmation(self, reservation_id: str, deadline: float | None = None) -> Outcome | None: ...
+
+
+class Dispatch(Service):
+    """The servicer of DispatchService."""
+
+    DESCRIPTOR = SERVICE
+    MACHINE = WAYBILL
+    ID_PREFIX = "wb"
+
+    def __init__(self, engine: Engine, reservations: Reservations, carrier: Carrier) -> None:
+        super().__init__(engine)
+        self.reservations = reservations
+        self.carrier = carrier
+        dispatch = self.contract("Dispatch")
+        self.max_attempts = dispatch.retry.max_attempts
+        self.delay_ms = dispatch.retry.fixed_delay_ms
+        assert self.max_attempts >= 1 and dispatch.lock_ttl_ms > 0, "Dispatch's contract declares attempts and a lease"
+
+    # -- RPCs ------------------------------------------------------------------
+
+    async def CreateWaybill(self, request: pb.CreateWaybillRequest, context) -> Outcome:
+        violations = _text_violations(request, ("reservation_id", "carrier"), ("address",))
+        if violations:
+            return _invalid(violations)
+        call = current_call()
+        refusal = await self.reservations.confirmation(request.reservation_id, call.deadline)
+        if refusal is not None:
+            return refusal
+        wid = derive_id(self.ID_PREFIX, call.key)
+        fields = {"reservation_id": request.reservation_id, "carrier": request.carrier, "address": request.address,
+                  "attempts": [], "tracking_id": "", "failure_reason": ""}
+
+        def decide(entity: Entity | None, now_ms: int) -> Change | Outcome:
+            return Change(("CREATE",), encode_data(fields), reply=_reply)
+
+        return await self.move(wid, decide)
+
+    async def Dispatch(self, request: pb.DispatchRequest, context) -> Outcome:
+        violations = _text_violations(request, ("waybill_id", "dispatcher_id"), ())
+        if violations:
+            return _invalid(violations)
+        if request.attempt > self.max_attempts:
+            return failure(
+                Reason.CONTRACT_VIOLATION,
+                f"Dispatch allows {self.max_attempts} attempts per waybill (its contract's retry.max_attempts);"
+                f" attempt {request.attempt} is refused",
+                [("attempt", f"attempt must be within 1..{self.max_attempts}")],
+                metadata={"max_attempts": str(self.max_attempts)},
+            )
+        call = current_call()
+        answered = await self.recorded(call)
+        if answered is not None:
+            return answered
+        claimed = await self._claim(call, request)
+        if not claimed.ok:
+            return claimed
+        claim = pb.WaybillReply.FromString(claimed.payload)
+        lease_left_ms = max(0, claim.attempts[-1].started_at_ms + self.contract("Dispatch").lock_ttl_ms
+                            - self.engine.clock.now_ms())
+        answer = await self._ask_carrier(claim, request.attempt, lease_left_ms)
+        return await self._settle(call, request, answer)
+
+    async def Acknowledge(self, request: pb.AcknowledgeRequest, context) -> Outcome:
+        violations = _text_violations(request, ("waybill_id",), ())
+        if violations:
+            return _invalid(violations)
+
+        def decide(entity: Entity | None, now_ms: int) -> Change | Outcome:
+            if entity is None:
+                return _not_found(request.waybill_id)
+            return Change(("CARRIER_ACKNOWLEDGED",), entity.data, reply=_reply)
+
+        return await self.move(request.waybill_id, decide)
+
+    async def Fail(self, request: pb.FailRequest, context) -> Outcome:
+        violations = _text_violations(request, ("waybill_id",), ("reason",))
+        if violations:
+            return _invalid(violations)
+        why = request.reason or "given up"
+
+        def decide(entity: Entity | None, now_ms: int) -> Change | Outcome:
+            if entity is None:
+                return _not_found(request.waybill_id)
+            fields = decode_data(entity.data)
+            fields["failure_reason"] = why
+            return Change(("GIVE_UP",), encode_data(fields), reply=_reply)
+
+        return await self.move(request.waybill_id, decide)
+
+    async def GetWaybill(self, request: pb.GetWaybillRequest, context) -> Outcome:
+        if not request.waybill_id:
+            return _invalid([("waybill_id", "waybill_id must be set")])
+        return await self.read(request.waybill_id, _reply, _not_found(request.waybill_id))
+
+    # -- the steps of one Dispatch attempt ----------------------------------------
+
+    async def _claim(self, call: Call, request: pb.DispatchRequest) -> Outcome:
+        """Takes the lease and records the attempt as RUNNING, under a key of
+        its own: a retry after a crash finds the claim made and goes on."""
+        attempt, dispatcher = request.attempt, request.dispatcher_id
+        max_attempts, delay_ms = self.max_attempts, self.delay_ms
+
+        def decide(entity: Entity | None, now_ms: int) -> Change | Outcome:
+            if entity is None:
+                return _not_found(request.waybill_id)
+            fields = decode_data(entity.data)
+            attempts = fields["attempts"]
+            events: tuple[str, ...] = ()
+            if entity.state == Waybill.DISPATCHING and not lease_held(entity, now_ms):
+                # The holder's lease ran out before it settled: the attempt
+                # is over, whatever the carrier said, and this one takes over.
+                attempts[-1].update(result=RESULT[pb.ATTEMPT_RESULT_LEASE_EXPIRED], ended_at_ms=entity.lease_until_ms,
+                                    detail=f"lease of {attempts[-1]['dispatcher_id']} ran out")
+                events = ("LEASE_EXPIRED",)
+            if attempt != len(attempts) + 1:
+                return _invalid([("attempt", f"the next attempt of {request.waybill_id} is {len(attempts) + 1}")])
+            if attempts and now_ms < attempts[-1]["ended_at_ms"] + delay_ms:
+                wait_ms = attempts[-1]["ended_at_ms"] + delay_ms - now_ms
+                return failure(Reason.RETRY_TOO_SOON,
+                               f"attempt {attempt} may start {delay_ms} ms after attempt {attempt - 1} ended;"
+                               f" retry in {wait_ms} ms", metadata={"retry_after_ms": str(wait_ms)})
+            assert attempt <= max_attempts
+            attempts.append({"attempt": attempt, "dispatcher_id": dispatcher, "started_at_ms": now_ms,
+                             "ended_at_ms": 0, "result": RESULT[pb.ATTEMPT_RESULT_RUNNING], "detail": ""})
+            return Change((*events, "DISPATCH_START"), encode_data(fields), reply=_reply, lease_owner=dispatcher)
+
+        return await self.move(request.waybill_id, decide, owner=dispatcher, call=_step(call, "claim"))
+
+    async def _ask_carrier(self, claim: pb.WaybillReply, attempt: int, lease_left_ms: int) -> Answer:
+        parcel = Parcel(claim.waybill_id, attempt, claim.carrier, claim.address)
+        try:
+            return await asyncio.wait_for(self.carrier.dispatch(parcel), lease_left_ms / 1000)
+        except asyncio.TimeoutError:
+            return Answer(False, detail=f"{claim.carrier} did not answer within the lease")
+
+    async def _settle(self, call: Call, request: pb.DispatchRequest, answer: Answer) -> Outcome:
+        """Records the carrier's answer and answers the call, if the lease is
+        still this attempt's."""
+        attempt, dispatcher, max_attempts = request.attempt, request.dispatcher_id, self.max_attempts
+
+        def decide(entity: Entity | None, now_ms: int) -> Change | Outcome:
+            assert entity is not None, "a claimed waybill exists"
+            fields = decode_data(entity.data)
+            attempts = fields["attempts"]
+            mine = (entity.state == Waybill.DISPATCHING and entity.lease_owner == dispatcher
+                    and len(attempts) == attempt)
+            if not mine:
+                return failure(Reason.LEASE_LOST,
+                               f"attempt {attempt} on {request.waybill_id} lost its lease to another attempt;"
+                               " the carrier's answer is dropped", metadata={"attempt": str(attempt)})
+            result = pb.ATTEMPT_RESULT_ACCEPTED if answer.accepted else pb.ATTEMPT_RESULT_REFUSED
+            attempts[-1].update(result=RESULT[result], ended_at_ms=now_ms, detail=answer.detail)
+            if answer.accepted:
+                fields["tracking_id"] = answer.tracking_id
+                return Change(("CARRIER_ACCEPTED",), encode_data(fields), reply=_reply)
+            last = attempt >= max_attempts
+            if last:
+                fields["failure_reason"] = f"{max_attempts} attempts refused"
+            refusal = failure(
+                Reason.CARRIER_REFUSED,
+                f"attempt {attempt} of {max_attempts} refused: {answer.detail}",
+                metadata={"attempt": str(attempt), "attempts_left": str(max_attempts - attempt)},
+            )
+            event = "ATTEMPTS_EXHAUSTED" if last else "CARRIER_REFUSED"
+            return Change((event,), encode_data(fields), refusal=refusal)
+
+        return await self.move(request.waybill_id, decide, owner=dispatcher, call=call)
+
+
+# -- replies and refusals ---------------------------------------------------------------
+
+
+RESULT = {value: pb.AttemptResult.Name(value) for value in pb.AttemptResult.values()}
+
+
+def _reply(entity: Entity) -> pb.WaybillReply:
+    fields = decode_data(entity.data)
+    attempts = [
+        pb.DispatchAttempt(attempt=a["attempt"], dispatcher_id=a["dispatcher_id"], started_at_ms=a["started_at_ms"],
+                           ended_at_ms=a["ended_at_ms"], result=pb.AttemptResult.Value(a["result"]), detail=a["detail"])
+        for a in fields["attempts"]
+    ]
+    return pb.WaybillReply(
+        waybill_id=entity.entity_id, reservation_id=fields["reservation_id"], carrier=fields["carrier"],
+        address=fields["address"], state=entity.state, version=entity.version, attempts=attempts,
+        tracking_id=fields["tracking_id"], failure_reason=fields["failure_reason"],
+    )
+
+
+def _step(call: Call, step: str) -> Call:
+    """The call as seen by one of its inner steps: the same budget, a key of its own."""
+    key = idempotency_key(f"{call.contract.method}#{step}", (call.key.hex(),))
+    return replace(call, key=key)
+
+
+def _not_found(waybill_id: str) -> Outcome:
+    return failure(Reason.WAYBILL_NOT_FOUND, f"no waybill {waybill_id}", metadata={"waybill_id": waybill_id})
+
+
+def _invalid(violations: list[tuple[str, str]]) -> Outcome:
+    return failure(Reason.INVALID_REQUEST, "; ".join(why for _, why in violations), violations)
+
+
+def _text_violations(request: Message, required: tuple[str, ...], optional: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Ids set, short and printable; free text short and printable."""
+    violations = []
+    for name in (*required, *optional):
+        value = getattr(request, name)
+        if name in required and not value:
+            violations.append((name, f"{name} must be set"))
+        elif len(value) > ID_LENGTH_MAX * (4 if name in optional else 1):
+            violations.append((name, f"{name} is too long"))
+        elif any(ord(c) < 0x20 or c == "\x7f" for c in value):
+            violations.append((name, f"{name} must not contain control characters"))
+    return violations

@@ -10,17 +10,25 @@ import re
 from dataclasses import dataclass, replace
 from typing import Iterable
 
-import grpc
-
 import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
 from service import machine
-from service.engine import Engine, Move
-from service.gateway import Call, current_call, idempotency_key
+from service.framework import (
+    Call,
+    Engine,
+    Move,
+    Outcome,
+    Reason,
+    Service,
+    Txn,
+    current_call,
+    failure,
+    idempotency_key,
+    success,
+)
 from service.machine import State
-from service.outcome import Outcome, Reason, failure, success
-from service.store import Reservation, Stock, Txn
+from service.store import Reservation, Stock
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InventoryService"]
 ID_LENGTH_MAX = 128
@@ -47,9 +55,16 @@ def reservation_id(key: bytes) -> str:
     return "rsv_" + key.hex()[:24]
 
 
-class Inventory:
+class Inventory(Service):
+    """The servicer of InventoryService. Its moves work on the store's own
+    stock and reservation rows (the lower level of service.framework), not
+    on generic entities: a Reserve is the hot path."""
+
+    DESCRIPTOR = SERVICE
+    MACHINE = machine.INVENTORY
+
     def __init__(self, engine: Engine, holds: Holds = Holds()) -> None:
-        self.engine = engine
+        super().__init__(engine)
         self.holds = holds
 
     # -- RPCs ------------------------------------------------------------------
@@ -143,16 +158,24 @@ class Inventory:
         rid = intent.reservation_id
         return await self.engine.move(Move(RECOVERY_METHOD, key, key, rid, lambda txn, now_ms: _recover(txn, rid)))
 
-    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
-        """Method handlers by name, built from the descriptor; replies are already bytes."""
-        handlers = {}
-        for method in SERVICE.methods:
-            request_type = pb.DESCRIPTOR.message_types_by_name[method.input_type.name]
-            request_class = getattr(pb, request_type.name)
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                getattr(self, method.name), request_deserializer=request_class.FromString
-            )
-        return handlers
+    async def confirmation(self, reservation_id: str, deadline: float | None = None) -> Outcome | None:
+        """None when `reservation_id` is CONFIRMED (terminal: it stays so);
+        otherwise the refusal that says why not (not found, not confirmed, or
+        the store's failure). What fulfillment asks before creating a waybill."""
+
+        def read(txn: Txn, now_ms: int) -> Outcome | None:
+            found = txn.reservation(reservation_id)
+            if found is None:
+                return _reservation_not_found(reservation_id)
+            if found.state != State.CONFIRMED:
+                return failure(
+                    Reason.RESERVATION_NOT_CONFIRMED,
+                    f"reservation {reservation_id} is {found.state.name}, not CONFIRMED",
+                    metadata={"reservation_id": reservation_id, "state": found.state.name},
+                )
+            return None
+
+        return await self.engine.read(read, deadline)
 
     async def _move(self, call: Call, entity: str | None, apply, skus: tuple[str, ...] = ()) -> Outcome:
         move = Move(call.contract.method, call.key, call.fingerprint, entity, apply, skus)

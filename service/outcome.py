@@ -44,6 +44,20 @@ class Reason(enum.Enum):
     INVALID_TRANSITION = (11, grpc.StatusCode.FAILED_PRECONDITION, True)
     INSUFFICIENT_STOCK = (12, grpc.StatusCode.FAILED_PRECONDITION, True)
     STOCK_BELOW_COMMITTED = (13, grpc.StatusCode.FAILED_PRECONDITION, True)
+    # Services built on the framework (service.framework), fulfillment first.
+    ENTITY_NOT_FOUND = (14, grpc.StatusCode.NOT_FOUND, False)
+    WAYBILL_NOT_FOUND = (15, grpc.StatusCode.NOT_FOUND, False)
+    # Another holder's lease on the entity has not run out: retry after it.
+    LEASE_HELD = (16, grpc.StatusCode.ABORTED, False)
+    # This caller's lease ran out and another move took the entity over.
+    LEASE_LOST = (17, grpc.StatusCode.ABORTED, True)
+    # The contract's fixed delay since the previous attempt has not passed.
+    RETRY_TOO_SOON = (18, grpc.StatusCode.FAILED_PRECONDITION, False)
+    # It may be confirmed later, so the answer is not recorded.
+    RESERVATION_NOT_CONFIRMED = (19, grpc.StatusCode.FAILED_PRECONDITION, False)
+    # A carrier refused the attempt (or did not answer within the lease);
+    # the next attempt, with the next number, may succeed.
+    CARRIER_REFUSED = (20, grpc.StatusCode.ABORTED, True)
 
     @property
     def code(self) -> grpc.StatusCode:

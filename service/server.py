@@ -23,7 +23,10 @@ from service.engine import Engine
 from service.faults import FaultInjector, FaultPlan
 from service.faults import load as load_faults
 from service.gateway import Gateway
-from service.inventory import SERVICE, Holds, Inventory
+from service.carrier import SimulatedCarrier
+from service.framework import Service
+from service.fulfillment import Dispatch
+from service.inventory import Holds, Inventory
 from service.reaper import Reaper
 from service.snapshot import open_snapshot
 from service.store import open_store, version_pages
@@ -46,6 +49,19 @@ class Config:
     # workers of `holdfast serve --workers N`, after their supervisor has made
     # sure the port is free (service/workers.py). Alone, a taken port fails.
     so_reuseport: bool = False
+    # Which services to host; they share the store and the snapshot.
+    services: tuple[str, ...] = ("inventory", "fulfillment")
+    # The simulated carrier the dispatch service hands waybills to.
+    carrier_failure_rate: float = 0.0
+    carrier_latency_ms: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.services) - set(SERVICES))
+        if unknown or not self.services:
+            raise ValueError(f"services must be some of {', '.join(SERVICES)}, got {', '.join(self.services) or 'none'}")
+
+
+SERVICES = ("inventory", "fulfillment")
 
 
 @dataclass(slots=True)
@@ -56,6 +72,7 @@ class Running:
     port: int
     engine: Engine
     inventory: Inventory
+    services: dict[str, Service]  # by full proto name
     reaper_task: asyncio.Task
     health: health.aio.HealthServicer
     journal: journal.JournalWriter | None = None  # closed after the last call has answered
@@ -94,7 +111,8 @@ async def _start(config: Config, engine: Engine, faults: FaultPlan | None = None
     recovered = await reaper.recover()
     if recovered:
         log.info("recovered %d intents left in the store", recovered)
-    contracts = contract.of_service(SERVICE)
+    hosted = _services(config, engine, inventory)
+    contracts = {path: c for service in hosted for path, c in service.contracts.items()}
 
     # Faults are outermost: a delay spends the client's deadline before the
     # gateway sets the budget, as a slow network would.
@@ -106,18 +124,19 @@ async def _start(config: Config, engine: Engine, faults: FaultPlan | None = None
     # the gateway, whose exact answer it records; recovery above is not journaled.
     writer = None
     if config.journal:
-        writer, recorder = journal.install(config.journal, inventory, contracts)
+        writer, recorder = journal.install(config.journal, inventory, inventory.contracts)
         interceptors.append(recorder)
     # No SO_REUSEPORT unless asked: a second instance on a taken port must fail, not share it.
     server = grpc.aio.server(interceptors=interceptors or None, options=[("grpc.so_reuseport", int(config.so_reuseport))])
     # The gateway wraps each handler once, here; registered (not generic)
     # handlers are found by grpc without a Python look-up per call.
-    server.add_registered_method_handlers(
-        SERVICE.full_name, Gateway(contracts).guard(SERVICE.full_name, inventory.method_handlers())
-    )
+    gateway = Gateway(contracts)
+    for service in hosted:
+        server.add_registered_method_handlers(service.name, gateway.guard(service.name, service.method_handlers()))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE.full_name, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+    names = tuple(service.name for service in hosted)
+    reflection.enable_server_reflection((*names, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
     try:
         port = server.add_insecure_port(config.listen)
     except RuntimeError as error:  # grpc reports a port it cannot bind this way
@@ -126,8 +145,24 @@ async def _start(config: Config, engine: Engine, faults: FaultPlan | None = None
         raise OSError(f"cannot listen on {config.listen}: {error}") from None
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set(SERVICE.full_name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, port, engine, inventory, asyncio.create_task(reaper.run()), health_servicer, writer)
+    for name in names:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    services = {service.name: service for service in hosted}
+    return Running(server, port, engine, inventory, services, asyncio.create_task(reaper.run()), health_servicer, writer)
+
+
+def _services(config: Config, engine: Engine, inventory: Inventory) -> list[Service]:
+    """The hosted services, in `config.services` order. Inventory's moves
+    (the reaper's, recovery's) run whether or not its RPCs are served."""
+    hosted: list[Service] = []
+    for name in config.services:
+        if name == "inventory":
+            hosted.append(inventory)
+        elif name == "fulfillment":
+            carrier = SimulatedCarrier(config.carrier_failure_rate, config.carrier_latency_ms)
+            hosted.append(Dispatch(engine, inventory, carrier))
+    return hosted
+
 
 async def serve(config: Config, ready: Callable[[Running], None] | None = None) -> None:
     """Runs until SIGTERM or SIGINT, then drains in-flight calls and stops.
@@ -159,7 +194,7 @@ async def serve(config: Config, ready: Callable[[Running], None] | None = None) 
         ready(running)
     else:
         print(
-            f"holdfast serving {SERVICE.full_name} on {host}:{running.port}"
+            f"holdfast serving {', '.join(running.services)} on {host}:{running.port}"
             f" (store {running.engine.store.describe()}, snapshot {running.engine.snapshot.describe()}{metrics_note})",
             flush=True,
         )

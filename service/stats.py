@@ -30,8 +30,8 @@ DEFAULT_URL = "http://127.0.0.1:9464/metrics"
 PREFIX = "holdfast_"
 RATIO = "holdfast_deterministic_ratio"
 FETCH_TIMEOUT_S = 5.0
-# Method labels are gRPC paths; the service part is the same on every row.
-SERVICE_PATH = "/holdfast.inventory.v1.InventoryService/"
+# Method labels are gRPC paths, `/package.Service/Method`; rows show the
+# method alone (holdfast's services share no method name).
 
 
 class StatsError(Exception):
@@ -172,7 +172,7 @@ def _labels(labels: dict[str, str]) -> str:
     shown = []
     for name, value in sorted(labels.items()):
         if name == "method":
-            shown.append(value.removeprefix(SERVICE_PATH))
+            shown.append(value.rpartition("/")[2] if value.startswith("/") else value)
         else:
             shown.append(f"{name}={value}")
     return " ".join(shown) or "-"

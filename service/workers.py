@@ -329,8 +329,6 @@ def _exit_text(code: int | None) -> str:
 
 
 def _startup_line(config: Config, host: str, port: int, group: _Group) -> str:
-    from service.inventory import SERVICE
-
     first = group.workers[0].ready
     assert first is not None and all(w.ready is not None for w in group.workers)
     pids = ", ".join(str(w.ready["pid"]) for w in group.workers)
@@ -340,7 +338,7 @@ def _startup_line(config: Config, host: str, port: int, group: _Group) -> str:
         last = metrics_port + len(group.workers) - 1
         metrics = f", metrics on http://{metrics_host}:{{{metrics_port}..{last}}}/metrics (one port per worker)"
     return (
-        f"holdfast serving {SERVICE.full_name} on {host}:{port} with {len(group.workers)} workers"
+        f"holdfast serving {', '.join(first['services'])} on {host}:{port} with {len(group.workers)} workers"
         f" (pids {pids}; store {first['store']}, snapshot {first['snapshot']}{metrics})"
     )
 
@@ -355,7 +353,8 @@ def work(config: Config, index: int, supervisor_pid: int, report: Connection) ->
 
     def ready(running: Running) -> None:
         engine = running.engine
-        report.send({"pid": os.getpid(), "store": engine.store.describe(), "snapshot": engine.snapshot.describe()})
+        report.send({"pid": os.getpid(), "store": engine.store.describe(), "snapshot": engine.snapshot.describe(),
+                     "services": list(running.services)})
         report.close()
 
     try:

@@ -132,7 +132,9 @@ def test_a_failure_without_json_names_its_reason_and_exits_1(served):
 def test_the_start_up_line_says_where_it_listens_and_what_it_stores_where(served, tmp_path):
     line = served.ready_line
     assert line is not None
-    assert line.startswith("holdfast serving holdfast.inventory.v1.InventoryService on ")
+    assert line.startswith(
+        "holdfast serving holdfast.inventory.v1.InventoryService, holdfast.fulfillment.v1.DispatchService on "
+    )
     assert f" on {served.target} " in line
     assert str(tmp_path / "holdfast.db") in line
     assert "store sqlite:" in line

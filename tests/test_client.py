@@ -28,11 +28,14 @@ from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
 from contracts import codegen, contract, service_config
 from service import client
+from service.fulfillment import SERVICE as DISPATCH_SERVICE
 from service.inventory import SERVICE
 from service.server import Config, Running, start
 from tests.support import failure_of
 
-CONTRACTS = contract.of_service(SERVICE)
+# Every service the generated code holds, in the order codegen writes them (by proto file).
+SERVICES = (DISPATCH_SERVICE, SERVICE)
+CONTRACTS = {path: found for service in SERVICES for path, found in contract.of_service(service).items()}
 RESERVE = CONTRACTS[f"/{SERVICE.full_name}/Reserve"]
 GET_STOCK = CONTRACTS[f"/{SERVICE.full_name}/GetStock"]
 OUTER_TIMEOUT_S = 60.0  # a guard on the test itself, never on the service
@@ -160,7 +163,7 @@ async def _guarded(call):
 
 def test_the_generated_config_is_the_contracts_as_compiled():
     written = json.loads((codegen.GENERATED / codegen.SERVICE_CONFIG_NAME).read_text())
-    assert written == service_config.build([SERVICE])
+    assert written == service_config.build(SERVICES)
     assert client.service_config() == (codegen.GENERATED / codegen.SERVICE_CONFIG_NAME).read_text()
     entries = {f"/{e['name'][0]['service']}/{e['name'][0]['method']}": e for e in written["methodConfig"]}
     assert entries.keys() == CONTRACTS.keys()
