@@ -25,6 +25,10 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 # service.graph.Format's values; spelled here so building the parser imports no machine.
 GRAPH_FORMATS = ("mermaid", "svg", "png")
 # Subcommands whose module parses its own arguments: name -> (module, summary).
+# The services `holdfast serve` can host: service.server.SERVICES, named here
+# so that the CLI starts without importing the server (a test checks they agree).
+SERVICES = ("inventory", "fulfillment")
+
 DELEGATED = {
     "bench": ("service.bench", "measure Reserve throughput against a bare gRPC echo baseline"),
     "lint": ("contracts.lint", "check the contracts in .proto files (and breaking changes --against a git ref)"),
@@ -48,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="holdfast", description="Deterministic reservation services.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the inventory service")
+    serve = commands.add_parser("serve", help="run the inventory and fulfillment services")
     serve.add_argument("--listen", default=os.environ.get("HOLDFAST_LISTEN", "127.0.0.1:50051"))
     serve.add_argument("--store", default=os.environ.get("HOLDFAST_STORE", "sqlite:///./holdfast.db"))
     serve.add_argument("--snapshot", default=os.environ.get("HOLDFAST_SNAPSHOT", "memory://"))
@@ -70,6 +74,17 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=_positive, default=os.environ.get("HOLDFAST_WORKERS", "1"),
         help="server processes sharing the port (SO_REUSEPORT); more than 1 needs a postgresql:// store"
         " and a redis:// snapshot, and worker i serves /metrics on the metrics port + i - 1",
+    )
+    serve.add_argument(
+        "--services", type=_services, default=os.environ.get("HOLDFAST_SERVICES", ",".join(SERVICES)),
+        help=f"the services to host, sharing the store and the snapshot (default {','.join(SERVICES)})",
+    )
+    serve.add_argument(
+        "--carrier-failure-rate", type=float, default=0.0,
+        help="share of dispatch attempts the simulated carrier refuses (0..1, default 0)",
+    )
+    serve.add_argument(
+        "--carrier-latency-ms", type=int, default=0, help="mean latency of the simulated carrier (default 0)"
     )
     serve.set_defaults(run=_serve)
 
@@ -122,6 +137,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _services(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = sorted(set(names) - set(SERVICES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"must be some of {','.join(SERVICES)}, got {text!r}")
+    return tuple(dict.fromkeys(names))
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -146,7 +169,8 @@ def _serve(args: argparse.Namespace) -> int:
     holds = Holds(default_ms=args.hold_default_ms, max_ms=max(args.hold_default_ms, Holds().max_ms))
     config = Config(listen=args.listen, store=args.store, snapshot=args.snapshot, store_pool=args.store_pool,
                     metrics_listen=args.metrics_listen or (f"127.0.0.1:{args.metrics_port}" if args.metrics_port else ""),
-                    holds=holds, faults=args.faults, journal=args.journal)
+                    holds=holds, faults=args.faults, journal=args.journal, services=args.services,
+                    carrier_failure_rate=args.carrier_failure_rate, carrier_latency_ms=args.carrier_latency_ms)
     try:
         if args.workers > 1:
             from service.workers import supervise

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 
 import grpc
 from google.protobuf import descriptor as _descriptor
@@ -38,6 +38,9 @@ from service.gateway import Call, current_call, idempotency_key
 from service.machine import Machine
 from service.outcome import Outcome, Reason, failure, success
 from service.store import Entity, Txn
+
+if TYPE_CHECKING:
+    from service.server import Config, Running, ServiceFactory, serve, start  # noqa: F401
 
 __all__ = [
     # declaring a state machine
@@ -67,7 +70,25 @@ __all__ = [
     "Clock",
     "SystemClock",
     "ManualClock",
+    # running a server (service.server): your services beside or instead of holdfast's
+    "Config",
+    "Running",
+    "ServiceFactory",
+    "start",
+    "serve",
 ]
+
+# service.server hosts the services built on this module, so it is imported
+# on first use of these names rather than here (it imports this module).
+_SERVER_NAMES = frozenset({"Config", "Running", "ServiceFactory", "start", "serve"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SERVER_NAMES:
+        from service import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 ID_LENGTH_MAX = 128
 
@@ -188,13 +209,52 @@ class Service:
         (another key) for the steps that are not its answer.
         """
         call = call or current_call()
-        machine, ttl_ms = self.MACHINE, call.contract.lock_ttl_ms
+        return await self._run(
+            call.contract.method, call.key, call.fingerprint, entity_id, decide, owner, call.contract.lock_ttl_ms,
+            call.deadline,
+        )
+
+    # -- timeout events --------------------------------------------------------
+
+    # Events fired by time: an entity in one of these states whose `due_at_ms`
+    # (set by `Change.due_at_ms`) has passed gets the event, as an ordinary
+    # move, from the server's reaper.
+    TIMEOUTS: ClassVar[Mapping[Any, str]] = {}
+
+    def render(self, entity: Entity) -> Message:
+        """The reply message for `entity`: what a timeout move records."""
+        raise NotImplementedError(f"{type(self).__name__} declares TIMEOUTS but no render()")
+
+    def on_timeout(self, entity: Entity, event: str, now_ms: int) -> Change | Outcome:
+        """The change a timeout event makes; by default the event alone, with
+        the entity's data unchanged and its timer cleared."""
+        return Change((event,), entity.data, reply=self.render)
+
+    async def fire_timeout(self, due: Entity) -> Outcome:
+        """`due`'s timeout event as a move keyed by (machine, entity, version):
+        it happens once however many reapers see it, and not at all once the
+        entity has moved on (answered VERSION_CONFLICT, nothing written)."""
+        key = idempotency_key(f"holdfast.timeout/{self.MACHINE.name}", (due.entity_id, due.version))
+        timeouts, machine = self.TIMEOUTS, self.MACHINE
+
+        def decide(entity: Entity | None, now_ms: int) -> Change | Outcome:
+            event = None if entity is None else timeouts.get(machine.states(entity.state))
+            if entity is None or entity.version != due.version or event is None or not 0 < entity.due_at_ms <= now_ms:
+                return failure(Reason.VERSION_CONFLICT, f"{due.entity_id} moved on before its timeout fired")
+            return self.on_timeout(entity, event, now_ms)
+
+        return await self._run(f"holdfast.timeout/{machine.name}", key, key, due.entity_id, decide, "", 0, None)
+
+    async def _run(
+        self, method: str, key: bytes, fingerprint: bytes, entity_id: str, decide: Decide, owner: str, ttl_ms: int,
+        deadline: float | None,
+    ) -> Outcome:
+        machine = self.MACHINE
 
         def apply(txn: Txn, now_ms: int) -> Outcome:
             return _apply(txn, machine, entity_id, decide, now_ms, owner, ttl_ms)
 
-        move = Move(call.contract.method, call.key, call.fingerprint, entity_id, apply, generic=True)
-        return await self.engine.move(move, call.deadline)
+        return await self.engine.move(Move(method, key, fingerprint, entity_id, apply, generic=True), deadline)
 
     async def read(self, entity_id: str, render: Callable[[Entity], Message], not_found: Outcome) -> Outcome:
         """A read-only answer: `render(entity)`, or `not_found`."""

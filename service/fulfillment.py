@@ -88,6 +88,9 @@ class Dispatch(Service):
     DESCRIPTOR = SERVICE
     MACHINE = WAYBILL
     ID_PREFIX = "wb"
+    # A dispatcher that claims and vanishes: when its lease runs out, the
+    # reaper ends the attempt (and the waybill, after the last attempt).
+    TIMEOUTS = {Waybill.DISPATCHING: "LEASE_EXPIRED"}
 
     def __init__(self, engine: Engine, reservations: Reservations, carrier: Carrier) -> None:
         super().__init__(engine)
@@ -174,13 +177,28 @@ class Dispatch(Service):
             return _invalid([("waybill_id", "waybill_id must be set")])
         return await self.read(request.waybill_id, _reply, _not_found(request.waybill_id))
 
+    # -- timeout events ------------------------------------------------------------
+
+    def render(self, entity: Entity) -> pb.WaybillReply:
+        return _reply(entity)
+
+    def on_timeout(self, entity: Entity, event: str, now_ms: int) -> Change | Outcome:
+        """The lease of a running attempt ran out with nobody settling it."""
+        assert event == "LEASE_EXPIRED"
+        fields = decode_data(entity.data)
+        _expire_attempt(fields["attempts"], entity)
+        if len(fields["attempts"]) >= self.max_attempts:
+            fields["failure_reason"] = f"{self.max_attempts} attempts, the last one's lease ran out"
+            return Change(("ATTEMPTS_EXHAUSTED",), encode_data(fields), reply=_reply)
+        return Change(("LEASE_EXPIRED",), encode_data(fields), reply=_reply)
+
     # -- the steps of one Dispatch attempt ----------------------------------------
 
     async def _claim(self, call: Call, request: pb.DispatchRequest) -> Outcome:
         """Takes the lease and records the attempt as RUNNING, under a key of
         its own: a retry after a crash finds the claim made and goes on."""
         attempt, dispatcher = request.attempt, request.dispatcher_id
-        max_attempts, delay_ms = self.max_attempts, self.delay_ms
+        max_attempts, delay_ms, lease_ms = self.max_attempts, self.delay_ms, call.contract.lock_ttl_ms
 
         def decide(entity: Entity | None, now_ms: int) -> Change | Outcome:
             if entity is None:
@@ -189,10 +207,9 @@ class Dispatch(Service):
             attempts = fields["attempts"]
             events: tuple[str, ...] = ()
             if entity.state == Waybill.DISPATCHING and not lease_held(entity, now_ms):
-                # The holder's lease ran out before it settled: the attempt
-                # is over, whatever the carrier said, and this one takes over.
-                attempts[-1].update(result=RESULT[pb.ATTEMPT_RESULT_LEASE_EXPIRED], ended_at_ms=entity.lease_until_ms,
-                                    detail=f"lease of {attempts[-1]['dispatcher_id']} ran out")
+                # The holder's lease ran out before it settled (and before the
+                # reaper's timeout): the attempt is over, and this one takes over.
+                _expire_attempt(attempts, entity)
                 events = ("LEASE_EXPIRED",)
             if attempt != len(attempts) + 1:
                 return _invalid([("attempt", f"the next attempt of {request.waybill_id} is {len(attempts) + 1}")])
@@ -204,7 +221,8 @@ class Dispatch(Service):
             assert attempt <= max_attempts
             attempts.append({"attempt": attempt, "dispatcher_id": dispatcher, "started_at_ms": now_ms,
                              "ended_at_ms": 0, "result": RESULT[pb.ATTEMPT_RESULT_RUNNING], "detail": ""})
-            return Change((*events, "DISPATCH_START"), encode_data(fields), reply=_reply, lease_owner=dispatcher)
+            return Change((*events, "DISPATCH_START"), encode_data(fields), reply=_reply, lease_owner=dispatcher,
+                          due_at_ms=now_ms + lease_ms)
 
         return await self.move(request.waybill_id, decide, owner=dispatcher, call=_step(call, "claim"))
 
@@ -267,6 +285,13 @@ def _reply(entity: Entity) -> pb.WaybillReply:
         address=fields["address"], state=entity.state, version=entity.version, attempts=attempts,
         tracking_id=fields["tracking_id"], failure_reason=fields["failure_reason"],
     )
+
+
+def _expire_attempt(attempts: list[dict], entity: Entity) -> None:
+    """Ends the running attempt at the moment its lease ran out."""
+    assert attempts and attempts[-1]["result"] == RESULT[pb.ATTEMPT_RESULT_RUNNING]
+    attempts[-1].update(result=RESULT[pb.ATTEMPT_RESULT_LEASE_EXPIRED], ended_at_ms=entity.lease_until_ms,
+                        detail=f"lease of {attempts[-1]['dispatcher_id']} ran out")
 
 
 def _step(call: Call, step: str) -> Call:

@@ -11,17 +11,22 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from service.framework import Service
 from service.inventory import Inventory
 
 log = logging.getLogger("holdfast.reaper")
 
 
 class Reaper:
-    def __init__(self, inventory: Inventory, interval_ms: int = 100, batch: int = 256) -> None:
+    def __init__(
+        self, inventory: Inventory, interval_ms: int = 100, batch: int = 256, timed: tuple[Service, ...] = ()
+    ) -> None:
         assert interval_ms > 0 and batch > 0
         self.inventory = inventory
         self.interval_ms = interval_ms
         self.batch = batch
+        # Services built on the framework that declare timeout events.
+        self.timed = tuple(service for service in timed if service.TIMEOUTS)
 
     async def recover(self) -> int:
         """Resolves every intent in the store; returns how many moves that took."""
@@ -35,12 +40,19 @@ class Reaper:
         return moved
 
     async def reap(self) -> int:
-        """Releases the holds due now; returns how many it released."""
+        """Releases the holds due now and fires the timeout events due now;
+        returns how many moves that made."""
         engine = self.inventory.engine
         now_ms = engine.clock.now_ms()
         due = await engine.store.transact(lambda txn: txn.due_holds(now_ms, self.batch))
         outcomes = await asyncio.gather(*(self.inventory.expire(hold) for hold in due))
-        return sum(1 for outcome in outcomes if outcome.ok)
+        fired = sum(1 for outcome in outcomes if outcome.ok)
+        for service in self.timed:
+            kind = service.MACHINE.name
+            entities = await engine.store.transact(lambda txn: txn.due_entities(kind, now_ms, self.batch))
+            outcomes = await asyncio.gather(*(service.fire_timeout(entity) for entity in entities))
+            fired += sum(1 for outcome in outcomes if outcome.ok)
+        return fired
 
     async def run(self) -> None:
         """Reaps until cancelled; a failed round is logged and tried again."""

@@ -8,7 +8,7 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -57,11 +57,14 @@ class Config:
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.services) - set(SERVICES))
-        if unknown or not self.services:
-            raise ValueError(f"services must be some of {', '.join(SERVICES)}, got {', '.join(self.services) or 'none'}")
+        if unknown:
+            raise ValueError(f"services must be some of {', '.join(SERVICES)}, got {', '.join(self.services)}")
 
 
 SERVICES = ("inventory", "fulfillment")
+# A service of the user's own, built on service.framework: made once the
+# engine (store and snapshot) is open.
+ServiceFactory = Callable[[Engine], Service]
 
 
 @dataclass(slots=True)
@@ -89,8 +92,12 @@ class Running:
         await self.engine.snapshot.close()
 
 
-async def start(config: Config, clock: Clock | None = None) -> Running:
-    """Opens the backends, resolves left-over intents, then starts serving."""
+async def start(config: Config, clock: Clock | None = None, services: Sequence[ServiceFactory] = ()) -> Running:
+    """Opens the backends, resolves left-over intents, then starts serving
+    `config.services` and `services` (a user's own), all on one store and
+    one snapshot."""
+    if not config.services and not services:
+        raise ValueError("no service to host")
     # Read first: a bad fault file must stop the start before any backend opens.
     faults = load_faults(config.faults) if config.faults else None
     store = open_store(config.store, pool_size=config.store_pool)
@@ -98,21 +105,25 @@ async def start(config: Config, clock: Clock | None = None) -> Running:
     await store.open()
     try:
         await snapshot.open(lambda: version_pages(store))
-        return await _start(config, Engine(store, snapshot, clock or SystemClock()), faults)
+        return await _start(config, Engine(store, snapshot, clock or SystemClock()), faults, services)
     except BaseException:
         await store.close()
         await snapshot.close()
         raise
 
 
-async def _start(config: Config, engine: Engine, faults: FaultPlan | None = None) -> Running:
+async def _start(
+    config: Config, engine: Engine, faults: FaultPlan | None = None, extra: Sequence[ServiceFactory] = ()
+) -> Running:
     inventory = Inventory(engine, config.holds)
-    reaper = Reaper(inventory, config.reaper_interval_ms)
+    hosted = [*_services(config, engine, inventory), *(make(engine) for make in extra)]
+    names = [service.name for service in hosted]
+    assert len(set(names)) == len(names), f"a service is hosted twice: {names}"
+    contracts = {path: c for service in hosted for path, c in service.contracts.items()}
+    reaper = Reaper(inventory, config.reaper_interval_ms, timed=tuple(hosted))
     recovered = await reaper.recover()
     if recovered:
         log.info("recovered %d intents left in the store", recovered)
-    hosted = _services(config, engine, inventory)
-    contracts = {path: c for service in hosted for path, c in service.contracts.items()}
 
     # Faults are outermost: a delay spends the client's deadline before the
     # gateway sets the budget, as a slow network would.
@@ -135,7 +146,6 @@ async def _start(config: Config, engine: Engine, faults: FaultPlan | None = None
         server.add_registered_method_handlers(service.name, gateway.guard(service.name, service.method_handlers()))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = tuple(service.name for service in hosted)
     reflection.enable_server_reflection((*names, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
     try:
         port = server.add_insecure_port(config.listen)
@@ -164,7 +174,9 @@ def _services(config: Config, engine: Engine, inventory: Inventory) -> list[Serv
     return hosted
 
 
-async def serve(config: Config, ready: Callable[[Running], None] | None = None) -> None:
+async def serve(
+    config: Config, ready: Callable[[Running], None] | None = None, services: Sequence[ServiceFactory] = ()
+) -> None:
     """Runs until SIGTERM or SIGINT, then drains in-flight calls and stops.
 
     `ready`, when given, is called once serving instead of printing the
@@ -180,7 +192,7 @@ async def serve(config: Config, ready: Callable[[Running], None] | None = None) 
         except OSError as error:
             raise OSError(f"cannot serve metrics on {config.metrics_listen}: {error.strerror}") from None
         metrics_note = f", metrics on http://{config.metrics_listen}/metrics"
-    running = await start(config)
+    running = await start(config, services=services)
     # What start-up built lives as long as the server: out of the collector's
     # sight, so each collection scans only what calls allocate.
     gc.freeze()

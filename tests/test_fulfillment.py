@@ -7,6 +7,7 @@ lease) is read from the compiled descriptors here too, never restated.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -208,12 +209,23 @@ async def test_a_held_lease_refuses_other_moves_until_it_runs_out(channel, dispa
     assert (failed.state, failed.failure_reason) == (fpb.WAYBILL_STATE_FAILED, "changed my mind")
 
 
+@pytest.fixture
+def config(request, config):
+    """With the reaper off (a round an hour), the next attempt itself takes
+    an expired lease over; with it on, the reaper's timeout event does first."""
+    if getattr(request, "param", "") == "by the next attempt":
+        return replace(config, reaper_interval_ms=3_600_000)
+    return config
+
+
+@pytest.mark.parametrize("config", ["by the next attempt", "by the reaper"], indirect=True)
 async def test_an_expired_lease_is_taken_over(channel, dispatch, carrier, server):
     """A dispatcher that claims and then goes away (its call cancelled while
     the carrier is slow) leaves the waybill DISPATCHING under its lease; once
     the lease and the delay have passed, the next attempt takes it over and
     the stale attempt is recorded LEASE_EXPIRED; the stale dispatcher's own
-    retry of its attempt is told it lost the lease."""
+    retry of its attempt is told it lost the lease. Either way, the record is
+    the same."""
     used = carrier(latency_ms=5000)
     waybill = await new_waybill(channel, dispatch)
     stale = fpb.DispatchRequest(waybill_id=waybill.waybill_id, dispatcher_id="gone", attempt=1)
@@ -237,6 +249,26 @@ async def test_an_expired_lease_is_taken_over(channel, dispatch, carrier, server
         await dispatch.Dispatch(stale)
     assert (lost.value.code(), failure_of(lost.value).reason) == (grpc.StatusCode.ABORTED, "LEASE_LOST")
     assert await dispatch.GetWaybill(fpb.GetWaybillRequest(waybill_id=waybill.waybill_id)) == taken
+
+
+async def test_the_reaper_fails_a_waybill_whose_last_attempt_vanished(channel, dispatch, carrier):
+    """The third attempt's dispatcher goes away under its lease: no fourth
+    attempt may take over, so the timeout event ends the waybill FAILED."""
+    carrier(refuse_first=MAX_ATTEMPTS - 1)
+    waybill = await new_waybill(channel, dispatch)
+    for attempt in range(1, MAX_ATTEMPTS):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await dispatch.Dispatch(fpb.DispatchRequest(waybill_id=waybill.waybill_id, dispatcher_id="d1", attempt=attempt))
+        await asyncio.sleep(DELAY_MS / 1000)
+    carrier(latency_ms=5000)
+    last = dispatch.Dispatch(fpb.DispatchRequest(waybill_id=waybill.waybill_id, dispatcher_id="d1", attempt=MAX_ATTEMPTS))
+    await _until_state(dispatch, waybill.waybill_id, fpb.WAYBILL_STATE_DISPATCHING)
+    last.cancel()
+    failed = await _until_state(dispatch, waybill.waybill_id, fpb.WAYBILL_STATE_FAILED, timeout_s=LEASE_MS / 1000 + 5)
+    assert [a.result for a in failed.attempts] == [fpb.ATTEMPT_RESULT_REFUSED] * (MAX_ATTEMPTS - 1) + [
+        fpb.ATTEMPT_RESULT_LEASE_EXPIRED]
+    assert failed.failure_reason == f"{MAX_ATTEMPTS} attempts, the last one's lease ran out"
+    assert failed.attempts[-1].ended_at_ms == failed.attempts[-1].started_at_ms + LEASE_MS
 
 
 async def test_every_dispatch_move_replays_identically(channel, dispatch, carrier):
@@ -291,11 +323,12 @@ async def test_the_waybill_states_are_the_wire_values():
     }
 
 
-async def _until_state(dispatch, waybill_id: str, state: int) -> None:
-    for _ in range(200):
+async def _until_state(dispatch, waybill_id: str, state: int, timeout_s: float = 5.0) -> fpb.WaybillReply:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
         found = await dispatch.GetWaybill(fpb.GetWaybillRequest(waybill_id=waybill_id))
         if found.state == state:
-            return
+            return found
         await asyncio.sleep(0.01)
     raise AssertionError(f"{waybill_id} never reached {fpb.WaybillState.Name(state)}")
 
