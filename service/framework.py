@@ -37,7 +37,7 @@ from service.engine import Engine, Move
 from service.gateway import Call, current_call, idempotency_key
 from service.machine import Machine
 from service.outcome import Outcome, Reason, failure, success
-from service.store import Entity, Txn
+from service.store import Entity, Reservation, Stock, Txn
 
 if TYPE_CHECKING:
     from service.server import Config, Running, ServiceFactory, serve, start  # noqa: F401
@@ -66,6 +66,8 @@ __all__ = [
     "Engine",
     "Move",
     "Txn",
+    "Reservation",
+    "Stock",
     # time
     "Clock",
     "SystemClock",

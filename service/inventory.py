@@ -20,7 +20,9 @@ from service.framework import (
     Move,
     Outcome,
     Reason,
+    Reservation,
     Service,
+    Stock,
     Txn,
     current_call,
     failure,
@@ -28,7 +30,6 @@ from service.framework import (
     success,
 )
 from service.machine import State
-from service.store import Reservation, Stock
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InventoryService"]
 ID_LENGTH_MAX = 128

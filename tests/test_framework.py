@@ -1,0 +1,128 @@
+"""The framework's public API (service.framework): its names are a promise,
+and holdfast's own services are built on it alone."""
+
+from __future__ import annotations
+
+import ast
+import enum
+from pathlib import Path
+
+import pytest
+
+import service.framework as framework
+from service.framework import Change, Machine, Reason, derive_id, encode_data, failure, lease_held
+from service.store import Entity
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PUBLIC = {
+    "Machine", "Service", "Change", "Entity", "Outcome", "Reason", "success", "failure", "derive_id", "lease_held",
+    "encode_data", "decode_data", "Call", "Contract", "current_call", "idempotency_key", "Engine", "Move", "Txn",
+    "Reservation", "Stock", "Clock", "SystemClock", "ManualClock", "Config", "Running", "ServiceFactory", "start",
+    "serve",
+}
+
+# Each service module may import the framework, its own generated code and
+# its own modules; nothing else of holdfast's.
+OWN_MODULES = {
+    "service/inventory.py": {"service.framework", "service.generated", "service.machine"},
+    "service/fulfillment.py": {"service.framework", "service.generated", "service.carrier"},
+}
+
+
+def test_the_public_names_are_pinned():
+    assert set(framework.__all__) == PUBLIC
+    assert len(framework.__all__) == len(PUBLIC), "a name listed twice"
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_every_public_name_resolves(name):
+    assert getattr(framework, name) is not None
+
+
+def test_an_unknown_name_is_an_attribute_error():
+    with pytest.raises(AttributeError):
+        framework.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("path", sorted(OWN_MODULES))
+def test_holdfasts_services_import_only_the_public_api(path):
+    tree = ast.parse((ROOT / path).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "service":
+            imported.add(node.module if node.module != "service" else f"service.{node.names[0].name}")
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names if alias.name.split(".")[0] == "service")
+    assert imported <= OWN_MODULES[path], imported - OWN_MODULES[path]
+
+
+class Door(enum.IntEnum):
+    OPEN = 1
+    CLOSED = 2
+    LOCKED = 3
+    GONE = 4
+
+
+def door(**changes) -> Machine[Door]:
+    declared = dict(
+        name="door", states=Door,
+        table=((Door.OPEN, "CLOSE", Door.CLOSED), (Door.CLOSED, "LOCK", Door.LOCKED), (Door.CLOSED, "OPEN", Door.OPEN),
+               (Door.LOCKED, "REMOVE", Door.GONE)),
+        initial=Door.OPEN, terminal=(Door.GONE,),
+    )
+    return Machine(**{**declared, **changes})
+
+
+def test_a_machine_walks_its_table_and_nothing_else():
+    machine = door()
+    assert machine.walk(Door.OPEN, ("CLOSE", "LOCK")) is Door.LOCKED
+    assert machine.walk(Door.OPEN, ("LOCK",)) is None
+    assert machine.next(Door.CLOSED, "OPEN") is Door.OPEN
+    assert machine.events == ("CLOSE", "LOCK", "OPEN", "REMOVE")
+
+
+def test_a_terminal_state_with_a_move_is_refused_at_declaration():
+    with pytest.raises(AssertionError, match="terminal"):
+        door(terminal=(Door.LOCKED,))
+
+
+def test_a_nondeterministic_table_is_refused_at_declaration():
+    table = ((Door.OPEN, "CLOSE", Door.CLOSED), (Door.OPEN, "CLOSE", Door.LOCKED))
+    with pytest.raises(AssertionError, match="deterministic"):
+        door(table=table, terminal=())
+
+
+def test_recovery_must_walk_from_an_intent():
+    with pytest.raises(AssertionError, match="no intent"):
+        door(recovery={Door.CLOSED: ("OPEN",)})
+    with pytest.raises(AssertionError, match="not a walk"):
+        door(intents=(Door.CLOSED,), recovery={Door.CLOSED: ("REMOVE",)})
+
+
+def test_a_change_answers_with_a_reply_or_a_recorded_refusal():
+    with pytest.raises(AssertionError):
+        Change(("CLOSE",), b"{}")  # neither
+    with pytest.raises(AssertionError):
+        Change((), b"{}", reply=lambda e: None)  # no event
+    unrecorded = failure(Reason.LEASE_HELD, "held")
+    with pytest.raises(AssertionError, match="recorded"):
+        Change(("CLOSE",), b"{}", refusal=unrecorded)
+    Change(("CLOSE",), b"{}", refusal=failure(Reason.CARRIER_REFUSED, "no"))
+
+
+def test_ids_derive_from_the_key_alone():
+    key = bytes(range(32))
+    assert derive_id("wb", key) == "wb_" + key.hex()[:24] == derive_id("wb", key)
+    assert derive_id("wb", bytes(32)) != derive_id("wb", key)
+
+
+def test_data_encodes_canonically():
+    assert encode_data({"b": 1, "a": "é"}) == encode_data({"a": "é", "b": 1}) == '{"a":"é","b":1}'.encode()
+
+
+def test_a_lease_is_held_until_its_end_by_someone():
+    leased = Entity("wb_1", "fulfillment", 3, 2, b"{}", "d1", 1_000)
+    assert lease_held(leased, 999) and not lease_held(leased, 1_000)
+    assert not lease_held(Entity("wb_1", "fulfillment", 3, 2, b"{}", "", 5_000), 0)
+    assert not lease_held(None, 0)
