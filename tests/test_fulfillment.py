@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
@@ -346,3 +347,17 @@ async def _raw(channel, method: str, request) -> tuple[grpc.StatusCode, bytes, s
         body = dict(error.trailing_metadata())["grpc-status-details-bin"]
     trailing = dict(await call.trailing_metadata())
     return code, body, trailing["holdfast-replayed"]
+
+
+async def test_the_readme_dispatch_example_ships_a_waybill(channel, carrier):
+    """The README's client code, run as written, against a carrier that
+    refuses the first attempt."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Waybill dispatch", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    carrier(refuse_first=1)
+    shipped = await namespace["ship"](channel, await confirmed_reservation(channel))
+    assert shipped.state == fpb.WAYBILL_STATE_DISPATCHED
+    assert [a.result for a in shipped.attempts] == [fpb.ATTEMPT_RESULT_REFUSED, fpb.ATTEMPT_RESULT_ACCEPTED]
