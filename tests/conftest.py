@@ -27,7 +27,7 @@ from service.server import Config, Running, start
 pytest_plugins = ["tests.backends"]
 
 BACKENDS = ("embedded", "postgres+redis", "postgres+redis-cluster")
-ACROSS_BACKENDS = frozenset({"test_api"})
+ACROSS_BACKENDS = frozenset({"test_api", "test_fulfillment"})
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
