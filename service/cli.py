@@ -93,7 +93,16 @@ def _parser() -> argparse.ArgumentParser:
 
     codegen = commands.add_parser("codegen", help="generate code from protos/ (or --check its freshness)")
     codegen.add_argument("--check", action="store_true", help="exit 1, naming stale files, if the stamp does not match")
-    codegen.set_defaults(run=lambda a: __import__("contracts.codegen", fromlist=["main"]).main(a.check))
+    codegen.add_argument(
+        "--protos", metavar="DIR", default=None,
+        help="your proto root (holdfast's protos/ is on the include path too); needs --out; default: holdfast's protos/",
+    )
+    codegen.add_argument(
+        "--out", metavar="DIR", default=None, help="the one folder the code goes into; default: service/generated"
+    )
+    codegen.set_defaults(
+        run=lambda a: __import__("contracts.codegen", fromlist=["main"]).main(a.check, a.protos, a.out)
+    )
 
     graph = commands.add_parser("graph", help="draw a service's state machine (mermaid text, svg or png)")
     graph.add_argument("machine", help="the machine's name, e.g. inventory (an unknown name lists them all)")

@@ -1,13 +1,22 @@
 """The `holdfast` pytest plugin (entry point `pytest11`): fixtures for testing
 code against a real holdfast server and for checking journals replay.
 
+* `holdfast_services` — the services of your own that `holdfast_server`
+  hosts: none by default, so it hosts holdfast's (inventory and
+  fulfillment). Override it (in your conftest.py or test module) to return
+  your service factories, `engine -> Service` (service.framework); the
+  server then hosts those alone.
 * `holdfast_server` — a running server on the embedded backends (SQLite in
   the test's `tmp_path`, the in-process snapshot) with a `ManualClock`, so
-  hold expiry happens when the test moves `.clock`, and a journal of every
-  call at `.journal`. Also `.target` ("127.0.0.1:PORT") and `.port`.
-* `holdfast_client` — a grpc.aio `InventoryServiceStub` connected to it.
+  hold expiry and timeout events happen when the test moves `.clock`, and a
+  journal of every inventory call at `.journal`. Also `.target`
+  ("127.0.0.1:PORT") and `.port`.
+* `holdfast_channel` — a grpc.aio channel to it, to build your own stub on.
+* `holdfast_client` — an `InventoryServiceStub` on that channel.
 * `replay_journal` — `replay_journal(path)` replays a journal on a fresh
-  instance and fails the test with the first difference.
+  instance and fails the test with the first difference. Journals and their
+  replay cover holdfast's inventory calls only (service/journal.py), not
+  the calls of your services.
 
 Loaded by every pytest run where holdfast is installed, so this module
 imports nothing heavy at import time: gRPC in particular is imported by the
@@ -20,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import pytest
 
@@ -43,45 +52,67 @@ class HoldfastServer:
     running: Any  # service.server.Running
 
 
-async def _started(folder: Path) -> HoldfastServer:
+async def _started(folder: Path, services: Sequence[Callable[[Any], Any]] = ()) -> HoldfastServer:
     from service.clock import ManualClock
     from service.server import Config, start
 
     clock = ManualClock()
     journal = folder / "holdfast-journal.jsonl"
+    # Your services alone when there are any, else holdfast's own (Config's default).
+    hosted: dict[str, Any] = {"services": ()} if services else {}
     config = Config(
         listen="127.0.0.1:0", store=f"sqlite:///{folder}/holdfast.db", snapshot="memory://",
-        reaper_interval_ms=REAPER_INTERVAL_MS, journal=str(journal),
+        reaper_interval_ms=REAPER_INTERVAL_MS, journal=str(journal), **hosted,
     )
-    running = await start(config, clock=clock)
+    running = await start(config, clock=clock, services=services)
     return HoldfastServer(f"127.0.0.1:{running.port}", running.port, journal, clock, running)
+
+
+@pytest.fixture
+def holdfast_services() -> Sequence[Callable[[Any], Any]]:
+    """Your service factories (`ServiceFactory`: engine -> Service) for
+    `holdfast_server` to host instead of holdfast's own; override this
+    fixture to return them. None by default."""
+    return ()
 
 
 if pytest_asyncio is not None:
 
     @pytest_asyncio.fixture
-    async def holdfast_server(tmp_path: Path) -> AsyncIterator[HoldfastServer]:
-        """A holdfast server on embedded backends in `tmp_path`, journaling every call."""
-        server = await _started(tmp_path)
+    async def holdfast_server(
+        tmp_path: Path, holdfast_services: Sequence[Callable[[Any], Any]]
+    ) -> AsyncIterator[HoldfastServer]:
+        """A holdfast server on embedded backends in `tmp_path`, hosting
+        `holdfast_services` (or holdfast's own), journaling inventory calls."""
+        server = await _started(tmp_path, tuple(holdfast_services))
         yield server
         await server.running.stop(0)
 
     @pytest_asyncio.fixture
-    async def holdfast_client(holdfast_server: HoldfastServer) -> AsyncIterator[Any]:
-        """An `InventoryServiceStub` on a grpc.aio channel to `holdfast_server`."""
+    async def holdfast_channel(holdfast_server: HoldfastServer) -> AsyncIterator[Any]:
+        """A grpc.aio channel to `holdfast_server`, for your own stubs."""
         import grpc
 
+        async with grpc.aio.insecure_channel(holdfast_server.target) as channel:
+            yield channel
+
+    @pytest.fixture
+    def holdfast_client(holdfast_channel: Any) -> Any:
+        """An `InventoryServiceStub` on `holdfast_channel`."""
         import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
         from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-        async with grpc.aio.insecure_channel(holdfast_server.target) as channel:
-            yield pb_grpc.InventoryServiceStub(channel)
+        return pb_grpc.InventoryServiceStub(holdfast_channel)
 
 else:
 
     @pytest.fixture
     def holdfast_server() -> None:
         pytest.fail("holdfast_server needs pytest-asyncio: pip install 'holdfast[test]'", pytrace=False)
+
+    @pytest.fixture
+    def holdfast_channel() -> None:
+        pytest.fail("holdfast_channel needs pytest-asyncio: pip install 'holdfast[test]'", pytrace=False)
 
     @pytest.fixture
     def holdfast_client() -> None:
