@@ -99,6 +99,7 @@ class Dispatch(Service):
         dispatch = self.contract("Dispatch")
         self.max_attempts = dispatch.retry.max_attempts
         self.delay_ms = dispatch.retry.fixed_delay_ms
+        self._running: set[bytes] = set()  # keys of the attempts running on this instance
         assert self.max_attempts >= 1 and dispatch.lock_ttl_ms > 0, "Dispatch's contract declares attempts and a lease"
 
     # -- RPCs ------------------------------------------------------------------
@@ -133,17 +134,15 @@ class Dispatch(Service):
                 metadata={"max_attempts": str(self.max_attempts)},
             )
         call = current_call()
-        answered = await self.recorded(call)
-        if answered is not None:
-            return answered
-        claimed = await self._claim(call, request)
-        if not claimed.ok:
-            return claimed
-        claim = pb.WaybillReply.FromString(claimed.payload)
-        lease_left_ms = max(0, claim.attempts[-1].started_at_ms + self.contract("Dispatch").lock_ttl_ms
-                            - self.engine.clock.now_ms())
-        answer = await self._ask_carrier(claim, request.attempt, lease_left_ms)
-        return await self._settle(call, request, answer)
+        # An attempt is three steps (claim, carrier, settle): a second call
+        # with its key while it runs here would ask the carrier twice.
+        if call.key in self._running:
+            return failure(Reason.REQUEST_IN_FLIGHT, "this attempt is running now; retry shortly")
+        self._running.add(call.key)
+        try:
+            return await self._attempt(call, request)
+        finally:
+            self._running.discard(call.key)
 
     async def Acknowledge(self, request: pb.AcknowledgeRequest, context) -> Outcome:
         violations = _text_violations(request, ("waybill_id",), ())
@@ -193,6 +192,18 @@ class Dispatch(Service):
         return Change(("LEASE_EXPIRED",), encode_data(fields), reply=_reply)
 
     # -- the steps of one Dispatch attempt ----------------------------------------
+
+    async def _attempt(self, call: Call, request: pb.DispatchRequest) -> Outcome:
+        answered = await self.recorded(call)
+        if answered is not None:
+            return answered
+        claimed = await self._claim(call, request)
+        if not claimed.ok:
+            return claimed
+        claim = pb.WaybillReply.FromString(claimed.payload)
+        lease_left_ms = claim.attempts[-1].started_at_ms + call.contract.lock_ttl_ms - self.engine.clock.now_ms()
+        answer = await self._ask_carrier(claim, request.attempt, max(0, lease_left_ms))
+        return await self._settle(call, request, answer)
 
     async def _claim(self, call: Call, request: pb.DispatchRequest) -> Outcome:
         """Takes the lease and records the attempt as RUNNING, under a key of

@@ -188,6 +188,18 @@ async def test_two_concurrent_dispatchers_never_both_hold_the_lease(channel, dis
     assert sorted(p.waybill_id for p in used.parcels) == sorted(w.waybill_id for w in waybills)
 
 
+async def test_the_same_attempt_sent_twice_at_once_asks_the_carrier_once(channel, dispatch, carrier):
+    used = carrier(latency_ms=150)
+    waybill = await new_waybill(channel, dispatch)
+    request = fpb.DispatchRequest(waybill_id=waybill.waybill_id, dispatcher_id="d1", attempt=1)
+    first, second = await asyncio.gather(dispatch.Dispatch(request), dispatch.Dispatch(request), return_exceptions=True)
+    replies = [a for a in (first, second) if isinstance(a, fpb.WaybillReply)]
+    refused = [failure_of(a).reason for a in (first, second) if not isinstance(a, fpb.WaybillReply)]
+    assert len(replies) == 1 and refused == ["REQUEST_IN_FLIGHT"], (first, second)
+    assert [p.attempt for p in used.parcels] == [1]
+    assert await dispatch.Dispatch(request) == replies[0]  # and a later retry replays it
+
+
 async def test_a_held_lease_refuses_other_moves_until_it_runs_out(channel, dispatch, carrier):
     carrier(latency_ms=2000)  # answers after the lease: the attempt will be refused
     waybill = await new_waybill(channel, dispatch)
