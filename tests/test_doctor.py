@@ -73,7 +73,7 @@ async def test_reads_the_schema_of_a_database_a_server_made(tmp_path, capsys):
     running = await start(Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db"))
     await running.stop(0)
     code, rows = diagnose(capsys, *embedded(tmp_path))
-    assert code == 0 and "holdfast schema 1" in rows["store"]
+    assert code == 0 and f"holdfast schema {doctor.SCHEMA_VERSION}" in rows["store"]
 
 
 def test_passes_with_postgres_and_redis(postgres_url, redis_url, capsys):
