@@ -1,0 +1,38 @@
+"""Books a table on a running TableService and prints the reply:
+
+    python -m examples.tables.book TARGET TABLE_ID SLOT_START_MS PARTY_SIZE GUEST
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import grpc
+
+from . import generated
+from restaurant.tables.v1 import tables_pb2 as pb
+from restaurant.tables.v1 import tables_pb2_grpc as pb_grpc
+
+# The contracts' deadlines and retries, as `holdfast codegen` wrote them for gRPC.
+SERVICE_CONFIG = Path(generated.__file__).parent / "service_config.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    target, table_id, slot_start_ms, party_size, guest = sys.argv[1:] if argv is None else argv
+    options = [("grpc.service_config", SERVICE_CONFIG.read_text())]
+    with grpc.insecure_channel(target, options=options) as channel:
+        request = pb.BookRequest(table_id=table_id, slot_start_ms=int(slot_start_ms),
+                                 party_size=int(party_size), guest=guest)
+        try:
+            reply = pb_grpc.TableServiceStub(channel).Book(request)
+        except grpc.RpcError as error:
+            print(f"Book failed: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    print(f"{reply.booking_id}: {pb.BookingState.Name(reply.state)} table {reply.table_id} for {reply.party_size}"
+          f" ({reply.guest}) at {reply.slot_start_ms}, version {reply.version}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

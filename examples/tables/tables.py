@@ -1,0 +1,190 @@
+"""`restaurant.tables.v1.TableService`: table reservations at a restaurant,
+the service docs/build-a-service.md builds step by step. It uses holdfast's
+public API (service.framework), its own generated code, and nothing else of
+holdfast's.
+
+A booking is one table for one slot. Book makes it BOOKED; Seat (the guest
+has arrived) or Cancel ends it; a guest not seated `no_show_after_ms` after
+the slot starts is a NO_SHOW, fired by the server's reaper.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from . import generated  # noqa: F401  (puts the generated `restaurant` tree on sys.path)
+from restaurant.tables.v1 import tables_pb2 as pb
+
+from service.framework import (
+    Change,
+    Engine,
+    Entity,
+    Machine,
+    Outcome,
+    Reason,
+    Service,
+    current_call,
+    decode_data,
+    derive_id,
+    encode_data,
+    failure,
+)
+
+NO_SHOW_AFTER_MS = 15 * 60 * 1000
+PARTY_SIZE_MAX = 20
+TEXT_LENGTH_MAX = 128
+
+
+class Booking(enum.IntEnum):
+    """Values equal the wire's `BookingState` numbers. NEW is a booking not
+    yet made: the state of an id with no row, never in a reply."""
+
+    NEW = 1
+    BOOKED = 2
+    SEATED = 3
+    CANCELLED = 4
+    NO_SHOW = 5
+
+
+BOOKING: Machine[Booking] = Machine(
+    "tables",
+    Booking,
+    (
+        (Booking.NEW, "BOOK", Booking.BOOKED),
+        (Booking.BOOKED, "SEAT", Booking.SEATED),
+        (Booking.BOOKED, "CANCEL", Booking.CANCELLED),
+        (Booking.BOOKED, "NO_SHOW", Booking.NO_SHOW),
+    ),
+    initial=Booking.NEW,
+    terminal=(Booking.SEATED, Booking.CANCELLED, Booking.NO_SHOW),
+)
+
+
+class Tables(Service):
+    """The servicer of TableService."""
+
+    DESCRIPTOR = pb.DESCRIPTOR.services_by_name["TableService"]
+    MACHINE = BOOKING
+    ID_PREFIX = "bk"
+    # A booking still BOOKED when its `due_at_ms` passes gets NO_SHOW from the reaper.
+    TIMEOUTS = {Booking.BOOKED: "NO_SHOW"}
+
+    def __init__(self, engine: Engine, no_show_after_ms: int = NO_SHOW_AFTER_MS) -> None:
+        super().__init__(engine)
+        assert no_show_after_ms > 0, "a guest has some time to arrive"
+        self.no_show_after_ms = no_show_after_ms
+
+    # -- RPCs ------------------------------------------------------------------
+
+    async def Book(self, request: pb.BookRequest, context) -> Outcome:
+        violations = _book_violations(request)
+        if violations:
+            return _invalid(violations)
+        # The key is (table_id, slot_start_ms): one booking per table and slot.
+        booking_id = derive_id(self.ID_PREFIX, current_call().key)
+        no_show_at_ms = request.slot_start_ms + self.no_show_after_ms
+        fields = {"table_id": request.table_id, "slot_start_ms": request.slot_start_ms,
+                  "party_size": request.party_size, "guest": request.guest,
+                  "no_show_at_ms": no_show_at_ms, "cancel_reason": ""}
+
+        def decide(entity: Entity | None, now_ms: int) -> Change | Outcome:
+            if no_show_at_ms <= now_ms:
+                return _invalid([("slot_start_ms", f"the slot is over: a guest would be a no-show at {no_show_at_ms}")])
+            return Change(("BOOK",), encode_data(fields), reply=_reply, due_at_ms=no_show_at_ms)
+
+        return await self.move(booking_id, decide)
+
+    async def Seat(self, request: pb.SeatRequest, context) -> Outcome:
+        # Nothing to validate: the gateway has refused an empty booking_id (the
+        # key), and any other spelling of an unknown id is ENTITY_NOT_FOUND.
+
+        def decide(entity: Entity | None, now_ms: int) -> Change | Outcome:
+            if entity is None:
+                return _not_found(request.booking_id)
+            return _no_show_due(entity, now_ms) or Change(("SEAT",), entity.data, reply=_reply)
+
+        return await self.move(request.booking_id, decide)
+
+    async def Cancel(self, request: pb.CancelRequest, context) -> Outcome:
+        violations = _text_violations(request, required=(), optional=("reason",))
+        if violations:
+            return _invalid(violations)
+
+        def decide(entity: Entity | None, now_ms: int) -> Change | Outcome:
+            if entity is None:
+                return _not_found(request.booking_id)
+            fields = decode_data(entity.data)
+            fields["cancel_reason"] = request.reason or "cancelled"
+            return _no_show_due(entity, now_ms) or Change(("CANCEL",), encode_data(fields), reply=_reply)
+
+        return await self.move(request.booking_id, decide)
+
+    async def GetBooking(self, request: pb.GetBookingRequest, context) -> Outcome:
+        if not request.booking_id:  # no key here, so the gateway checks nothing
+            return _invalid([("booking_id", "booking_id must be set")])
+        return await self.read(request.booking_id, _reply, _not_found(request.booking_id))
+
+    # -- timeout events ------------------------------------------------------------
+
+    def render(self, entity: Entity) -> pb.BookingReply:
+        return _reply(entity)
+
+
+# -- moves, replies and refusals --------------------------------------------------------
+
+
+def _no_show_due(entity: Entity, now_ms: int) -> Change | None:
+    """A booked guest not seated by the no-show time is a no-show, whether
+    or not the reaper has fired yet: the answer depends on the call's time
+    alone, so it is the same on every instance and in every replay. The
+    change records the no-show and refuses the call that found it."""
+    if entity.state != Booking.BOOKED or not 0 < entity.due_at_ms <= now_ms:
+        return None
+    refusal = failure(
+        Reason.INVALID_TRANSITION,
+        f"{entity.entity_id} is a no-show since {entity.due_at_ms}",
+        metadata={"entity_id": entity.entity_id, "state": Booking.NO_SHOW.name},
+    )
+    return Change(("NO_SHOW",), entity.data, refusal=refusal)
+
+
+def _reply(entity: Entity) -> pb.BookingReply:
+    fields = decode_data(entity.data)
+    return pb.BookingReply(
+        booking_id=entity.entity_id, table_id=fields["table_id"], slot_start_ms=fields["slot_start_ms"],
+        party_size=fields["party_size"], guest=fields["guest"], state=entity.state, version=entity.version,
+        no_show_at_ms=fields["no_show_at_ms"], cancel_reason=fields["cancel_reason"],
+    )
+
+
+def _not_found(booking_id: str) -> Outcome:
+    return failure(Reason.ENTITY_NOT_FOUND, f"no booking {booking_id}", metadata={"booking_id": booking_id})
+
+
+def _invalid(violations: list[tuple[str, str]]) -> Outcome:
+    return failure(Reason.INVALID_REQUEST, "; ".join(why for _, why in violations), violations)
+
+
+def _book_violations(request: pb.BookRequest) -> list[tuple[str, str]]:
+    """In field order. The key fields (table_id, slot_start_ms) are set: the
+    gateway refuses a call without them (CONTRACT_VIOLATION) before this runs."""
+    violations = _text_violations(request, required=("table_id",))
+    if request.slot_start_ms < 0:
+        violations.append(("slot_start_ms", "slot_start_ms must be a time in ms since the epoch"))
+    if not 1 <= request.party_size <= PARTY_SIZE_MAX:
+        violations.append(("party_size", f"party_size must be within 1..{PARTY_SIZE_MAX}"))
+    return violations + _text_violations(request, required=("guest",))
+
+
+def _text_violations(request, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """Text fields: set when required, short and printable."""
+    violations = []
+    for name in (*required, *optional):
+        value = getattr(request, name)
+        if name in required and not value:
+            violations.append((name, f"{name} must be set"))
+        elif len(value) > TEXT_LENGTH_MAX:
+            violations.append((name, f"{name} is longer than {TEXT_LENGTH_MAX} characters"))
+        elif any(ord(c) < 0x20 or c == "\x7f" for c in value):
+            violations.append((name, f"{name} must not contain control characters"))
+    return violations

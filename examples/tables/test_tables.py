@@ -1,0 +1,190 @@
+"""TableService over real gRPC, with holdfast's pytest plugin: its server
+hosts this service alone (`holdfast_services`), on a manual clock."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from . import generated  # noqa: F401  (puts the generated `restaurant` tree on sys.path)
+from restaurant.tables.v1 import tables_pb2 as pb
+from restaurant.tables.v1 import tables_pb2_grpc as pb_grpc
+
+from service.framework import derive_id, idempotency_key
+
+from .tables import NO_SHOW_AFTER_MS, Tables
+
+NOW_MS = 1_700_000_000_000  # where the plugin's ManualClock starts
+SLOT_MS = NOW_MS + 2 * 60 * 60 * 1000  # a table for two hours from now
+BOOK = pb.BookRequest(table_id="table-4", slot_start_ms=SLOT_MS, party_size=2, guest="Ada")
+BOOKING_ID = derive_id("bk", idempotency_key("/restaurant.tables.v1.TableService/Book", ("table-4", SLOT_MS)))
+NO_SHOW_AT_MS = SLOT_MS + NO_SHOW_AFTER_MS
+
+
+@pytest.fixture
+def holdfast_services():
+    """The plugin's server hosts TableService alone."""
+    return [lambda engine: Tables(engine)]
+
+
+@pytest.fixture
+def tables(holdfast_channel) -> pb_grpc.TableServiceStub:
+    return pb_grpc.TableServiceStub(holdfast_channel)
+
+
+def booked(version: int = 1, state: int = pb.BOOKING_STATE_BOOKED, cancel_reason: str = "") -> pb.BookingReply:
+    """The reply for BOOK's booking in `state`."""
+    return pb.BookingReply(
+        booking_id=BOOKING_ID, table_id="table-4", slot_start_ms=SLOT_MS, party_size=2, guest="Ada",
+        state=state, version=version, no_show_at_ms=NO_SHOW_AT_MS, cancel_reason=cancel_reason,
+    )
+
+
+def refusal(error: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
+    """(status, holdfast reason, BadRequest field violations) of a failed call."""
+    status = rpc_status.from_call(error)
+    reason, violations = "", []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations = [(v.field, v.description) for v in bad.field_violations]
+    return error.code(), reason, violations
+
+
+async def refused(rpc, request) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await rpc(request)
+    return refusal(failed.value)
+
+
+async def test_booking_a_free_table_and_slot(tables):
+    assert await tables.Book(BOOK) == booked(version=1)
+    assert await tables.GetBooking(pb.GetBookingRequest(booking_id=BOOKING_ID)) == booked(version=1)
+
+
+async def test_the_same_book_again_replays_the_same_bytes(holdfast_channel):
+    book = holdfast_channel.unary_unary(
+        "/restaurant.tables.v1.TableService/Book", request_serializer=pb.BookRequest.SerializeToString
+    )  # no deserializer: the reply's bytes as they came over the wire
+    first = book(BOOK)
+    reply = await first
+    again = book(BOOK)  # a client that timed out and retried
+    assert await again == reply
+    assert pb.BookingReply.FromString(reply) == booked(version=1)
+    assert (await first.trailing_metadata()).get("holdfast-replayed") == "false"
+    assert (await again.trailing_metadata()).get("holdfast-replayed") == "true"
+
+
+async def test_another_guest_cannot_book_a_booked_table_and_slot(tables):
+    await tables.Book(BOOK)
+    other = pb.BookRequest(table_id="table-4", slot_start_ms=SLOT_MS, party_size=4, guest="Grace")
+    assert await refused(tables.Book, other) == (grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED", [])
+    assert await tables.GetBooking(pb.GetBookingRequest(booking_id=BOOKING_ID)) == booked(version=1)
+
+
+async def test_another_slot_of_the_same_table_is_another_booking(tables):
+    await tables.Book(BOOK)
+    later = await tables.Book(pb.BookRequest(table_id="table-4", slot_start_ms=SLOT_MS + 1, party_size=2, guest="Ada"))
+    assert later.booking_id != BOOKING_ID and later.version == 1
+
+
+async def test_seat_then_cancel_is_refused_and_changes_nothing(tables):
+    await tables.Book(BOOK)
+    assert await tables.Seat(pb.SeatRequest(booking_id=BOOKING_ID)) == booked(version=2, state=pb.BOOKING_STATE_SEATED)
+
+    cancel = pb.CancelRequest(booking_id=BOOKING_ID, reason="changed plans")
+    assert await refused(tables.Cancel, cancel) == (grpc.StatusCode.FAILED_PRECONDITION, "INVALID_TRANSITION", [])
+    assert await tables.GetBooking(pb.GetBookingRequest(booking_id=BOOKING_ID)) == booked(
+        version=2, state=pb.BOOKING_STATE_SEATED
+    )
+    # The refusal is recorded under Cancel's key: the same Cancel again replays it.
+    call = tables.Cancel(cancel)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await call
+    assert (await call.trailing_metadata()).get("holdfast-replayed") == "true"
+
+
+async def test_cancel_a_booking(tables):
+    await tables.Book(BOOK)
+    cancelled = await tables.Cancel(pb.CancelRequest(booking_id=BOOKING_ID, reason="changed plans"))
+    assert cancelled == booked(version=2, state=pb.BOOKING_STATE_CANCELLED, cancel_reason="changed plans")
+    assert await refused(tables.Seat, pb.SeatRequest(booking_id=BOOKING_ID)) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "INVALID_TRANSITION", [],
+    )
+
+
+async def wait_for_state(tables, state: int, timeout_s: float = 10.0) -> pb.BookingReply:
+    """The booking once it reads `state` (the reaper runs every 20 ms)."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            reply = await tables.GetBooking(pb.GetBookingRequest(booking_id=BOOKING_ID))
+            if reply.state == state:
+                return reply
+            await asyncio.sleep(0.02)
+
+
+async def test_a_guest_not_seated_in_time_becomes_a_no_show(holdfast_server, tables):
+    await tables.Book(BOOK)
+    holdfast_server.clock.advance(NO_SHOW_AT_MS - 1 - NOW_MS)
+    await asyncio.sleep(0.2)  # ten reaper rounds: not due yet
+    assert await tables.GetBooking(pb.GetBookingRequest(booking_id=BOOKING_ID)) == booked(version=1)
+
+    holdfast_server.clock.advance(1)
+    assert await wait_for_state(tables, pb.BOOKING_STATE_NO_SHOW) == booked(version=2, state=pb.BOOKING_STATE_NO_SHOW)
+    assert await refused(tables.Seat, pb.SeatRequest(booking_id=BOOKING_ID)) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "INVALID_TRANSITION", [],
+    )
+
+
+async def test_a_late_seat_is_refused_whether_or_not_the_no_show_has_fired(holdfast_server, tables):
+    await tables.Book(BOOK)
+    holdfast_server.clock.advance(NO_SHOW_AT_MS - NOW_MS)
+    # The reaper may fire NO_SHOW before this Seat or not: the answer is the same.
+    assert await refused(tables.Seat, pb.SeatRequest(booking_id=BOOKING_ID)) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "INVALID_TRANSITION", [],
+    )
+    assert await tables.GetBooking(pb.GetBookingRequest(booking_id=BOOKING_ID)) == booked(
+        version=2, state=pb.BOOKING_STATE_NO_SHOW
+    )
+
+
+# (RPC, request) -> (status, reason, field violations); the gateway's refusals first.
+INVALID = [
+    ("Book", pb.BookRequest(slot_start_ms=SLOT_MS, party_size=2, guest="Ada"),
+     (grpc.StatusCode.INVALID_ARGUMENT, "CONTRACT_VIOLATION", [("table_id", "idempotency key field must be set")])),
+    ("Seat", pb.SeatRequest(),
+     (grpc.StatusCode.INVALID_ARGUMENT, "CONTRACT_VIOLATION", [("booking_id", "idempotency key field must be set")])),
+    ("Book", pb.BookRequest(table_id="table-4", slot_start_ms=SLOT_MS),
+     (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST",
+      [("party_size", "party_size must be within 1..20"), ("guest", "guest must be set")])),
+    ("Book", pb.BookRequest(table_id="table\n4", slot_start_ms=-1, party_size=21, guest="A" * 129),
+     (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST",
+      [("table_id", "table_id must not contain control characters"),
+       ("slot_start_ms", "slot_start_ms must be a time in ms since the epoch"),
+       ("party_size", "party_size must be within 1..20"),
+       ("guest", "guest is longer than 128 characters")])),
+    ("Book", pb.BookRequest(table_id="table-4", slot_start_ms=NOW_MS - NO_SHOW_AFTER_MS, party_size=2, guest="Ada"),
+     (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST",
+      [("slot_start_ms", f"the slot is over: a guest would be a no-show at {NOW_MS}")])),
+    ("Cancel", pb.CancelRequest(booking_id=BOOKING_ID, reason="x" * 129),
+     (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST", [("reason", "reason is longer than 128 characters")])),
+    ("GetBooking", pb.GetBookingRequest(),
+     (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST", [("booking_id", "booking_id must be set")])),
+    ("Seat", pb.SeatRequest(booking_id="bk_nobody"), (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND", [])),
+    ("Cancel", pb.CancelRequest(booking_id="bk_nobody"), (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND", [])),
+    ("GetBooking", pb.GetBookingRequest(booking_id="bk_nobody"), (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND", [])),
+]
+
+
+@pytest.mark.parametrize(("rpc", "request_", "expected"), INVALID, ids=[f"{row[0]}-{i}" for i, row in enumerate(INVALID)])
+async def test_bad_input_and_unknown_bookings_are_refused(tables, rpc, request_, expected):
+    assert await refused(getattr(tables, rpc), request_) == expected
