@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,111 @@ def test_the_real_tree_is_untouched_by_these_tests():
     # check() on the repository stays fresh after the copies were regenerated and edited.
     assert not codegen.check()
     assert codegen.PROTOS == ROOT / "protos" and codegen.GENERATED == ROOT / "service" / "generated"
+
+
+# -- a team's own protos: --protos DIR --out DIR ------------------------------------
+
+EXAMPLE = ROOT / "examples" / "tables"
+TABLES = Path("restaurant/tables/v1/tables.proto")
+TABLES_PB2 = Path("restaurant/tables/v1/tables_pb2.py")
+
+
+@pytest.fixture
+def team(tmp_path) -> tuple[Path, Path]:
+    """A copy of the tables example's protos, and a folder to generate into."""
+    protos = tmp_path / "protos"
+    shutil.copytree(EXAMPLE / "protos", protos)
+    return protos, tmp_path / "generated"
+
+
+def test_a_teams_protos_generate_only_their_own_files(team):
+    protos, out = team
+    written = codegen.generate(protos=protos, out=out)
+    assert [path.relative_to(out).as_posix() for path in written] == [
+        "__init__.py",
+        "restaurant/__init__.py",
+        "restaurant/tables/__init__.py",
+        "restaurant/tables/v1/__init__.py",
+        "restaurant/tables/v1/tables_pb2.py",
+        "restaurant/tables/v1/tables_pb2.pyi",
+        "restaurant/tables/v1/tables_pb2_grpc.py",
+        "service_config.json",
+    ]
+    # holdfast.contract.v1 comes from holdfast's own tree, which the package's __init__ imports.
+    assert not (out / "holdfast").exists()
+    assert (out / "__init__.py").read_text() == codegen.USER_INIT_TEMPLATE
+    assert "import service.generated" in codegen.USER_INIT_TEMPLATE
+    assert not codegen.check(protos=protos, out=out)
+
+
+def test_the_examples_committed_code_is_what_codegen_makes(team):
+    protos, out = team
+    codegen.generate(protos=protos, out=out)
+    committed = sorted(p for p in (EXAMPLE / "generated").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == [
+        p.relative_to(EXAMPLE / "generated") for p in committed
+    ]
+    for path in committed:
+        relative = path.relative_to(EXAMPLE / "generated")
+        assert (out / relative).read_bytes() == path.read_bytes(), f"{relative} differs when regenerated"
+
+
+def test_a_teams_generated_package_imports_in_a_fresh_interpreter(team):
+    """Its modules import holdfast's contract option; the package's __init__ makes that resolve."""
+    protos, out = team
+    codegen.generate(protos=protos, out=out)
+    code = (
+        "import generated\n"
+        "from restaurant.tables.v1 import tables_pb2, tables_pb2_grpc\n"
+        "from holdfast.contract.v1 import contract_pb2\n"
+        "method = tables_pb2.DESCRIPTOR.services_by_name['TableService'].methods_by_name['Book']\n"
+        "print(list(method.GetOptions().Extensions[contract_pb2.contract].idempotency_key))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=out.parent, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "['table_id', 'slot_start_ms']\n"
+
+
+def test_cli_checks_the_example_with_protos_and_out():
+    done = run_holdfast(
+        "codegen", "--protos", "examples/tables/protos", "--out", "examples/tables/generated", "--check", cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "generated code is fresh (examples/tables/generated)\n"
+
+
+def test_cli_generates_and_checks_a_teams_tree(team, capsys, monkeypatch):
+    protos, out = team
+    monkeypatch.chdir(protos.parent)
+    args = ["codegen", "--protos", "protos", "--out", "generated"]
+    assert cli.main(args) == 0
+    assert "wrote generated/restaurant/tables/v1/tables_pb2.py\n" in capsys.readouterr().out
+    assert cli.main([*args, "--check"]) == 0
+    assert capsys.readouterr().out == "generated code is fresh (generated)\n"
+
+    with (protos / TABLES).open("a") as proto:
+        proto.write("// touched\n")
+    assert cli.main([*args, "--check"]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == ""
+    assert printed.err == f"stale: {protos / TABLES}: changed since the last `holdfast codegen`\n"
+    # The default tree is untouched by all of this.
+    assert not codegen.check()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--protos", "protos"], "holdfast codegen: --protos needs --out, the folder to generate into\n"),
+        (["--protos", "empty", "--out", "generated"], "holdfast codegen: no .proto files under empty\n"),
+        (["--protos", "missing", "--out", "generated", "--check"], "holdfast codegen: no .proto files under missing\n"),
+    ],
+)
+def test_cli_usage_errors_exit_2_and_write_nothing(team, capsys, monkeypatch, args, message):
+    protos, out = team
+    (protos.parent / "empty").mkdir()
+    monkeypatch.chdir(protos.parent)
+    assert cli.main(["codegen", *args]) == 2
+    assert capsys.readouterr().err == message
+    assert not out.exists()
+    assert not codegen.check()

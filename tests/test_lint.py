@@ -207,6 +207,38 @@ def test_the_project_protos_lint_clean():
     assert run("protos") == (0, "", "")
 
 
+# A team's own tree, outside holdfast's protos/: the tables example, linted as
+# docs/build-a-service.md shows (holdfast's protos/ is on the include path).
+EXAMPLE = Path("examples/tables")
+EXAMPLE_ARGS = (EXAMPLE / "protos", "--sla", EXAMPLE / "sla.toml", "--generated", EXAMPLE / "generated")
+
+
+def test_a_teams_protos_lint_clean_with_their_sla_registry_and_generated_code():
+    assert run(*EXAMPLE_ARGS) == (0, "", "")
+
+
+def test_a_teams_slas_are_unknown_to_holdfasts_own_registry():
+    status, out, err = run(EXAMPLE / "protos")
+    assert (status, err) == (1, "")
+    proto = EXAMPLE / "protos/restaurant/tables/v1/tables.proto"
+    assert [line.split(": CONTRACT_SLA_DEFINED ")[0] for line in out.splitlines()] == [
+        f"{proto}:20:7", f"{proto}:32:7", f"{proto}:43:7", f"{proto}:52:7",
+    ]
+
+
+def test_a_teams_touched_proto_makes_its_generated_code_stale(tmp_path):
+    shutil.copytree(ROOT / EXAMPLE, tmp_path / EXAMPLE, ignore=shutil.ignore_patterns("__pycache__"))
+    with (tmp_path / EXAMPLE / "protos/restaurant/tables/v1/tables.proto").open("a") as proto:
+        proto.write("// touched\n")
+    status, out, err = run(*EXAMPLE_ARGS, cwd=tmp_path)
+    assert (status, err) == (1, "")
+    assert out == (
+        "examples/tables/generated/STAMP.json:1:1: GENERATED_CODE_FRESH Generated code in examples/tables/generated "
+        "is stale (examples/tables/protos/restaurant/tables/v1/tables.proto: changed since the last `holdfast codegen`);"
+        " run `holdfast codegen`.\n"
+    )
+
+
 def test_a_fresh_interpreter_reads_the_option_as_an_unknown_field_and_agrees(scratch):
     """In a pytest process the generated contract_pb2 is imported, so the
     option parses as a known extension; a bare `python -m contracts.lint`

@@ -77,3 +77,46 @@ async def test_replay_journal_fails_the_test_with_the_first_difference(
     assert replay_journal(holdfast_server.journal).identical
     with pytest.raises(pytest.fail.Exception, match=r"line 3: GetStock: reply differs"):
         replay_journal(altered)
+
+
+# -- a team's own services: holdfast_services and holdfast_channel -----------------------
+
+HOLDFASTS_OWN = {"holdfast.inventory.v1.InventoryService", "holdfast.fulfillment.v1.DispatchService"}
+
+
+def tables_service(engine):
+    from examples.tables.tables import Tables
+
+    return Tables(engine)
+
+
+async def test_by_default_the_server_hosts_holdfasts_own_services(holdfast_services, holdfast_server) -> None:
+    assert tuple(holdfast_services) == ()
+    assert set(holdfast_server.running.services) == HOLDFASTS_OWN
+
+
+async def test_the_channel_fixture_is_a_channel_to_the_server(holdfast_server, holdfast_channel) -> None:
+    from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
+
+    assert isinstance(holdfast_channel, grpc.aio.Channel)
+    stub = pb_grpc.InventoryServiceStub(holdfast_channel)
+    reply = await stub.PutStock(pb.PutStockRequest(sku_id="sku-4", total=2, request_id="r"))
+    assert (reply.sku_id, reply.available, reply.version) == ("sku-4", 2, 1)
+
+
+@pytest.mark.parametrize("holdfast_services", [[tables_service]])
+async def test_overridden_services_are_hosted_alone(holdfast_server, holdfast_channel, holdfast_client) -> None:
+    """A test (or a conftest.py) that overrides holdfast_services gets a
+    server with those services and none of holdfast's."""
+    from examples.tables import generated  # noqa: F401  (puts the generated `restaurant` tree on sys.path)
+    from restaurant.tables.v1 import tables_pb2, tables_pb2_grpc
+
+    assert list(holdfast_server.running.services) == ["restaurant.tables.v1.TableService"]
+    tables = tables_pb2_grpc.TableServiceStub(holdfast_channel)
+    booked = await tables.Book(tables_pb2.BookRequest(
+        table_id="table-1", slot_start_ms=holdfast_server.clock.now_ms() + 60_000, party_size=2, guest="Ada",
+    ))
+    assert (booked.state, booked.version) == (tables_pb2.BOOKING_STATE_BOOKED, 1)
+    with pytest.raises(grpc.aio.AioRpcError) as unserved:
+        await holdfast_client.GetStock(pb.GetStockRequest(sku_id="sku-1"))
+    assert unserved.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         except grpc.RpcError as error:
             print(f"Book failed: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1
-    print(f"{reply.booking_id}: {pb.BookingState.Name(reply.state)} table {reply.table_id} for {reply.party_size}"
-          f" ({reply.guest}) at {reply.slot_start_ms}, version {reply.version}")
+    state = pb.BookingState.Name(reply.state).removeprefix("BOOKING_STATE_")
+    print(f"{reply.booking_id}: {state} table {reply.table_id} for {reply.party_size} ({reply.guest})"
+          f" at {reply.slot_start_ms} ms, no-show at {reply.no_show_at_ms} ms (version {reply.version})")
     return 0
 
 
