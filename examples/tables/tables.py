@@ -88,8 +88,11 @@ class Tables(Service):
                   "no_show_at_ms": no_show_at_ms, "cancel_reason": ""}
 
         def decide(entity: Entity | None, now_ms: int) -> Change | Outcome:
+            # A recorded key never gets here (the framework replays it, or refuses it
+            # with another payload), so no booking has this id: `entity` is None.
             if no_show_at_ms <= now_ms:
-                return _invalid([("slot_start_ms", f"the slot is over: a guest would be a no-show at {no_show_at_ms}")])
+                over = f"the slot is over: a guest would be a no-show at {no_show_at_ms}"
+                return _invalid([("slot_start_ms", over)])
             return Change(("BOOK",), encode_data(fields), reply=_reply, due_at_ms=no_show_at_ms)
 
         return await self.move(booking_id, decide)

@@ -183,8 +183,9 @@ INVALID = [
     ("Cancel", pb.CancelRequest(booking_id="bk_nobody"), (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND", [])),
     ("GetBooking", pb.GetBookingRequest(booking_id="bk_nobody"), (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND", [])),
 ]
+INVALID_IDS = [f"{rpc}-{index}" for index, (rpc, _, _) in enumerate(INVALID)]
 
 
-@pytest.mark.parametrize(("rpc", "request_", "expected"), INVALID, ids=[f"{row[0]}-{i}" for i, row in enumerate(INVALID)])
+@pytest.mark.parametrize(("rpc", "request_", "expected"), INVALID, ids=INVALID_IDS)
 async def test_bad_input_and_unknown_bookings_are_refused(tables, rpc, request_, expected):
     assert await refused(getattr(tables, rpc), request_) == expected

@@ -1,0 +1,173 @@
+"""The examples (examples/) and their tutorials (docs/): built on the public
+API alone, quoted verbatim by the tutorial, and run the way it says.
+
+The examples' own tests (examples/*/test_*.py) are collected with these:
+pyproject.toml's pytest `testpaths` names both folders.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from service.framework import derive_id, idempotency_key
+from tests.process import ROOT, START_TIMEOUT_S, STOP_TIMEOUT_S, child_env, free_port
+
+EXAMPLES = ROOT / "examples"
+TUTORIAL = ROOT / "docs" / "build-a-service.md"
+# What an example may import of holdfast: the public API, and holdfast's
+# generated tree (which a team's generated package imports for the contract option).
+PUBLIC = frozenset({"service.framework", "service.generated"})
+HOLDFAST_PACKAGES = frozenset({"service", "contracts", "tests"})
+# A fenced block quoted from a file: the line `<!-- from PATH -->`, then the block.
+QUOTE = re.compile(r"^<!-- from (?P<path>\S+) -->\n```[\w-]*\n(?P<text>.*?)^```$", re.MULTILINE | re.DOTALL)
+PYTHON_BLOCK = re.compile(r"^```python\n", re.MULTILINE)
+
+
+def holdfast_imports(source: str) -> set[str]:
+    """The modules of holdfast's own packages that `source` imports."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module in HOLDFAST_PACKAGES:  # from service import store
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif node.module.split(".")[0] in HOLDFAST_PACKAGES:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.split(".")[0] in HOLDFAST_PACKAGES)
+    return found
+
+
+def example_modules() -> list[Path]:
+    """Every Python file of the examples, generated code included."""
+    return sorted(p for p in EXAMPLES.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+# -- the examples use the public API and nothing else of holdfast's -------------------------
+
+
+@pytest.mark.parametrize(("source", "imported"), [
+    ("from service.framework import Service, Change", {"service.framework"}),
+    ("import service.generated  # noqa: F401", {"service.generated"}),
+    ("import service.generated as _holdfast", {"service.generated"}),
+    ("from service import framework", {"service.framework"}),
+    ("from service import store, engine", {"service.store", "service.engine"}),
+    ("from service.store import Entity", {"service.store"}),
+    ("import service.gateway.sub as g", {"service.gateway.sub"}),
+    ("from contracts.contract import Contract", {"contracts.contract"}),
+    ("from tests.process import ROOT", {"tests.process"}),
+    ("from .tables import Tables\nfrom . import generated", set()),
+    ("import servicex\nfrom restaurant.tables.v1 import tables_pb2", set()),
+    ("def f():\n    from service.engine import Engine", {"service.engine"}),
+])
+def test_the_import_check_sees_every_spelling(source, imported):
+    assert holdfast_imports(source) == imported
+
+
+def test_the_examples_are_there():
+    names = {p.relative_to(EXAMPLES).as_posix() for p in example_modules()}
+    assert {"tables/tables.py", "tables/serve.py", "tables/book.py", "tables/test_tables.py",
+            "tables/generated/__init__.py"} <= names
+
+
+@pytest.mark.parametrize("path", example_modules(), ids=lambda p: p.relative_to(EXAMPLES).as_posix())
+def test_the_examples_import_only_the_public_api(path: Path):
+    imported = holdfast_imports(path.read_text())
+    assert imported <= PUBLIC, f"{path.relative_to(ROOT)} imports {sorted(imported - PUBLIC)}"
+
+
+# -- the tutorial quotes the example as it is ---------------------------------------------------
+
+
+def quotes() -> list[tuple[str, str]]:
+    return [(m["path"], m["text"]) for m in QUOTE.finditer(TUTORIAL.read_text())]
+
+
+def test_the_tutorial_quotes_the_example_and_every_python_block_is_a_quote():
+    text = TUTORIAL.read_text()
+    quoted = quotes()
+    assert len(quoted) >= 10
+    python_quotes = [m for m in QUOTE.finditer(text) if m.group(0).split("\n")[1] == "```python"]
+    assert len(PYTHON_BLOCK.findall(text)) == len(python_quotes), "a ```python block without `<!-- from PATH -->`"
+    assert {path for path, _ in quoted} == {
+        "examples/tables/protos/restaurant/tables/v1/tables.proto",
+        "examples/tables/sla.toml",
+        "examples/tables/tables.py",
+        "examples/tables/serve.py",
+        "examples/tables/test_tables.py",
+    }
+
+
+@pytest.mark.parametrize(("path", "block"), quotes(), ids=[f"{p}-{i}" for i, (p, _) in enumerate(quotes())])
+def test_each_quote_is_verbatim_in_its_file(path: str, block: str):
+    assert block.strip(), f"an empty quote of {path}"
+    assert block in (ROOT / path).read_text(), f"docs/build-a-service.md quotes {path} as it no longer is:\n{block}"
+
+
+def test_the_tutorials_diagram_is_the_machine_drawn():
+    from examples.tables.tables import BOOKING
+    from service.graph import draw
+
+    diagram = TUTORIAL.read_text().split("```mermaid\n", 1)[1].split("```", 1)[0]
+    assert diagram == draw(BOOKING)
+
+
+def test_the_readme_links_the_tutorial():
+    assert "(docs/build-a-service.md)" in (ROOT / "README.md").read_text()
+
+
+# -- run as the tutorial runs it ------------------------------------------------------------------
+
+
+def test_the_example_serves_books_replays_and_stops(tmp_path):
+    port = free_port()
+    store = f"sqlite:///{tmp_path}/tables.db"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "examples.tables.serve", "--listen", f"127.0.0.1:{port}", "--store", store],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+    )
+    watchdog = threading.Timer(START_TIMEOUT_S + STOP_TIMEOUT_S + 60, server.kill)
+    watchdog.start()
+    try:
+        ready = server.stdout.readline()
+        assert ready == (
+            f"holdfast serving restaurant.tables.v1.TableService on 127.0.0.1:{port}"
+            f" (store {store}, snapshot memory://)\n"
+        ), ready
+        hour_ms = 60 * 60 * 1000
+        slot_ms = (time.time_ns() // 1_000_000 // hour_ms + 24) * hour_ms  # a whole hour, tomorrow
+        booking_id = derive_id("bk", idempotency_key("/restaurant.tables.v1.TableService/Book", ("table-4", slot_ms)))
+        line = (f"{booking_id}: BOOKED table table-4 for 2 (Ada) at {slot_ms} ms,"
+                f" no-show at {slot_ms + 15 * 60 * 1000} ms (version 1)\n")
+        for _ in range(2):  # the second is replayed: the same answer
+            done = book(port, "table-4", slot_ms, 2, "Ada")
+            assert (done.returncode, done.stdout, done.stderr) == (0, line, "")
+        done = book(port, "table-4", slot_ms, 4, "Grace")
+        assert (done.returncode, done.stdout) == (1, "")
+        assert done.stderr == "Book failed: ALREADY_EXISTS: this idempotency key was used with another request\n"
+
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(STOP_TIMEOUT_S) == 0
+        assert server.stdout.read() == "holdfast stopped\n"
+    finally:
+        watchdog.cancel()
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        server.stdout.close()
+        server.stderr.close()
+
+
+def book(port: int, *args: object) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "examples.tables.book", f"127.0.0.1:{port}", *map(str, args)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env=child_env(),
+    )
