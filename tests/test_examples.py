@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from service.framework import derive_id, idempotency_key
-from tests.process import ROOT, START_TIMEOUT_S, STOP_TIMEOUT_S, child_env, free_port
+from tests.process import ROOT, START_TIMEOUT_S, STOP_TIMEOUT_S, child_env, free_port, run_holdfast
 
 EXAMPLES = ROOT / "examples"
 TUTORIAL = ROOT / "docs" / "build-a-service.md"
@@ -113,11 +113,10 @@ def test_each_quote_is_verbatim_in_its_file(path: str, block: str):
 
 
 def test_the_tutorials_diagram_is_the_machine_drawn():
-    from examples.tables.tables import BOOKING
-    from service.graph import draw
-
     diagram = TUTORIAL.read_text().split("```mermaid\n", 1)[1].split("```", 1)[0]
-    assert diagram == draw(BOOKING)
+    done = run_holdfast("graph", "examples.tables.tables:BOOKING")
+    assert done.returncode == 0, done.stderr
+    assert diagram == done.stdout
 
 
 def test_the_readme_links_the_tutorial():

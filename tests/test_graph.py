@@ -100,7 +100,32 @@ def test_an_unknown_machine_exits_2_naming_the_known_ones():
     done = run_holdfast("graph", "warehouse")
     assert done.returncode == 2
     assert done.stdout == ""
-    assert done.stderr.splitlines() == ["holdfast graph: no machine 'warehouse'; known: fulfillment, inventory"]
+    assert done.stderr.splitlines() == [
+        "holdfast graph: no machine 'warehouse'; known: fulfillment, inventory, or MODULE:ATTRIBUTE"
+    ]
+
+
+def test_a_teams_own_machine_is_drawn_by_module_and_attribute():
+    """From the folder its package is in, as a team runs it on its own service."""
+    from examples.tables.tables import BOOKING
+
+    done = run_holdfast("graph", "examples.tables.tables:BOOKING")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == draw(BOOKING)
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("examples.tables.tables:Tables", "'examples.tables.tables:Tables' is a type, not a service.framework.Machine"),
+        ("examples.tables.tables:NOPE", "cannot load 'examples.tables.tables:NOPE'"),
+        ("no_such_package.machines:X", "cannot load 'no_such_package.machines:X': No module named 'no_such_package'"),
+    ],
+)
+def test_a_name_that_is_no_machine_exits_2_saying_why(name, says):
+    done = run_holdfast("graph", name)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith(f"holdfast graph: {says}"), done.stderr
 
 
 def test_an_unknown_format_exits_2():
