@@ -54,6 +54,7 @@ __all__ = [
     "success",
     "failure",
     "derive_id",
+    "shown_id",
     "lease_held",
     "encode_data",
     "decode_data",
@@ -130,6 +131,12 @@ def derive_id(prefix: str, key: bytes) -> str:
     """An entity id derived from the idempotency key of the call that creates
     it, so a retry, a replay or another instance names the same entity."""
     return f"{prefix}_{key.hex()[:24]}"
+
+
+def shown_id(value: str) -> str:
+    """An id as quoted in an error: a hostile length must not push the status
+    details past gRPC's metadata limit and cost the client its answer."""
+    return value if len(value) <= ID_LENGTH_MAX else value[:ID_LENGTH_MAX] + "…"
 
 
 def lease_held(entity: Entity | None, now_ms: int) -> bool:
@@ -242,7 +249,7 @@ class Service:
         def decide(entity: Entity | None, now_ms: int) -> Change | Outcome:
             event = None if entity is None else timeouts.get(machine.states(entity.state))
             if entity is None or entity.version != due.version or event is None or not 0 < entity.due_at_ms <= now_ms:
-                return failure(Reason.VERSION_CONFLICT, f"{due.entity_id} moved on before its timeout fired")
+                return failure(Reason.VERSION_CONFLICT, f"{shown_id(due.entity_id)} moved on before its timeout fired")
             return self.on_timeout(entity, event, now_ms)
 
         return await self._run(f"holdfast.timeout/{machine.name}", key, key, due.entity_id, decide, "", 0, None)
@@ -282,11 +289,11 @@ def _apply(
     """One move on a generic entity, inside its store transaction."""
     current = txn.entity(entity_id)
     if current is not None and current.kind != machine.name:
-        return failure(Reason.ENTITY_NOT_FOUND, f"{entity_id} is not a {machine.name} entity")
+        return failure(Reason.ENTITY_NOT_FOUND, f"{shown_id(entity_id)} is not a {machine.name} entity")
     if lease_held(current, now_ms) and current.lease_owner != owner:
         return failure(
             Reason.LEASE_HELD,
-            f"{entity_id} is leased to {current.lease_owner} until {current.lease_until_ms}; retry after it",
+            f"{shown_id(entity_id)} is leased to {current.lease_owner} until {current.lease_until_ms}; retry after it",
             metadata={"lease_owner": current.lease_owner, "lease_until_ms": str(current.lease_until_ms)},
         )
     decided = decide(current, now_ms)
@@ -297,8 +304,8 @@ def _apply(
     if after is None:
         return failure(
             Reason.INVALID_TRANSITION,
-            f"{entity_id} is {state.name}: {' then '.join(decided.events)} is not allowed from there",
-            metadata={"entity_id": entity_id, "state": state.name},
+            f"{shown_id(entity_id)} is {state.name}: {' then '.join(decided.events)} is not allowed from there",
+            metadata={"entity_id": shown_id(entity_id), "state": state.name},
         )
     version = 0 if current is None else current.version
     lease_until = now_ms + ttl_ms if decided.lease_owner else 0

@@ -38,6 +38,7 @@ from service.framework import (
     failure,
     idempotency_key,
     lease_held,
+    shown_id,
 )
 
 SERVICE = pb.DESCRIPTOR.services_by_name["DispatchService"]
@@ -312,7 +313,8 @@ def _step(call: Call, step: str) -> Call:
 
 
 def _not_found(waybill_id: str) -> Outcome:
-    return failure(Reason.WAYBILL_NOT_FOUND, f"no waybill {waybill_id}", metadata={"waybill_id": waybill_id})
+    shown = shown_id(waybill_id)
+    return failure(Reason.WAYBILL_NOT_FOUND, f"no waybill {shown!r}", metadata={"waybill_id": shown})
 
 
 def _invalid(violations: list[tuple[str, str]]) -> Outcome:

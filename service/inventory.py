@@ -27,6 +27,7 @@ from service.framework import (
     current_call,
     failure,
     idempotency_key,
+    shown_id,
     success,
 )
 from service.machine import State
@@ -329,19 +330,13 @@ def _id_violations(request, *names: str) -> Iterable[tuple[str, str]]:
 
 
 def _sku_not_found(sku_id: str) -> Outcome:
-    shown = _shown(sku_id)
+    shown = shown_id(sku_id)
     return failure(Reason.SKU_NOT_FOUND, f"no stock is recorded for SKU {shown!r}", metadata={"sku_id": shown})
 
 
 def _reservation_not_found(rid: str) -> Outcome:
-    shown = _shown(rid)
+    shown = shown_id(rid)
     return failure(Reason.RESERVATION_NOT_FOUND, f"no reservation {shown!r}", metadata={"reservation_id": shown})
-
-
-def _shown(value: str) -> str:
-    """An id as quoted in an error: a hostile length must not push the status
-    details past gRPC's metadata limit and cost the client its answer."""
-    return value if len(value) <= ID_LENGTH_MAX else value[:ID_LENGTH_MAX] + "…"
 
 
 def _invalid_transition(rid: str, state: State, what: str) -> Outcome:

@@ -16,7 +16,8 @@ from service.store import Entity
 ROOT = Path(__file__).resolve().parents[1]
 
 PUBLIC = {
-    "Machine", "Service", "Change", "Entity", "Outcome", "Reason", "success", "failure", "derive_id", "lease_held",
+    "Machine", "Service", "Change", "Entity", "Outcome", "Reason", "success", "failure", "derive_id", "shown_id",
+    "lease_held",
     "encode_data", "decode_data", "Call", "Contract", "current_call", "idempotency_key", "Engine", "Move", "Txn",
     "Reservation", "Stock", "Clock", "SystemClock", "ManualClock", "Config", "Running", "ServiceFactory", "start",
     "serve",
@@ -115,6 +116,11 @@ def test_ids_derive_from_the_key_alone():
     key = bytes(range(32))
     assert derive_id("wb", key) == "wb_" + key.hex()[:24] == derive_id("wb", key)
     assert derive_id("wb", bytes(32)) != derive_id("wb", key)
+
+
+def test_an_id_in_an_error_is_cut_to_the_id_limit():
+    assert framework.shown_id("wb_1") == "wb_1"
+    assert framework.shown_id("x" * 5000) == "x" * framework.ID_LENGTH_MAX + "…"
 
 
 def test_data_encodes_canonically():
