@@ -156,7 +156,7 @@ def decode_data(data: bytes) -> dict[str, Any]:
 
 @dataclass(slots=True)
 class _Bound:
-    """A Service's contracts and message classes, read once per class."""
+    """A service's contracts and request classes, read from its descriptor when it is made."""
 
     contracts: dict[str, Contract]
     requests: dict[str, type[Message]] = field(default_factory=dict)
