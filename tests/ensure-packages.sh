@@ -2,7 +2,9 @@
 # Installs what the real-backend tests start (tests/backends.py) when it is
 # missing: PostgreSQL (initdb, pg_ctl, postgres) and Redis (redis-server,
 # redis-cli), and Graphviz's `dot`, which draws `holdfast graph --format
-# svg|png` (tests/test_graph.py), from Debian's packages. Silent and a no-op
+# svg|png` (tests/test_graph.py), and Prometheus (`prometheus`, `promtool`),
+# which checks and runs the alert rules and the dashboard's queries
+# (tests/test_deploy.py), from Debian's packages. Silent and a no-op
 # when everything is there. Run by `make test`; safe to run any number of times.
 #
 # `apt-get update` runs only when the install fails without it. The distro's
@@ -32,6 +34,7 @@ have_postgres || missing+=(postgresql)
 have redis-server || missing+=(redis-server)
 have redis-cli || missing+=(redis-tools)
 have dot || missing+=(graphviz)
+{ have prometheus && have promtool; } || missing+=(prometheus)
 
 [ ${#missing[@]} -eq 0 ] && exit 0
 
@@ -84,3 +87,4 @@ have_postgres || { log "PostgreSQL still missing after the install"; exit 1; }
 have redis-server || { log "redis-server still missing after the install"; exit 1; }
 have redis-cli || { log "redis-cli still missing after the install"; exit 1; }
 have dot || { log "Graphviz's dot still missing after the install"; exit 1; }
+{ have prometheus && have promtool; } || { log "prometheus or promtool still missing after the install"; exit 1; }
