@@ -353,9 +353,16 @@ async def test_hostile_field_values_get_defined_answers_and_refusals_change_noth
 # -- 2. malformed bodies -------------------------------------------------------------------
 
 
-def malformed(rng: random.Random, method: str, valid: bytes) -> tuple[str, bytes]:
-    """One malformed (or merely unusual) body, and what kind it is."""
-    request_class, _, fields = METHODS[method]
+def malformed(
+    rng: random.Random, method: str, valid: bytes, methods: dict = METHODS,
+    hostile: Callable[[random.Random, str], object] | None = None,
+) -> tuple[str, bytes]:
+    """One malformed (or merely unusual) body, and what kind it is. Another
+    service's suite passes its own `methods` (the shape of METHODS, string
+    fields of kind "sku", "rid" or "text") and `hostile(rng, kind)` for
+    kinds of its own (tests/test_fuzz_dispatch.py)."""
+    hostile = hostile or hostile_value
+    request_class, _, fields = methods[method]
     names = list(fields)
     name = rng.choice(names)
     number = field_number(request_class, name)
@@ -404,7 +411,7 @@ def malformed(rng: random.Random, method: str, valid: bytes) -> tuple[str, bytes
         return "unmatched end group", valid + tag(rng.choice((1, 9)), WIRE_END)
     if kind == 10:
         again = request_class()
-        setattr(again, name, hostile_value(rng, fields[name]))
+        setattr(again, name, hostile(rng, fields[name]))
         return f"{name} repeated (last wins)", valid + again.SerializeToString()
     return "empty body", b""
 
