@@ -153,6 +153,12 @@ class Dispatch(Service):
         def decide(entity: Entity | None, now_ms: int) -> Change | Outcome:
             if entity is None:
                 return _not_found(request.waybill_id)
+            if entity.state in (Waybill.CREATED, Waybill.DISPATCHING):
+                # Not yet, rather than never: the key is the waybill's alone,
+                # so a recorded refusal would refuse the real acknowledgement.
+                return failure(Reason.WAYBILL_NOT_DISPATCHED,
+                               f"waybill {request.waybill_id} is {Waybill(entity.state).name}, not yet DISPATCHED",
+                               metadata={"waybill_id": request.waybill_id, "state": Waybill(entity.state).name})
             return Change(("CARRIER_ACKNOWLEDGED",), entity.data, reply=_reply)
 
         return await self.move(request.waybill_id, decide)

@@ -188,6 +188,22 @@ async def test_two_concurrent_dispatchers_never_both_hold_the_lease(channel, dis
     assert sorted(p.waybill_id for p in used.parcels) == sorted(w.waybill_id for w in waybills)
 
 
+async def test_an_acknowledgement_before_the_dispatch_is_refused_until_it_has_committed(channel, dispatch, carrier):
+    """A carrier's callback may race the settlement: an early Acknowledge is
+    not recorded, so the same call succeeds once the waybill is DISPATCHED."""
+    carrier()
+    waybill = await new_waybill(channel, dispatch)
+    early = fpb.AcknowledgeRequest(waybill_id=waybill.waybill_id)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await dispatch.Acknowledge(early)
+    assert (refused.value.code(), failure_of(refused.value).reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "WAYBILL_NOT_DISPATCHED")
+    assert await dispatch.GetWaybill(fpb.GetWaybillRequest(waybill_id=waybill.waybill_id)) == waybill
+    await dispatch.Dispatch(fpb.DispatchRequest(waybill_id=waybill.waybill_id, dispatcher_id="d1", attempt=1))
+    acknowledged = await dispatch.Acknowledge(early)
+    assert (acknowledged.state, acknowledged.version) == (fpb.WAYBILL_STATE_ACKNOWLEDGED, 4)
+
+
 async def test_the_same_attempt_sent_twice_at_once_asks_the_carrier_once(channel, dispatch, carrier):
     used = carrier(latency_ms=150)
     waybill = await new_waybill(channel, dispatch)
