@@ -58,21 +58,21 @@ class Reason(enum.Enum):
     # A carrier refused the attempt (or did not answer within the lease);
     # the next attempt, with the next number, may succeed.
     CARRIER_REFUSED = (20, grpc.StatusCode.ABORTED, True)
+    # An acknowledgement that came before its dispatch had committed (a
+    # carrier's callback racing the settlement): not recorded, so the same
+    # call succeeds once the waybill is DISPATCHED.
+    WAYBILL_NOT_DISPATCHED = (21, grpc.StatusCode.FAILED_PRECONDITION, False)
     # Refused before the call reaches the gateway (service/security.py,
     # service/limits.py), so checked before every reason above, in this
     # order; nothing ran, so nothing is recorded. Ranked after the others
     # only so that no existing member's value changes.
     # No bearer token, a malformed one, or one the token file does not hold.
-    UNAUTHENTICATED = (21, grpc.StatusCode.UNAUTHENTICATED, False)
+    UNAUTHENTICATED = (22, grpc.StatusCode.UNAUTHENTICATED, False)
     # A known token whose roles do not include the one the method needs.
-    PERMISSION_DENIED = (22, grpc.StatusCode.PERMISSION_DENIED, False)
+    PERMISSION_DENIED = (23, grpc.StatusCode.PERMISSION_DENIED, False)
     # The server's bound on concurrent calls is reached: retry after the
     # pushback the answer carries (trailing `grpc-retry-pushback-ms`).
-    OVERLOADED = (23, grpc.StatusCode.RESOURCE_EXHAUSTED, False)
-    # An acknowledgement that came before its dispatch had committed (a
-    # carrier's callback racing the settlement): not recorded, so the same
-    # call succeeds once the waybill is DISPATCHED.
-    WAYBILL_NOT_DISPATCHED = (21, grpc.StatusCode.FAILED_PRECONDITION, False)
+    OVERLOADED = (24, grpc.StatusCode.RESOURCE_EXHAUSTED, False)
 
     @property
     def code(self) -> grpc.StatusCode:
