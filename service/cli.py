@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--carrier-latency-ms", type=int, default=0, help="mean latency of the simulated carrier (default 0)"
     )
+    _security(serve)
+    _limits(serve)
     serve.set_defaults(run=_serve)
 
     for name, (_, summary) in DELEGATED.items():
@@ -148,6 +150,44 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _security(serve: argparse.ArgumentParser) -> None:
+    """`holdfast serve`'s TLS, token and backend credential flags (docs/security.md)."""
+    env = os.environ.get
+    group = serve.add_argument_group("security (docs/security.md)")
+    group.add_argument("--tls-cert", metavar="FILE", default=env("HOLDFAST_TLS_CERT", ""),
+                       help="serve TLS with this PEM certificate (chain); needs --tls-key")
+    group.add_argument("--tls-key", metavar="FILE", default=env("HOLDFAST_TLS_KEY", ""),
+                       help="the certificate's PEM private key (unencrypted)")
+    group.add_argument("--tls-client-ca", metavar="FILE", default=env("HOLDFAST_TLS_CLIENT_CA", ""),
+                       help="mutual TLS: require client certificates issued by this PEM CA")
+    group.add_argument("--auth-tokens", metavar="FILE", default=env("HOLDFAST_AUTH_TOKENS", ""),
+                       help="require bearer tokens: a TOML file of [[token]] name, sha256, roles")
+    group.add_argument("--store-password-file", metavar="FILE", default=env("HOLDFAST_STORE_PASSWORD_FILE", ""),
+                       help="the store's password, merged into --store (or HOLDFAST_STORE_PASSWORD)")
+    group.add_argument("--snapshot-password-file", metavar="FILE",
+                       default=env("HOLDFAST_SNAPSHOT_PASSWORD_FILE", ""),
+                       help="the snapshot's password, merged into --snapshot (or HOLDFAST_SNAPSHOT_PASSWORD)")
+
+
+def _limits(serve: argparse.ArgumentParser) -> None:
+    from service.limits import Limits  # light: grpc and protobuf, already imported here
+
+    env, default = os.environ.get, Limits()
+    group = serve.add_argument_group("limits under load (docs/security.md)")
+    group.add_argument("--max-concurrent-rpcs", metavar="N", type=_positive,
+                       default=env("HOLDFAST_MAX_CONCURRENT_RPCS", str(default.max_concurrent_rpcs)),
+                       help=f"calls worked on at once; more are refused RESOURCE_EXHAUSTED/OVERLOADED"
+                       f" with a retry pushback (default {default.max_concurrent_rpcs})")
+    group.add_argument("--max-message-bytes", metavar="N", type=_positive,
+                       default=env("HOLDFAST_MAX_MESSAGE_BYTES", str(default.max_message_bytes)),
+                       help=f"largest request or reply; larger are refused RESOURCE_EXHAUSTED"
+                       f" (default {default.max_message_bytes})")
+    group.add_argument("--retry-pushback-ms", metavar="MS", type=_positive,
+                       default=env("HOLDFAST_RETRY_PUSHBACK_MS", str(default.retry_pushback_ms)),
+                       help=f"how long a refused client is told to wait, +-50%% jitter"
+                       f" (default {default.retry_pushback_ms})")
+
+
 def _services(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     unknown = sorted(set(names) - set(SERVICES))
@@ -164,32 +204,56 @@ def _positive(text: str) -> int:
 
 
 def _client(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--target", default=os.environ.get("HOLDFAST_TARGET", DEFAULT_TARGET))
+    env = os.environ.get
+    parser.add_argument("--target", default=env("HOLDFAST_TARGET", DEFAULT_TARGET))
     parser.add_argument("--json", action="store_true", help="print the reply (or error) as JSON")
     parser.add_argument("--timeout-s", type=float, default=5.0)
+    parser.add_argument("--tls-ca", metavar="FILE", default=env("HOLDFAST_TLS_CA", ""),
+                        help="connect with TLS, trusting this PEM CA")
+    parser.add_argument("--tls-cert", metavar="FILE", default=env("HOLDFAST_CLIENT_TLS_CERT", ""),
+                        help="mutual TLS: this client's PEM certificate (needs --tls-key and --tls-ca)")
+    parser.add_argument("--tls-key", metavar="FILE", default=env("HOLDFAST_CLIENT_TLS_KEY", ""),
+                        help="the client certificate's PEM private key")
+    parser.add_argument("--token", default=env("HOLDFAST_TOKEN", ""),
+                        help="bearer token (prefer HOLDFAST_TOKEN: a flag shows in the process list)")
     return parser
 
 
 def _serve(args: argparse.Namespace) -> int:
     from service.inventory import Holds
     from service.loop import run
-    from service.server import Config, serve
+    from service.limits import Limits
+    from service.security import scrub
+    from service.server import Config, check, secrets, serve
     from service.store import StoreUnavailable
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     holds = Holds(default_ms=args.hold_default_ms, max_ms=max(args.hold_default_ms, Holds().max_ms))
+    try:
+        limits = Limits(args.max_concurrent_rpcs, args.max_message_bytes, args.retry_pushback_ms)
+    except ValueError as error:
+        print(f"holdfast: {error}", file=sys.stderr)
+        return 2
     config = Config(listen=args.listen, store=args.store, snapshot=args.snapshot, store_pool=args.store_pool,
                     metrics_listen=args.metrics_listen or (f"127.0.0.1:{args.metrics_port}" if args.metrics_port else ""),
                     holds=holds, faults=args.faults, journal=args.journal, services=args.services,
-                    carrier_failure_rate=args.carrier_failure_rate, carrier_latency_ms=args.carrier_latency_ms)
+                    carrier_failure_rate=args.carrier_failure_rate, carrier_latency_ms=args.carrier_latency_ms,
+                    tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                    auth_tokens=args.auth_tokens,
+                    store_password=os.environ.get("HOLDFAST_STORE_PASSWORD", ""),
+                    store_password_file=args.store_password_file,
+                    snapshot_password=os.environ.get("HOLDFAST_SNAPSHOT_PASSWORD", ""),
+                    snapshot_password_file=args.snapshot_password_file, limits=limits)
     try:
+        check(config)  # the files, before a worker spawns or a backend opens
         if args.workers > 1:
             from service.workers import supervise
 
             return supervise(config, args.workers)
         run(serve(config))
     except (OSError, ValueError, StoreUnavailable) as error:
-        print(f"holdfast: {error}", file=sys.stderr)
+        # Backends scrub their own errors; this is the second line of defence.
+        print(f"holdfast: {scrub(str(error), secrets(config))}", file=sys.stderr)
         return 2
     return 0
 
@@ -261,7 +325,14 @@ def _reserve(args: argparse.Namespace) -> int:
 
 
 def _call(args: argparse.Namespace, method: str, request) -> int:
-    with grpc.insecure_channel(args.target) as channel:
+    from service import client
+
+    try:
+        credentials = client.tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    except (OSError, ValueError) as error:
+        print(f"holdfast: {error}", file=sys.stderr)
+        return 2
+    with client.channel(args.target, credentials=credentials, token=args.token or None) as channel:
         stub = getattr(pb_grpc.InventoryServiceStub(channel), method)
         try:
             reply, call = stub.with_call(request, timeout=args.timeout_s)

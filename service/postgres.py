@@ -20,6 +20,7 @@ import psycopg
 from psycopg import errors
 
 from service.batch import BufferedStore, Changes, Named, Rows
+from service.security import redact_url, scrub, secrets_of
 from service.store import (
     ENTITY_COLUMNS,
     RESERVATION_COLUMNS,
@@ -176,6 +177,15 @@ class PostgresStore(BufferedStore):
         super().__init__(workers=workers, batch_max=batch_max)
         self.url = url
         self._connect_timeout_s = connect_timeout_s
+        # Parsed here, so a malformed URL is refused at once and in our
+        # words: psycopg's own error quotes the URL whole, password and all.
+        self.secrets = secrets_of(url)
+        try:
+            info = psycopg.conninfo.conninfo_to_dict(url)
+        except psycopg.Error as error:
+            raise ValueError(f"bad store URL {redact_url(url)!r}: {scrub(str(error).strip(), self.secrets)}") from None
+        if info.get("password"):  # also from ?password=...
+            self.secrets = tuple(dict.fromkeys((*self.secrets, str(info["password"]))))
 
     def describe(self) -> str:
         info = psycopg.conninfo.conninfo_to_dict(self.url)

@@ -1,5 +1,5 @@
 """Assembles and runs the server: backends, engine, gateway, servicer,
-health, reflection, recovery, reaper."""
+health, reflection, recovery, reaper; TLS, tokens and limits around them."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import logging
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import grpc
 import prometheus_client
@@ -17,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from contracts import contract
-from service import journal
+from service import journal, security
 from service.clock import Clock, SystemClock
 from service.engine import Engine
 from service.faults import FaultInjector, FaultPlan
@@ -27,6 +28,7 @@ from service.carrier import SimulatedCarrier
 from service.framework import Service
 from service.fulfillment import Dispatch
 from service.inventory import Holds, Inventory
+from service.limits import Admission, Limits
 from service.reaper import Reaper
 from service.snapshot import open_snapshot
 from service.store import open_store, version_pages
@@ -54,6 +56,18 @@ class Config:
     # The simulated carrier the dispatch service hands waybills to.
     carrier_failure_rate: float = 0.0
     carrier_latency_ms: int = 0
+    # TLS (service/security.py): PEM files; a client CA makes it mutual TLS.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    auth_tokens: str = ""  # a token file (service/security.py); empty: no authentication
+    # A backend's password apart from its URL (merged into it at start):
+    # from the environment, or from a file. Never in a repr.
+    store_password: str = field(default="", repr=False)
+    store_password_file: str = ""
+    snapshot_password: str = field(default="", repr=False)
+    snapshot_password_file: str = ""
+    limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.services) - set(SERVICES))
@@ -98,14 +112,16 @@ async def start(config: Config, clock: Clock | None = None, services: Sequence[S
     one snapshot."""
     if not config.services and not services:
         raise ValueError("no service to host")
-    # Read first: a bad fault file must stop the start before any backend opens.
+    # Read first: a bad fault, TLS, token or password file must stop the start before any backend opens.
     faults = load_faults(config.faults) if config.faults else None
-    store = open_store(config.store, pool_size=config.store_pool)
-    snapshot = open_snapshot(config.snapshot)
+    tls, tokens, (store_url, snapshot_url) = _secured(config)
+    store = open_store(store_url, pool_size=config.store_pool)
+    snapshot = open_snapshot(snapshot_url)
     await store.open()
     try:
         await snapshot.open(lambda: version_pages(store))
-        return await _start(config, Engine(store, snapshot, clock or SystemClock()), faults, services)
+        engine = Engine(store, snapshot, clock or SystemClock())
+        return await _start(config, engine, faults, services, tls, tokens)
     except BaseException:
         await store.close()
         await snapshot.close()
@@ -113,7 +129,8 @@ async def start(config: Config, clock: Clock | None = None, services: Sequence[S
 
 
 async def _start(
-    config: Config, engine: Engine, faults: FaultPlan | None = None, extra: Sequence[ServiceFactory] = ()
+    config: Config, engine: Engine, faults: FaultPlan | None = None, extra: Sequence[ServiceFactory] = (),
+    tls: grpc.ServerCredentials | None = None, tokens: Sequence[security.Token] | None = None,
 ) -> Running:
     inventory = Inventory(engine, config.holds)
     hosted = [*_services(config, engine, inventory), *(make(engine) for make in extra)]
@@ -125,9 +142,15 @@ async def _start(
     if recovered:
         log.info("recovered %d intents left in the store", recovered)
 
-    # Faults are outermost: a delay spends the client's deadline before the
-    # gateway sets the budget, as a slow network would.
+    # Tokens are checked first, before a refused caller costs anything or
+    # learns whether the server is busy; then the bound on calls in flight,
+    # which counts the time every layer inside it spends.
     interceptors: list[grpc.aio.ServerInterceptor] = []
+    if tokens is not None:
+        interceptors.append(security.Authenticator(tokens))
+    interceptors.append(Admission(config.limits, contracts))
+    # Faults come next: a delay spends the client's deadline before the
+    # gateway sets the budget, as a slow network would.
     if faults is not None:
         log.warning("injecting faults from %s into %s", faults.source, ", ".join(sorted(faults.faults)))
         interceptors.append(FaultInjector(faults))
@@ -138,7 +161,11 @@ async def _start(
         writer, recorder = journal.install(config.journal, inventory, inventory.contracts)
         interceptors.append(recorder)
     # No SO_REUSEPORT unless asked: a second instance on a taken port must fail, not share it.
-    server = grpc.aio.server(interceptors=interceptors or None, options=[("grpc.so_reuseport", int(config.so_reuseport))])
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[("grpc.so_reuseport", int(config.so_reuseport)), *config.limits.server_options()],
+        maximum_concurrent_rpcs=config.limits.backstop,
+    )
     # The gateway wraps each handler once, here; registered (not generic)
     # handlers are found by grpc without a Python look-up per call.
     gateway = Gateway(contracts)
@@ -148,7 +175,7 @@ async def _start(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*names, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(config.listen)
+        port = server.add_insecure_port(config.listen) if tls is None else server.add_secure_port(config.listen, tls)
     except RuntimeError as error:  # grpc reports a port it cannot bind this way
         if writer is not None:
             writer.close()
@@ -159,6 +186,57 @@ async def _start(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     services = {service.name: service for service in hosted}
     return Running(server, port, engine, inventory, services, asyncio.create_task(reaper.run()), health_servicer, writer)
+
+
+def check(config: Config) -> None:
+    """Reads and checks every file `start` reads before it opens anything
+    (faults, TLS, tokens, passwords); raises OSError or ValueError, saying why."""
+    if config.faults:
+        load_faults(config.faults)
+    _secured(config)
+
+
+def _secured(config: Config) -> tuple[grpc.ServerCredentials | None, tuple[security.Token, ...] | None, tuple[str, str]]:
+    """The TLS credentials, the tokens and the backend URLs with their passwords."""
+    files = security.TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+    tls = files.server_credentials() if files.enabled else None
+    tokens = security.load_tokens(config.auth_tokens) if config.auth_tokens else None
+    return tls, tokens, backend_urls(config)
+
+
+def backend_urls(config: Config) -> tuple[str, str]:
+    """The store and snapshot URLs with their passwords merged in (from the
+    environment or a file); raises OSError or ValueError, saying why."""
+    store = security.password_for("store", config.store, config.store_password, config.store_password_file)
+    snapshot = security.password_for(
+        "snapshot", config.snapshot, config.snapshot_password, config.snapshot_password_file
+    )
+    return security.with_password(config.store, store), security.with_password(config.snapshot, snapshot)
+
+
+def secrets(config: Config) -> tuple[str, ...]:
+    """Every string that would give a backend's password away, as far as it
+    can be known (an unreadable password file gives none)."""
+    found = [*security.secrets_of(config.store), *security.secrets_of(config.snapshot)]
+    found += [config.store_password, config.snapshot_password]
+    for path in (config.store_password_file, config.snapshot_password_file):
+        if path:
+            try:
+                found.append(security.read_password_file(path, "backend"))
+            except (OSError, ValueError):
+                pass
+    expanded = [variant for secret in found if secret for variant in (secret, quote(secret, safe=""))]
+    return tuple(dict.fromkeys(expanded))
+
+
+def _security_note(config: Config) -> str:
+    """What the start-up line says of TLS and tokens; nothing when neither is on."""
+    notes = []
+    if config.tls_cert:
+        notes.append("mutual TLS" if config.tls_client_ca else "TLS")
+    if config.auth_tokens:
+        notes.append(f"bearer tokens from {config.auth_tokens}")
+    return "".join(f", {note}" for note in notes)
 
 
 def _services(config: Config, engine: Engine, inventory: Inventory) -> list[Service]:
@@ -182,6 +260,8 @@ async def serve(
     `ready`, when given, is called once serving instead of printing the
     start-up and stop lines: a worker tells its supervisor, which prints one
     line for the group (service/workers.py)."""
+    # Before anything can print: a password quoted in any log line is scrubbed.
+    security.guard_logs(secrets(config))
     # Metrics first: a taken metrics port (worker i of a group uses port + i - 1)
     # must stop the start before the backends open and calls arrive.
     metrics_note = ""
@@ -207,7 +287,8 @@ async def serve(
     else:
         print(
             f"holdfast serving {', '.join(running.services)} on {host}:{running.port}"
-            f" (store {running.engine.store.describe()}, snapshot {running.engine.snapshot.describe()}{metrics_note})",
+            f" (store {running.engine.store.describe()}, snapshot {running.engine.snapshot.describe()}{metrics_note}"
+            f"{_security_note(config)})",
             flush=True,
         )
     await stopping.wait()

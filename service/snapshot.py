@@ -70,6 +70,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.retry import Retry
 
 from service import metrics
+from service.security import redact_url, scrub, secrets_of
 
 log = logging.getLogger("holdfast")
 
@@ -365,7 +366,8 @@ class RedisSnapshot:
     def _fail(self, error: BaseException) -> None:
         self._failures += 1
         if self._reachable or not self._lost.is_set():  # once per outage, not per call
-            log.warning("snapshot %s degraded, moves continue on the store's checks alone: %r", self.describe(), error)
+            log.warning("snapshot %s degraded, moves continue on the store's checks alone: %s: %s",
+                        self.describe(), type(error).__name__, scrub(str(error), secrets_of(self._url)))
         self._reachable = self._trusted = False
         self._lost.set()
         metrics.SNAPSHOT_DEGRADED.set(1)
@@ -432,14 +434,14 @@ def open_snapshot(url: str) -> Snapshot:
     expected = "expected memory://, redis://HOST:PORT[/DB] or redis+cluster://HOST:PORT"
     scheme, _, rest = url.partition("://")
     if scheme not in ("redis", "rediss", "redis+cluster", "rediss+cluster") or not rest:
-        raise ValueError(f"unsupported snapshot URL {url!r} ({expected})")
+        raise ValueError(f"unsupported snapshot URL {redact_url(url)!r} ({expected})")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (raises on a port that is not a number)
     except ValueError as error:
-        raise ValueError(f"bad snapshot URL {url!r}: {error} ({expected})") from None
+        raise ValueError(f"bad snapshot URL {redact_url(url)!r}: {scrub(str(error), secrets_of(url))} ({expected})") from None
     if not parts.hostname:
-        raise ValueError(f"snapshot URL {url!r} names no host ({expected})")
+        raise ValueError(f"snapshot URL {redact_url(url)!r} names no host ({expected})")
     options = dict(
         socket_timeout=SOCKET_TIMEOUT_S,
         socket_connect_timeout=SOCKET_TIMEOUT_S,
@@ -447,15 +449,15 @@ def open_snapshot(url: str) -> Snapshot:
     )
     database = parts.path.lstrip("/")
     if database and not database.isdigit():
-        raise ValueError(f"bad snapshot URL {url!r}: the database is a number, not {database!r} ({expected})")
+        raise ValueError(f"bad snapshot URL {redact_url(url)!r}: the database is a number, not {database!r} ({expected})")
     cluster = scheme.endswith("+cluster")
     if cluster and parts.path not in ("", "/", "/0"):
-        raise ValueError(f"snapshot URL {url!r} names a database, but Redis Cluster has only database 0")
+        raise ValueError(f"snapshot URL {redact_url(url)!r} names a database, but Redis Cluster has only database 0")
     try:
         if cluster:
             client = RedisCluster.from_url(url.replace("+cluster://", "://", 1), **options)
         else:
             client = Redis.from_url(url, **options)
     except ValueError as error:
-        raise ValueError(f"bad snapshot URL {url!r}: {error} ({expected})") from None
+        raise ValueError(f"bad snapshot URL {redact_url(url)!r}: {scrub(str(error), secrets_of(url))} ({expected})") from None
     return RedisSnapshot(client, url)

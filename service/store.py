@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, ClassVar, Protocol, TypeVar
 
 from service.machine import INTENTS, State
+from service.security import redact_url, scrub
 
 T = TypeVar("T")
 log = logging.getLogger("holdfast.store")
@@ -449,6 +450,9 @@ class GroupCommitStore:
     DATABASE_ERROR: ClassVar[type[BaseException] | tuple[type[BaseException], ...]] = ()
     CONTENDED_RERUNS: ClassVar[int] = 3  # a move rerun this often against new winners gives up
     BATCH_RETRIES: ClassVar[int] = 3  # a whole batch retried after a deadlock
+    # What would give the connection's password away in a driver's error
+    # text (service.security.secrets_of): a backend with one sets it.
+    secrets: tuple[str, ...] = ()
 
     def __init__(self, workers: int = 1, batch_max: int = 256) -> None:
         assert workers > 0 and batch_max > 0
@@ -479,6 +483,14 @@ class GroupCommitStore:
     def _is_retryable(self, error: BaseException) -> bool:
         """A deadlock or serialization failure: the batch may simply run again."""
         return False
+
+    def _said(self, error: BaseException) -> str:
+        """A driver's error as text for a log line or a client's answer,
+        without the password (psycopg quotes a connection string whole)."""
+        return scrub(str(error), self.secrets)
+
+    def _unavailable(self, error: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(f"{self.describe()}: {self._said(error)}".strip())
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -539,14 +551,14 @@ class GroupCommitStore:
             connection = self._connect()
         except Exception as error:
             if self._is_unavailable(error):
-                raise StoreUnavailable(f"{self.describe()}: {error}") from None
+                raise self._unavailable(error) from None
             raise
         try:
             self._create_schema(connection)
         except Exception as error:
             connection.close()
             if self._is_unavailable(error):
-                raise StoreUnavailable(f"{self.describe()}: {error}") from None
+                raise self._unavailable(error) from None
             raise
         return connection
 
@@ -606,13 +618,13 @@ class GroupCommitStore:
                     # The database refused the batch in a way no move caused
                     # (the savepoint path would have caught a move's own):
                     # rolled back, so the callers may retry with their keys.
-                    log.warning("a store batch failed: %r", error)
+                    log.warning("a store batch failed: %s: %s", type(error).__name__, self._said(error))
                 elif not self._is_unavailable(error) and not self._is_retryable(error):
                     # A bug, not an outage: every caller of the batch sees it,
                     # and the worker lives on to serve the next batch.
                     log.exception("a store batch failed")
                     return connection, [(job.future, None, error) for job in batch]
-                failed = StoreUnavailable(f"{self.describe()}: {error}".strip())
+                failed = self._unavailable(error)
                 return connection, [(job.future, None, failed) for job in batch]
         raise AssertionError("unreachable: the last attempt returns")
 
@@ -620,7 +632,7 @@ class GroupCommitStore:
         if connection is None:
             return None
         if self._is_unavailable(error):
-            log.warning("store connection lost: %s", error)
+            log.warning("store connection lost: %s", self._said(error))
             try:
                 connection.close()
             except Exception:  # already broken
@@ -725,4 +737,4 @@ def open_store(url: str, pool_size: int = 1) -> Store:
         from service.postgres import PostgresStore
 
         return PostgresStore(url, workers=pool_size)
-    raise ValueError(f"unsupported store URL {url!r} (expected sqlite:///PATH or postgresql://...)")
+    raise ValueError(f"unsupported store URL {redact_url(url)!r} (expected sqlite:///PATH or postgresql://...)")
