@@ -8,9 +8,10 @@ is answered at once with RESOURCE_EXHAUSTED, a `google.rpc.Status` whose
 ErrorInfo reason is OVERLOADED plus a `RetryInfo`, and the trailing metadata
 `grpc-retry-pushback-ms` that gRPC clients' retry policies honour (when the
 policy lists RESOURCE_EXHAUSTED). Nothing of the refused call ran: its
-request is not even parsed, so a refusal costs a few microseconds and
-memory stays flat however many calls arrive. A queue would only hand the
-overload to calls whose deadlines run out while they wait.
+request is not even parsed, so a refusal costs little beyond gRPC's own
+work for any call, and memory does not grow with the calls refused. A
+queue would only hand the overload to calls whose deadlines run out while
+they wait.
 
 The pushback is `retry_pushback_ms` with ±50 % jitter, so refused clients
 do not all come back in the same millisecond.
@@ -18,10 +19,20 @@ do not all come back in the same millisecond.
 Health checks and reflection are not counted: an orchestrator must see a
 busy server as alive, not restart it for being busy.
 
-grpc.aio's own `maximum_concurrent_rpcs` stays as a backstop (`backstop`):
-it counts every call the server holds, refused ones too, and answers
-RESOURCE_EXHAUSTED without details. It is set far above the bound, so it
-only acts when calls arrive faster than even refusals can be answered.
+Two queues sit in front of the interceptor, and both are bounded:
+
+* gRPC's core queues calls that arrived before the server's event loop
+  took them (a burst arrives faster than one loop takes calls). From
+  `pending_rpcs_max` on it sheds calls at random, and all of them at twice
+  that, answering CANCELLED without details. gRPC's default, 1,000, shed a
+  tenth of a 2,000-call burst from one client before holdfast could answer
+  them; at 5,000, bursts of several thousand calls get OVERLOADED. Measured:
+  ~11 kB of memory per queued call, so ~110 MB at the hard limit.
+* grpc.aio's own `maximum_concurrent_rpcs` (`backstop`) counts every call
+  the loop has taken, refused ones too, and answers RESOURCE_EXHAUSTED
+  without details. It is the bound plus `REFUSING_MAX`, so it only acts
+  when refusals cannot keep up; each call held there holds its request (up
+  to `max_message_bytes`), which is what it bounds.
 
 **Message size.** gRPC itself refuses a request larger than
 `max_message_bytes` with RESOURCE_EXHAUSTED before any handler runs (a
@@ -47,6 +58,10 @@ from service.outcome import Reason, failure
 
 PUSHBACK = "grpc-retry-pushback-ms"
 MiB = 1 << 20
+# Calls grpc.aio may hold beyond the bound while they are being refused
+# (the backstop's headroom). A refusal takes microseconds: in a flood of
+# 8,000 calls at once, no more than 100 were ever held at a time.
+REFUSING_MAX = 1_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +69,17 @@ class Limits:
     max_concurrent_rpcs: int = 1000  # calls worked on at once; more are refused OVERLOADED
     max_message_bytes: int = 1 * MiB  # largest request (and reply) a server takes
     retry_pushback_ms: int = 250  # told to a refused client, ±50 % jitter
+    # Calls gRPC queues before the server's loop takes them (see the module
+    # docstring); beyond it gRPC sheds calls at random, up to twice as many.
+    pending_rpcs_max: int = 5_000
 
     def __post_init__(self) -> None:
         if self.max_concurrent_rpcs < 1:
             raise ValueError(f"max_concurrent_rpcs must be at least 1, got {self.max_concurrent_rpcs}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes must be at least 1024, got {self.max_message_bytes}")
+        if self.pending_rpcs_max < 1:
+            raise ValueError(f"pending_rpcs_max must be at least 1, got {self.pending_rpcs_max}")
         if self.retry_pushback_ms < 1:
             raise ValueError(f"retry_pushback_ms must be at least 1, got {self.retry_pushback_ms}")
 
@@ -67,12 +87,14 @@ class Limits:
     def backstop(self) -> int:
         """grpc.aio's `maximum_concurrent_rpcs`: calls held at once, refused
         ones included, before gRPC refuses without asking holdfast."""
-        return 8 * self.max_concurrent_rpcs + 10_000
+        return self.max_concurrent_rpcs + REFUSING_MAX
 
     def server_options(self) -> list[tuple[str, int]]:
         return [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.server.max_pending_requests", self.pending_rpcs_max),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * self.pending_rpcs_max),
         ]
 
 
