@@ -45,6 +45,7 @@ from urllib.parse import quote, unquote
 
 import grpc
 
+from service import metrics
 from service.gateway import STATUS_DETAILS
 from service.outcome import Reason, failure
 
@@ -350,10 +351,13 @@ class Authenticator(grpc.aio.ServerInterceptor):
     one goes on with the token hidden from every inner layer (the journal
     records metadata, and a token must never land in a file)."""
 
-    def __init__(self, tokens: Iterable[Token], policy: Policy | None = None) -> None:
+    def __init__(self, tokens: Iterable[Token], policy: Policy | None = None, counted: Collection[str] = ()) -> None:
         self._tokens = tuple(tokens)
         assert self._tokens, "an Authenticator without tokens would refuse every call"
         self._policy = policy or Policy()
+        # Refusals of these methods (the hosted ones) are counted by reason;
+        # any other path a caller makes up is not, so labels stay few.
+        self._counted = frozenset(counted)
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -361,6 +365,8 @@ class Authenticator(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         refusal = self.check(method, handler_call_details.invocation_metadata or ())
         if refusal is not None:
+            if method in self._counted:
+                metrics.OUTCOMES.labels(method, refusal[0].name).inc()
             return grpc.unary_unary_rpc_method_handler(_refuse(*refusal))
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:

@@ -93,6 +93,7 @@ class Running:
     reaper_task: asyncio.Task
     health: health.aio.HealthServicer
     journal: journal.JournalWriter | None = None  # closed after the last call has answered
+    admission: Admission | None = None  # the bound on calls in flight: its `in_flight` and `refused` counts
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
@@ -147,8 +148,9 @@ async def _start(
     # which counts the time every layer inside it spends.
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if tokens is not None:
-        interceptors.append(security.Authenticator(tokens))
-    interceptors.append(Admission(config.limits, contracts))
+        interceptors.append(security.Authenticator(tokens, counted=contracts))
+    admission = Admission(config.limits, contracts)
+    interceptors.append(admission)
     # Faults come next: a delay spends the client's deadline before the
     # gateway sets the budget, as a slow network would.
     if faults is not None:
@@ -185,7 +187,9 @@ async def _start(
     for name in names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     services = {service.name: service for service in hosted}
-    return Running(server, port, engine, inventory, services, asyncio.create_task(reaper.run()), health_servicer, writer)
+    return Running(
+        server, port, engine, inventory, services, asyncio.create_task(reaper.run()), health_servicer, writer, admission
+    )
 
 
 def check(config: Config) -> None:

@@ -226,3 +226,40 @@ def test_serve_refuses_limits_that_make_no_sense(tmp_path, flag, value):
     done = run_holdfast("serve", "--listen", f"127.0.0.1:{free_port()}", "--store", f"sqlite:///{tmp_path}/h.db",
                         flag, value)
     assert done.returncode == 2 and value in done.stderr, done
+
+
+async def test_a_client_whose_retry_policy_lists_resource_exhausted_waits_the_pushback_and_gets_through(tmp_path):
+    """gRPC's own retries honour `grpc-retry-pushback-ms`: at a bound of 1,
+    a second call refused while the first runs is retried by the channel
+    after the pushback, and succeeds once the first is done. Its own backoff
+    (10 ms) would spend all 5 attempts within the first call's 400 ms; the
+    pushback (300 ms +-50 %) spaces them over 600 ms at least. (The
+    contracts' generated retry policies do not list RESOURCE_EXHAUSTED; a
+    client that wants this adds it, as here.)"""
+    import json
+
+    faults = tmp_path / "slow.toml"
+    faults.write_text('["holdfast.inventory.v1.InventoryService/Reserve"]\ndelay_ms = 400\n')
+    config = Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/h.db", snapshot="memory://",
+                    faults=str(faults), limits=Limits(max_concurrent_rpcs=1, retry_pushback_ms=300))
+    retrying = json.dumps({"methodConfig": [{
+        "name": [{"service": "holdfast.inventory.v1.InventoryService"}],
+        "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.01s", "maxBackoff": "0.01s",
+                        "backoffMultiplier": 1, "retryableStatusCodes": ["RESOURCE_EXHAUSTED"]},
+    }]})
+    running = await start(config)
+    try:
+        target = f"127.0.0.1:{running.port}"
+        async with grpc.aio.insecure_channel(target, options=[("grpc.service_config", retrying)]) as channel:
+            stub = pb_grpc.InventoryServiceStub(channel)
+            await stub.PutStock(pb.PutStockRequest(sku_id=SKU, total=5, request_id="r1"), timeout=10)
+            first = asyncio.ensure_future(stub.Reserve(reserve(1), timeout=10))
+            for _ in range(1000):  # until the first call holds the one slot (it holds it for 400 ms)
+                if running.admission.in_flight == 1 or first.done():
+                    break
+                await asyncio.sleep(0.001)
+            second = await stub.Reserve(reserve(2), timeout=10)
+            assert (await first).state == second.state == pb.RESERVATION_STATE_RESERVED
+        assert running.admission.refused >= 1  # the second was refused at least once, then retried
+    finally:
+        await running.stop(0)
