@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 import uuid
 
 import grpc
@@ -255,6 +256,9 @@ def _serve(args: argparse.Namespace) -> int:
         # Backends scrub their own errors; this is the second line of defence.
         print(f"holdfast: {scrub(str(error), secrets(config))}", file=sys.stderr)
         return 2
+    except Exception:  # a bug: its traceback, as Python would print it, without the passwords
+        print(scrub(traceback.format_exc(), secrets(config)), end="", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -284,7 +284,95 @@ def test_a_bad_token_file_is_refused_naming_what_is_wrong(text, words):
     assert words in str(refused.value) and str(refused.value).startswith("tokens.toml")
 
 
-# -- credentials never printed ------------------------------------------------------------
+# -- credentials: merged, redacted, never printed -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url, redacted, secrets",
+    [
+        ("postgresql://holdfast:pw@db:5432/h", "postgresql://holdfast:***@db:5432/h", ("pw",)),
+        ("postgresql://holdfast@db:5432/h", "postgresql://holdfast@db:5432/h", ()),
+        ("redis://:p%40ss@cache:6379/0", "redis://:***@cache:6379/0", ("p%40ss", "p@ss")),
+        ("redis://user:a:b@cache/0", "redis://user:***@cache/0", ("a:b",)),
+        ("postgresql://u:pw@[::1:5432/h", "postgresql://u:***@[::1:5432/h", ("pw",)),  # malformed, still found
+        ("postgresql://u:pw@h1:1,h2:2/db?sslmode=require", "postgresql://u:***@h1:1,h2:2/db?sslmode=require", ("pw",)),
+        ("postgresql://h/db?user=u@x", "postgresql://h/db?user=u@x", ()),  # an @ after the host is no user part
+        ("sqlite:///./holdfast.db", "sqlite:///./holdfast.db", ()),
+    ],
+)
+def test_urls_are_redacted_however_they_are_written(url, redacted, secrets):
+    assert security.redact_url(url) == redacted
+    assert security.secrets_of(url) == secrets
+
+
+@pytest.mark.parametrize(
+    "url, password, merged",
+    [
+        ("postgresql://holdfast@db:5432/h", "p@ss:w/rd", "postgresql://holdfast:p%40ss%3Aw%2Frd@db:5432/h"),
+        ("redis://cache:6379/0", "pw", "redis://:pw@cache:6379/0"),
+        ("redis://default@cache:6379/0", "pw", "redis://default:pw@cache:6379/0"),
+        ("redis://cache:6379/0", "", "redis://cache:6379/0"),
+    ],
+)
+def test_a_password_is_merged_into_its_url_percent_encoded(url, password, merged):
+    assert security.with_password(url, password) == merged
+
+
+def test_a_password_given_twice_is_refused(tmp_path):
+    file = tmp_path / "pw"
+    file.write_text("b\n")
+    with pytest.raises(ValueError, match="given twice"):
+        security.password_for("store", "postgresql://u:a@db/h", password_file=str(file))
+    with pytest.raises(ValueError, match="given twice"):
+        security.password_for("store", "postgresql://u@db/h", password="a", password_file=str(file))
+    assert security.password_for("store", "postgresql://u@db/h", password_file=str(file)) == "b"
+
+
+def test_the_log_filter_scrubs_messages_arguments_and_tracebacks():
+    import io
+    import logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("holdfast.test_security")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        security.guard_logs([PASSWORD], logger)
+        security.guard_logs([PASSWORD], logger)  # again: replaces, does not stack
+        assert sum(isinstance(f, security.RedactingFilter) for f in handler.filters) == 1
+        logger.warning("connecting to %s failed", f"postgresql://u:{PASSWORD}@db/h")
+        try:
+            raise RuntimeError(f"bad URI: postgresql://u:{PASSWORD}@[db")
+        except RuntimeError:
+            logger.exception("a store batch failed")
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert PASSWORD not in text and text.count("***") == 2 and "RuntimeError" in text, text
+
+
+async def test_a_password_file_reaches_a_redis_that_requires_it(tmp_path, private_redis):
+    """The merged URL is the one used: with the file, the snapshot is
+    trusted; without it, Redis refuses and the snapshot degrades."""
+    private_redis.client().config_set("requirepass", PASSWORD)
+    password_file = tmp_path / "redis-password"
+    password_file.write_text(PASSWORD + "\n")
+    url = f"redis://127.0.0.1:{private_redis.port}/0"
+    for extra, degraded in ((("--snapshot-password-file", str(password_file)), False), ((), True)):
+        server = start_server(f"sqlite:///{tmp_path}/h-{degraded}.db", snapshot=url, extra=extra)
+        try:
+            async with grpc.aio.insecure_channel(server.target) as channel:
+                await pb_grpc.InventoryServiceStub(channel).PutStock(
+                    pb.PutStockRequest(sku_id=SKU, total=2, request_id="r1"), timeout=10)
+        finally:
+            server.stop()
+            server.close()
+        log = server.stdout.text() + server.stderr.text()
+        assert ("degraded" in log) == degraded, server.output()
+        assert PASSWORD not in log
+
+
 
 
 def _refused_start(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
