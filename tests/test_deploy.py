@@ -57,9 +57,8 @@ DASHBOARD = DEPLOY / "grafana" / "holdfast.json"
 # The oldest Kubernetes the manifests claim (native gRPC probes are GA since
 # 1.27) and the newest kubernetes-validate knows.
 K8S_VERSIONS = ("1.33.0", "1.37.0")
-COMPOSE_PASSWORDS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD")
+COMPOSE_SECRETS = {"postgres_password", "redis_password", "grafana_admin_password"}
 SECRET = "holdfast-credentials"
-SECRET_KEYS = {"postgres-password", "redis-password"}
 GRPC_PORT, METRICS_PORT = 50051, 9464
 TOOL_TIMEOUT_S = 120
 LIVE_WAIT_S = 60.0
@@ -87,8 +86,15 @@ def serve_options() -> set[str]:
 
 
 def serve_env_names() -> set[str]:
-    """The HOLDFAST_* variables `holdfast serve` reads (service/cli.py)."""
-    return set(re.findall(r'os\.environ\.get\("(HOLDFAST_[A-Z_]+)"', (ROOT / "service" / "cli.py").read_text()))
+    """The HOLDFAST_* variables `holdfast serve` reads (service/cli.py: `os.environ.get` or its alias `env`)."""
+    source = (ROOT / "service" / "cli.py").read_text()
+    return set(re.findall(r'(?:os\.environ\.get|\benv)\("(HOLDFAST_[A-Z_]+)"', source))
+
+
+def password_in(url: str) -> bool:
+    """Whether a URL's user part carries a password (`scheme://user:password@host`)."""
+    userinfo = url.split("//", 1)[1].split("/", 1)[0].rpartition("@")[0]
+    return ":" in userinfo
 
 
 def flags(args: list[str]) -> list[str]:
@@ -217,49 +223,33 @@ def compose_file() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
-def docker_compose(env_file: Path, *args: str) -> subprocess.CompletedProcess:
-    # --env-file replaces deploy/.env, so a developer's own passwords never take part.
-    return run(tool("docker-compose"), "--file", str(COMPOSE), "--env-file", str(env_file), *args, cwd=DEPLOY)
-
-
 @pytest.fixture(scope="module")
-def compose_model(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """deploy/compose.yaml as `docker compose config` resolves it, with made-up passwords."""
-    env_file = tmp_path_factory.mktemp("compose") / "env"
-    env_file.write_text("".join(f"{name}=made-up-{name.lower()}\n" for name in COMPOSE_PASSWORDS))
-    result = docker_compose(env_file, "config", "--format", "json")
+def compose_model() -> dict:
+    """deploy/compose.yaml as `docker compose config` resolves it (no daemon, no secret files needed)."""
+    result = run(tool("docker-compose"), "--file", str(COMPOSE), "config", "--format", "json", cwd=DEPLOY)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
 def test_docker_compose_resolves_the_file(compose_model):
     assert set(compose_model["services"]) == {"postgres", "redis", "holdfast-1", "holdfast-2", "prometheus", "grafana"}
-    replica = compose_model["services"]["holdfast-1"]
-    assert replica["environment"]["PGPASSWORD"] == "made-up-postgres_password"
-    assert replica["environment"]["HOLDFAST_SNAPSHOT"] == "redis://:made-up-redis_password@redis:6379/0"
+    assert set(compose_model["secrets"]) == COMPOSE_SECRETS
 
 
-def test_docker_compose_refuses_to_run_without_the_passwords():
-    # The example env file has names and no values.
-    result = docker_compose(DEPLOY / ".env.example", "config", "--quiet")
-    assert result.returncode != 0
-    for name in COMPOSE_PASSWORDS:
-        assert f"required variable {name} is missing a value" in result.stderr
-
-
-def test_compose_writes_no_password_only_required_variables():
-    text = COMPOSE.read_text()
-    for name in COMPOSE_PASSWORDS:
-        for use in re.findall(r"\$\{" + name + r"[^}]*\}", text):
-            assert use.startswith("${" + name + ":?"), use
-    services = compose_file()["services"]
-    for name, service in services.items():
+def test_compose_passes_every_password_as_a_secret_file_git_ignores(compose_model):
+    for name, secret in compose_model["secrets"].items():
+        path = Path(secret["file"])
+        assert path.parent == DEPLOY / "secrets" and path.name == name, secret
+        ignored = run("git", "check-ignore", "--quiet", "--no-index", str(path.relative_to(ROOT)))
+        assert ignored.returncode == 0, f"git would commit {path}"
+    for name, service in compose_model["services"].items():
+        mounted = {secret["target"] for secret in service.get("secrets", [])}
         for key, value in (service.get("environment") or {}).items():
-            if re.search(r"(PASSWORD|_AUTH)$", key):
-                assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]*\}", str(value)), f"{name}: {key} is written inline"
-    for line in (DEPLOY / ".env.example").read_text().splitlines():
-        if line and not line.startswith("#"):
-            assert line.endswith("="), f".env.example holds a value: {line}"
+            if "PASSWORD" in key or key.endswith("_AUTH"):
+                assert key.endswith("_FILE") and value in mounted, f"{name}: {key} is not a mounted secret's file"
+        used = set(re.findall(r"/run/secrets/\w+", json.dumps(service)))
+        assert used <= mounted, f"{name} reads secrets it does not mount: {used - mounted}"
+    assert "${" not in COMPOSE.read_text(), "no variable of the environment takes part"
 
 
 def test_every_compose_service_has_a_health_check_and_waits_for_healthy_dependencies(compose_model):
@@ -285,9 +275,13 @@ def test_the_replicas_serve_with_flags_holdfast_serve_lists(compose_model):
         assert option(command, "--listen") == f"0.0.0.0:{GRPC_PORT}"
         assert option(command, "--metrics-listen") == f"0.0.0.0:{METRICS_PORT}"
         assert option(command, "--store").startswith("postgresql://holdfast@postgres:")
-        holdfast_env = {name for name in service["environment"] if name.startswith("HOLDFAST_")}
+        assert option(command, "--snapshot").startswith("redis://redis:")
+        assert not password_in(option(command, "--store")) and not password_in(option(command, "--snapshot"))
+        mounted = {secret["target"] for secret in service["secrets"]}
+        assert option(command, "--store-password-file") in mounted
+        assert option(command, "--snapshot-password-file") in mounted
+        holdfast_env = {name for name in service.get("environment") or {} if name.startswith("HOLDFAST_")}
         assert holdfast_env <= env_names, f"{replica}: {holdfast_env - env_names} are not read by holdfast serve"
-        assert service["environment"]["HOLDFAST_SNAPSHOT"].startswith("redis://")
         probe = service["healthcheck"]["test"]
         assert probe[:4] == ["CMD", "python", "-m", "service.probe"]
         assert option(probe, "--target") == f"127.0.0.1:{GRPC_PORT}"
@@ -398,26 +392,17 @@ def test_the_pods_run_as_the_images_non_root_user_with_bounded_resources():
 
 def test_the_pods_settings_come_from_the_configmap_and_passwords_from_the_secret():
     data = manifests()["ConfigMap"]["data"]
-    env = {entry["name"]: entry for entry in container()["env"]}
-    secrets = set()
-    for entry in env.values():
-        source = entry.get("valueFrom", {})
+    env = {entry["name"]: entry["valueFrom"] for entry in container()["env"]}
+    for name, source in env.items():
         if "configMapKeyRef" in source:
             assert source["configMapKeyRef"]["name"] == "holdfast"
-            assert source["configMapKeyRef"]["key"] in data, entry
-        elif "secretKeyRef" in source:
-            assert source["secretKeyRef"]["name"] == SECRET
-            secrets.add(source["secretKeyRef"]["key"])
+            assert source["configMapKeyRef"]["key"] in data, name
         else:
-            # Only values made of other variables: $(NAME) each defined before it.
-            names = list(env)
-            for used in re.findall(r"\$\(([A-Z_]+)\)", entry["value"]):
-                assert names.index(used) < names.index(entry["name"]), entry
-    assert secrets == SECRET_KEYS
-    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "postgres-password"
-    assert env["HOLDFAST_SNAPSHOT"]["value"] == "redis://:$(REDIS_PASSWORD)@$(REDIS_ADDRESS)/0"
-    assert data["HOLDFAST_STORE"].startswith("postgresql://") and "@" in data["HOLDFAST_STORE"]
-    assert ":" not in data["HOLDFAST_STORE"].split("//", 1)[1].split("@", 1)[0], "a password in the store URL"
+            assert source["secretKeyRef"]["name"] == SECRET, name
+    passwords = {name: source["secretKeyRef"]["key"] for name, source in env.items() if "secretKeyRef" in source}
+    assert passwords == {"HOLDFAST_STORE_PASSWORD": "postgres-password", "HOLDFAST_SNAPSHOT_PASSWORD": "redis-password"}
+    assert data["HOLDFAST_STORE"].startswith("postgresql://") and not password_in(data["HOLDFAST_STORE"])
+    assert data["HOLDFAST_SNAPSHOT"].startswith("redis://") and not password_in(data["HOLDFAST_SNAPSHOT"])
     holdfast_env = {name for name in env if name.startswith("HOLDFAST_")}
     assert holdfast_env <= serve_env_names(), holdfast_env - serve_env_names()
     assert set(flags(container()["args"])) <= serve_options()
@@ -618,8 +603,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         # increment, which rate() cannot see; the second round (replays, the
         # same refusals) moves every series the first one made.
         drive(holdfast.target)
-        assert live.wait_for_data("holdfast_timeout_fallback_total"), "prometheus never scraped the calls"
+        assert live.wait_for_data("holdfast_timeout_fallback_total == 1"), "prometheus never scraped the calls"
         drive(holdfast.target)
+        assert live.wait_for_data("holdfast_timeout_fallback_total == 2"), "prometheus never scraped the second round"
         yield live
     finally:
         if prometheus is not None:
