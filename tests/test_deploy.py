@@ -693,3 +693,25 @@ def test_prometheus_evaluates_every_rule_without_error(live):
     assert {rule["name"] for rule in rules} == {rule["alert"] for rule in alert_rules()}
     for rule in rules:
         assert rule["health"] == "ok", rule
+
+
+# -- the README's "Run in production" -------------------------------------------------
+
+
+def test_the_readme_follows_the_deploy_files():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Run in production\n", 1)[1].split("\n## ", 1)[0]
+    assert "(docs/security.md)" in section
+    for rule in alert_rules():
+        assert f"`{rule['alert']}`" in section, rule["alert"]
+    applied = re.findall(r"deploy/k8s/[\w.]+\.yaml", section)
+    assert set(applied) == {f"deploy/k8s/{path.name}" for path in K8S.glob("*.yaml")}
+    assert applied[0] == "deploy/k8s/namespace.yaml"
+    assert applied.index("deploy/k8s/configmap.yaml") < applied.index("deploy/k8s/deployment.yaml")
+    assert f"create secret generic {SECRET}" in section
+    secret_keys = {source["secretKeyRef"]["key"] for source in (e["valueFrom"] for e in container()["env"])
+                   if "secretKeyRef" in source}
+    for key in secret_keys:
+        assert f"--from-file={key}=" in section, key
+    for name in COMPOSE_SECRETS:
+        assert name in section, name
