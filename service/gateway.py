@@ -116,6 +116,10 @@ class Gateway:
 
     def _guard(self, contract: Contract, behavior: Behavior):
         latency = metrics.LATENCY.labels(contract.method)  # a labelled child, looked up once
+        # Every method's answer and fallback counters exist from the start, at
+        # 0: rate() sees a series' first increment only after a sample without it.
+        metrics.TIMEOUT_FALLBACKS.labels(contract.method)
+        _outcome_counters[contract.method, "OK"] = metrics.OUTCOMES.labels(contract.method, "OK")
 
         async def guarded(request, context: grpc.aio.ServicerContext) -> bytes:
             started = time.monotonic()
