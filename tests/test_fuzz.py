@@ -168,6 +168,8 @@ def dump(txn) -> tuple[tuple, tuple, dict]:
 
 @dataclass
 class Fuzzer:
+    SERVICE_PATH = SERVICE  # the service the fuzzed methods belong to
+
     server: Running
     channel: grpc.aio.Channel
     rng: random.Random
@@ -193,7 +195,7 @@ class Fuzzer:
         await stub("Release", pb.ReleaseRequest(reservation_id=self.world.reservations[2]).SerializeToString())
 
     def _unary(self, method: str, body: bytes):
-        rpc = self.channel.unary_unary(f"{SERVICE}/{method}", request_serializer=None, response_deserializer=None)
+        rpc = self.channel.unary_unary(f"{self.SERVICE_PATH}/{method}", request_serializer=None, response_deserializer=None)
         return rpc(body, timeout=TIMEOUT_S)
 
     async def send(self, method: str, body: bytes, what: str) -> None:
@@ -211,9 +213,10 @@ class Fuzzer:
         problem = self._judge(method, body, reply, error, before, after, dict(await call.trailing_metadata() or ()))
         if problem is not None:
             shown = body if len(body) <= 160 else body[:160] + b"..."
+            answer = "OK" if error is None else f"{error.code().name} {error.details()[:200]!r}"
             self.failures.append(
-                f"{problem}\n    method {method} ({what}), {len(body)} bytes: {shown!r}\n"
-                f"    reproduce: channel.unary_unary('{SERVICE}/{method}', request_serializer=None)(body)"
+                f"{problem}\n    method {method} ({what}), {len(body)} bytes: {shown!r}\n    answered {answer}\n"
+                f"    reproduce: channel.unary_unary('{self.SERVICE_PATH}/{method}', request_serializer=None)(body)"
             )
 
     def _judge(self, method, body, reply, error, before, after, trailing) -> str | None:

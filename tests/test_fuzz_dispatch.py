@@ -152,6 +152,8 @@ class DispatchFuzzer(Fuzzer):
     """test_fuzz's Fuzzer (its text generator and verdict) with DispatchService's
     methods, world and judge in place of inventory's."""
 
+    SERVICE_PATH = SERVICE
+
     world: Waybills = field(default_factory=Waybills)
     moved: dict[str, int] = field(default_factory=dict)  # first successes, by method
 
@@ -216,32 +218,6 @@ class DispatchFuzzer(Fuzzer):
             method = self.rng.choice(methods)
             what, data = body(method)
             await self.send(method, data, what)
-
-    def _unary(self, method: str, body: bytes):
-        rpc = self.channel.unary_unary(f"{SERVICE}/{method}", request_serializer=None, response_deserializer=None)
-        return rpc(body, timeout=TIMEOUT_S)
-
-    async def send(self, method: str, body: bytes, what: str) -> None:
-        """One hostile call, checked; a broken expectation is collected with
-        its reproducer, not raised, so one run reports every kind found."""
-        self.calls += 1
-        before = await self.state()
-        call = self._unary(method, body)
-        try:
-            reply = await call
-            error = None
-        except grpc.aio.AioRpcError as raised:
-            reply, error = None, raised
-        after = await self.state()
-        trailing = dict(await call.trailing_metadata() or ())
-        problem = self._judge(method, body, reply, error, before, after, trailing)
-        if problem is not None:
-            shown = body if len(body) <= 160 else body[:160] + b"..."
-            answer = "OK" if error is None else f"{error.code().name} {error.details()[:200]!r}"
-            self.failures.append(
-                f"{problem}\n    method {method} ({what}), {len(body)} bytes: {shown!r}\n    answered {answer}\n"
-                f"    reproduce: channel.unary_unary('{SERVICE}/{method}', request_serializer=None)(body)"
-            )
 
     def _judge(self, method, body, reply, error, before, after, trailing) -> str | None:
         request_class, reply_class, _ = METHODS[method]
