@@ -123,14 +123,14 @@ async def test_a_plain_channel_tries_once(tmp_path):
 
 
 async def test_a_status_outside_the_retryable_codes_is_not_retried(tmp_path):
-    assert "RESOURCE_EXHAUSTED" not in RESERVE.retry.retryable_codes
-    faults = f'["{RESERVE.method.lstrip("/")}"]\nstatus = "RESOURCE_EXHAUSTED"\n'
+    assert "FAILED_PRECONDITION" not in RESERVE.retry.retryable_codes
+    faults = f'["{RESERVE.method.lstrip("/")}"]\nstatus = "FAILED_PRECONDITION"\n'
     async with serving(tmp_path, faults) as running:
         before = injected(RESERVE.method)
         async with client.aio_channel(f"127.0.0.1:{running.port}") as channel:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await _guarded(pb_grpc.InventoryServiceStub(channel).Reserve(reserve_request()))
-        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert injected(RESERVE.method) - before == 1
 
 

@@ -26,6 +26,8 @@ import service.generated  # noqa: F401
 from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
+from contracts.contract import of_service
+from service.inventory import SERVICE
 from service.limits import MiB, PUSHBACK, Limits
 from service.outcome import DOMAIN, Reason
 from service.server import Config, start
@@ -233,9 +235,7 @@ async def test_a_client_whose_retry_policy_lists_resource_exhausted_waits_the_pu
     a second call refused while the first runs is retried by the channel
     after the pushback, and succeeds once the first is done. Its own backoff
     (10 ms) would spend all 5 attempts within the first call's 400 ms; the
-    pushback (300 ms +-50 %) spaces them over 600 ms at least. (The
-    contracts' generated retry policies do not list RESOURCE_EXHAUSTED; a
-    client that wants this adds it, as here.)"""
+    pushback (300 ms +-50 %) spaces them over 600 ms at least."""
     import json
 
     faults = tmp_path / "slow.toml"
@@ -261,5 +261,36 @@ async def test_a_client_whose_retry_policy_lists_resource_exhausted_waits_the_pu
             second = await stub.Reserve(reserve(2), timeout=10)
             assert (await first).state == second.state == pb.RESERVATION_STATE_RESERVED
         assert running.admission.refused >= 1  # the second was refused at least once, then retried
+    finally:
+        await running.stop(0)
+
+
+async def test_holdfasts_own_client_channel_retries_an_overloaded_refusal_after_the_pushback(tmp_path):
+    """The contracts list RESOURCE_EXHAUSTED among their retryable codes (an
+    OVERLOADED call ran nothing), so a channel from service.client, which
+    carries the generated service config, waits the pushback and retries.
+    The first call holds the one slot for 200 ms; the pushback, 600 ms
+    +-50 %, brings the retry after it at the earliest."""
+    from service import client
+
+    reserve_contract = of_service(SERVICE)[f"/{SERVICE.full_name}/Reserve"]
+    assert "RESOURCE_EXHAUSTED" in reserve_contract.retry.retryable_codes
+    faults = tmp_path / "slow.toml"
+    faults.write_text('["holdfast.inventory.v1.InventoryService/Reserve"]\ndelay_ms = 200\n')
+    config = Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/h.db", snapshot="memory://",
+                    faults=str(faults), limits=Limits(max_concurrent_rpcs=1, retry_pushback_ms=600))
+    running = await start(config)
+    try:
+        async with client.aio_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.InventoryServiceStub(channel)
+            await stub.PutStock(pb.PutStockRequest(sku_id=SKU, total=5, request_id="r1"), timeout=10)
+            first = asyncio.ensure_future(stub.Reserve(reserve(1), timeout=10))
+            for _ in range(1000):  # until the first call holds the one slot
+                if running.admission.in_flight == 1 or first.done():
+                    break
+                await asyncio.sleep(0.001)
+            second = await stub.Reserve(reserve(2), timeout=10)
+            assert (await first).state == second.state == pb.RESERVATION_STATE_RESERVED
+        assert running.admission.refused >= 1
     finally:
         await running.stop(0)
