@@ -208,8 +208,12 @@ class Dispatch(Service):
         if not claimed.ok:
             return claimed
         claim = pb.WaybillReply.FromString(claimed.payload)
-        lease_left_ms = claim.attempts[-1].started_at_ms + call.contract.lock_ttl_ms - self.engine.clock.now_ms()
-        answer = await self._ask_carrier(claim, request.attempt, max(0, lease_left_ms))
+        # The carrier gets the lease less a quarter, which is kept for the
+        # settlement: settled at the lease's very end, the attempt would race
+        # the reaper's LEASE_EXPIRED timeout for the same waybill.
+        lease_ms = call.contract.lock_ttl_ms
+        left_ms = claim.attempts[-1].started_at_ms + lease_ms - lease_ms // 4 - self.engine.clock.now_ms()
+        answer = await self._ask_carrier(claim, request.attempt, max(0, left_ms))
         return await self._settle(call, request, answer)
 
     async def _claim(self, call: Call, request: pb.DispatchRequest) -> Outcome:
@@ -244,10 +248,10 @@ class Dispatch(Service):
 
         return await self.move(request.waybill_id, decide, owner=dispatcher, call=_step(call, "claim"))
 
-    async def _ask_carrier(self, claim: pb.WaybillReply, attempt: int, lease_left_ms: int) -> Answer:
+    async def _ask_carrier(self, claim: pb.WaybillReply, attempt: int, within_ms: int) -> Answer:
         parcel = Parcel(claim.waybill_id, attempt, claim.carrier, claim.address)
         try:
-            return await asyncio.wait_for(self.carrier.dispatch(parcel), lease_left_ms / 1000)
+            return await asyncio.wait_for(self.carrier.dispatch(parcel), within_ms / 1000)
         except asyncio.TimeoutError:
             return Answer(False, detail=f"{claim.carrier} did not answer within the lease")
 

@@ -229,11 +229,16 @@ async def test_a_held_lease_refuses_other_moves_until_it_runs_out(channel, dispa
     assert (held.value.code(), failure.reason) == (grpc.StatusCode.ABORTED, "LEASE_HELD")
     with pytest.raises(grpc.aio.AioRpcError) as answered:
         await running
-    assert failure_of(answered.value).reason == "CARRIER_REFUSED"
     after = await dispatch.GetWaybill(fpb.GetWaybillRequest(waybill_id=waybill.waybill_id))
     assert after.state == fpb.WAYBILL_STATE_CREATED
-    assert after.attempts[0].result == fpb.ATTEMPT_RESULT_REFUSED
-    assert after.attempts[0].ended_at_ms - after.attempts[0].started_at_ms >= LEASE_MS
+    took_ms = after.attempts[0].ended_at_ms - after.attempts[0].started_at_ms
+    if failure_of(answered.value).reason == "CARRIER_REFUSED":
+        # The carrier gets the lease less a quarter; the rest is the settlement's.
+        assert after.attempts[0].result == fpb.ATTEMPT_RESULT_REFUSED
+        assert LEASE_MS * 3 // 4 <= took_ms < LEASE_MS, after.attempts
+    else:  # the machine stalled past the lease: the reaper's timeout ended the attempt first
+        assert failure_of(answered.value).reason in {"LEASE_LOST", "VERSION_CONFLICT"}, answered.value
+        assert (after.attempts[0].result, took_ms) == (fpb.ATTEMPT_RESULT_LEASE_EXPIRED, LEASE_MS)
     failed = await dispatch.Fail(fpb.FailRequest(waybill_id=waybill.waybill_id, reason="changed my mind"))
     assert (failed.state, failed.failure_reason) == (fpb.WAYBILL_STATE_FAILED, "changed my mind")
 
