@@ -28,6 +28,7 @@ from service.framework import (
     derive_id,
     encode_data,
     failure,
+    shown_id,
 )
 
 NO_SHOW_AFTER_MS = 15 * 60 * 1000
@@ -161,7 +162,8 @@ def _reply(entity: Entity) -> pb.BookingReply:
 
 
 def _not_found(booking_id: str) -> Outcome:
-    return failure(Reason.ENTITY_NOT_FOUND, f"no booking {booking_id}", metadata={"booking_id": booking_id})
+    shown = shown_id(booking_id)  # any length reaches here: cut, it cannot overflow the error's metadata
+    return failure(Reason.ENTITY_NOT_FOUND, f"no booking {shown!r}", metadata={"booking_id": shown})
 
 
 def _invalid(violations: list[tuple[str, str]]) -> Outcome:

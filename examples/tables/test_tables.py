@@ -182,6 +182,9 @@ INVALID = [
     ("Seat", pb.SeatRequest(booking_id="bk_nobody"), (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND", [])),
     ("Cancel", pb.CancelRequest(booking_id="bk_nobody"), (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND", [])),
     ("GetBooking", pb.GetBookingRequest(booking_id="bk_nobody"), (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND", [])),
+    # An unknown id of any length is NOT_FOUND, quoted short enough to fit gRPC's metadata.
+    ("GetBooking", pb.GetBookingRequest(booking_id="bk_" + "x" * 8000), (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND", [])),
+    ("Seat", pb.SeatRequest(booking_id="é" * 5000), (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND", [])),
 ]
 INVALID_IDS = [f"{rpc}-{index}" for index, (rpc, _, _) in enumerate(INVALID)]
 
