@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from contracts.lint import Tree, field_type
-from contracts.rules import Report, Rule
+from holdfast.contracts.lint import Tree, field_type
+from holdfast.contracts.rules import Report, Rule
 
 if TYPE_CHECKING:
-    from contracts.lint import Context, Rpc
+    from holdfast.contracts.lint import Context, Rpc
 
 
 def _pairs(context: Context) -> Iterator[tuple[Rpc, Rpc | None]]:

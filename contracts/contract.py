@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from google.protobuf import descriptor, descriptor_pb2
 
-import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
 from holdfast.contract.v1 import contract_pb2
 
 _SCALARS = frozenset(

@@ -43,9 +43,14 @@ _CONTRACT_PACKAGE, _CONTRACT_NAME = "holdfast.contract.v1", "contract"
 _METHOD_OPTIONS = ".google.protobuf.MethodOptions"
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_SLA = PACKAGE_DIR / "sla.toml"
-# The folder that holds holdfast/contract/v1/contract.proto: always importable,
-# like google/protobuf/*, so a team's protos need no copy of the contract.
-CONTRACT_INCLUDE = PACKAGE_DIR.parent / "protos"
+
+def _contract_include() -> Path:
+    """The folder that holds holdfast/contract/v1/contract.proto (shipped as
+    the `holdfast.protos` package data): always importable, like
+    google/protobuf/*, so a team's protos need no copy of the contract."""
+    from holdfast.contracts import codegen
+
+    return codegen.PROTOS
 DEFAULT_PATHS = ("protos",)
 FORMATS = ("text", "json", "github")
 CONFIG_SECTION = ("tool", "holdfast", "lint")
@@ -520,7 +525,7 @@ def compile_tree(includes: Sequence[Path], inputs: Sequence[Input], homes: dict[
     from grpc_tools import protoc
 
     well_known = Path(protoc.__file__).parent / "_proto"
-    folders = [folder for folder in dict.fromkeys([*includes, CONTRACT_INCLUDE, well_known]) if folder.is_dir()]
+    folders = [folder for folder in dict.fromkeys([*includes, _contract_include(), well_known]) if folder.is_dir()]
     if not inputs:
         return Tree({})
     with tempfile.TemporaryDirectory(prefix="holdfast-lint-") as scratch:
@@ -782,7 +787,7 @@ class Options:
 def lint(options: Options, cwd: Path | None = None) -> list[Finding]:
     """Compiles the tree (and the --against revision), runs the selected
     rules, drops waived and ignored findings, and sorts the rest."""
-    from contracts import breaking, rules
+    from holdfast.contracts import breaking, rules
 
     cwd = Path.cwd() if cwd is None else cwd
     config = load_config(_absolute(options.config, cwd) if options.config else None, cwd)
@@ -867,7 +872,7 @@ def _generated(option: str | None, roots: list[Path], selection: list[Path], cwd
     """(protos, generated folder) whose stamp GENERATED_CODE_FRESH checks:
     --generated DIR against the one folder linted, or by default the
     project's own service/generated/ when its protos/ is linted."""
-    from contracts import codegen
+    from holdfast.contracts import codegen
 
     folders = [p for p in selection if p.is_dir()]
     if option is not None:
@@ -957,7 +962,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def rule_table() -> str:
     """`--list-rules`: the registry itself, one rule a line."""
-    from contracts import breaking, rules
+    from holdfast.contracts import breaking, rules
 
     every = [*rules.RULES, *breaking.RULES]
     width = max(len(rule.id) for rule in every)

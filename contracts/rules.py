@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from contracts.lint import CONTRACT_OPTION, Site, field_type, is_repeated, is_scalar
+from holdfast.contracts.lint import CONTRACT_OPTION, Site, field_type, is_repeated, is_scalar
 
 if TYPE_CHECKING:
-    from contracts.lint import Context, ContractOption, Rpc, Sla
+    from holdfast.contracts.lint import Context, ContractOption, Rpc, Sla
 
 Report = Iterator[tuple[Site, str]]
 
@@ -188,7 +188,7 @@ def fault_delay_below_timeout(context: Context) -> Report:
 def generated_code_fresh(context: Context) -> Report:
     if context.generated is None:
         return
-    from contracts import codegen
+    from holdfast.contracts import codegen
 
     protos, out = context.generated
     try:
@@ -202,7 +202,7 @@ def generated_code_fresh(context: Context) -> Report:
     for folder in sorted((protos, out), key=lambda p: len(str(p)), reverse=True):
         reasons = reasons.replace(str(folder), context.display(folder))
     yield Site(out / codegen.STAMP_NAME, 1, 1), (
-        f"Generated code in {context.display(out)} is stale ({reasons}); run `holdfast codegen`."
+        f"Generated code in {context.display(out)} is stale ({reasons}); run `{codegen.command(protos, out, context.display)}`."
     )
 
 

@@ -3,7 +3,7 @@
 A client that sets no deadline and writes no retry loop should still get the
 contract's: gRPC reads a service config (`methodConfig` entries with a
 `timeout` and a `retryPolicy`) from a channel option, so `holdfast codegen`
-writes one next to the stubs and `service.client` hands it to every channel.
+writes one next to the stubs and `holdfast.client` hands it to every channel.
 It is built from compiled descriptors through `contracts.contract.of_service`,
 never from a second copy of the numbers.
 
@@ -20,7 +20,7 @@ from typing import Iterable
 import grpc
 from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
 
-from contracts.contract import Contract, of_service
+from holdfast.contracts.contract import Contract, of_service
 
 # gRPC caps maxAttempts at 5 silently; a contract asking for more would
 # promise retries the channel never makes.
@@ -67,9 +67,13 @@ def _check_retry(contract: Contract) -> None:
 
 
 def duration(ms: int) -> str:
-    """Milliseconds as a protobuf JSON Duration: 2000 -> "2s", 50 -> "0.05s"."""
+    """Milliseconds as a protobuf JSON Duration with all nine fractional
+    digits: 2000 -> "2.000000000s", 500 -> "0.500000000s". Both spellings are
+    valid proto3 JSON, but @grpc/grpc-js reads the fraction of "0.5s" as
+    5 ns (a 0.5 s deadline fires after a millisecond); with nine digits
+    every client reads the same number."""
     seconds, millis = divmod(ms, 1000)
-    return f"{seconds}.{millis:03d}".rstrip("0").rstrip(".") + "s"
+    return f"{seconds}.{millis:03d}000000s"
 
 
 def build(services: Iterable[descriptor.ServiceDescriptor]) -> dict:

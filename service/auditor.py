@@ -25,12 +25,11 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
-import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
-from service.machine import INTENTS, State
-from service.outcome import Outcome, Reason
-from service.store import Reservation, Stock
+from holdfast.machine import INTENTS, State
+from holdfast.outcome import Outcome, Reason
+from holdfast.store import Reservation, Stock
 
 # Answers that say nothing about whether an earlier attempt committed.
 TRANSIENT = frozenset({Reason.DEPENDENCY_UNAVAILABLE, Reason.BUDGET_EXCEEDED})

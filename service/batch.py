@@ -42,7 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from service.store import (
+from holdfast.store import (
     BudgetSpent,
     Contended,
     Entity,

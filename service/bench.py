@@ -38,7 +38,7 @@ Mixes (`--mix`): a mix turns a unit number into the calls of one unit of work
 first answer that is not OK, since a refused Reserve leaves nothing to
 confirm). A unit's later calls name its reservation without reading a reply,
 because the reservation id is derived from the Reserve key
-(`service.inventory.reservation_id` of `service.gateway.idempotency_key`).
+(`holdfast.apps.inventory.reservation_id` of `holdfast.gateway.idempotency_key`).
 
 * `reserve`: one Reserve of one unit. Answers: OK.
 * `reserve-confirm`: Reserve, then Confirm it. Answers: OK.
@@ -80,8 +80,8 @@ reservoir sample of at most PLOT_POINTS calls, and a histogram of the
 measured latencies. On a terminal a progress line is drawn on stderr.
 `--workers N` is passed on to every holdfast server the bench starts.
 
-The child processes run this module as `python -m service.bench _worker SPEC`
-and `python -m service.bench _echo HOST:PORT LIFETIME_S`.
+The child processes run this module as `python -m holdfast.bench _worker SPEC`
+and `python -m holdfast.bench _echo HOST:PORT LIFETIME_S`.
 """
 
 from __future__ import annotations
@@ -114,13 +114,12 @@ from typing import Callable, Iterator
 
 import grpc
 
-import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
-from service import loop as event_loop
-from service.gateway import REPLAYED, idempotency_key
-from service.inventory import reservation_id
-from service.metrics import UNDETERMINED_REASONS
+from holdfast import loop as event_loop
+from holdfast.gateway import REPLAYED, idempotency_key
+from holdfast.apps.inventory import reservation_id
+from holdfast.metrics import UNDETERMINED_REASONS
 
 INVENTORY_PREFIX = "/holdfast.inventory.v1.InventoryService/"
 ECHO_SERVICE = "holdfast.bench.v1.Echo"
@@ -628,14 +627,14 @@ def _start_holdfast(
     children: Children, tmp: Path, label: str, backend_argv: list[str]
 ) -> tuple[subprocess.Popen, str]:
     def argv(port: int) -> list[str]:
-        return [sys.executable, "-m", "service.cli", "serve", "--listen", f"127.0.0.1:{port}", *backend_argv]
+        return [sys.executable, "-m", "holdfast.cli", "serve", "--listen", f"127.0.0.1:{port}", *backend_argv]
 
     return _start_server(children, tmp, label, argv)
 
 
 def _start_echo(children: Children, tmp: Path, lifetime_s: float) -> tuple[subprocess.Popen, str]:
     def argv(port: int) -> list[str]:
-        return [sys.executable, "-m", "service.bench", "_echo", f"127.0.0.1:{port}", str(lifetime_s)]
+        return [sys.executable, "-m", "holdfast.bench", "_echo", f"127.0.0.1:{port}", str(lifetime_s)]
 
     return _start_server(children, tmp, ECHO, argv)
 
@@ -810,7 +809,7 @@ def _measure(children: Children, tmp: Path, kind: str, target: str, options: Opt
             options.warmup_s, options.duration_s, options.timeout_s, str(tmp / f"{kind}-client-{client}.json"),
             samples,
         )
-        argv = [sys.executable, "-m", "service.bench", "_worker", json.dumps(asdict(spec))]
+        argv = [sys.executable, "-m", "holdfast.bench", "_worker", json.dumps(asdict(spec))]
         workers.append((spec, children.spawn(argv, tmp / f"{kind}-client-{client}.log", cwd=tmp, pipes=True)))
     for spec, proc in workers:
         _await_ready(proc, Path(spec.out).with_suffix(".log"))

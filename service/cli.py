@@ -16,27 +16,26 @@ from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
 from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from service.gateway import CONTEXT_ID, REPLAYED
+from holdfast.gateway import CONTEXT_ID, REPLAYED
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-# service.graph.Format's values; spelled here so building the parser imports no machine.
+# holdfast.graph.Format's values; spelled here so building the parser imports no machine.
 GRAPH_FORMATS = ("mermaid", "svg", "png")
 # Subcommands whose module parses its own arguments: name -> (module, summary).
-# The services `holdfast serve` can host: service.server.SERVICES, named here
+# The services `holdfast serve` can host: holdfast.server.SERVICES, named here
 # so that the CLI starts without importing the server (a test checks they agree).
 SERVICES = ("inventory", "fulfillment")
 
 DELEGATED = {
-    "bench": ("service.bench", "measure Reserve throughput against a bare gRPC echo baseline"),
-    "lint": ("contracts.lint", "check the contracts in .proto files (and breaking changes --against a git ref)"),
-    "doctor": ("service.doctor", "preflight: versions, generated code, store and snapshot reachable"),
-    "replay": ("service.replay", "replay a journal and compare every answer byte for byte"),
-    "simulate": ("service.simulate", "seeded simulation with injected faults against an auditor model"),
-    "stats": ("service.stats", "print a running server's metrics as a table"),
+    "bench": ("holdfast.bench", "measure Reserve throughput against a bare gRPC echo baseline"),
+    "lint": ("holdfast.contracts.lint", "check the contracts in .proto files (and breaking changes --against a git ref)"),
+    "doctor": ("holdfast.doctor", "preflight: versions, generated code, store and snapshot reachable"),
+    "replay": ("holdfast.replay", "replay a journal and compare every answer byte for byte"),
+    "simulate": ("holdfast.simulate", "seeded simulation with injected faults against an auditor model"),
+    "stats": ("holdfast.stats", "print a running server's metrics as a table"),
 }
 
 
@@ -77,8 +76,14 @@ def _parser() -> argparse.ArgumentParser:
         " and a redis:// snapshot, and worker i serves /metrics on the metrics port + i - 1",
     )
     serve.add_argument(
-        "--services", type=_services, default=os.environ.get("HOLDFAST_SERVICES", ",".join(SERVICES)),
-        help=f"the services to host, sharing the store and the snapshot (default {','.join(SERVICES)})",
+        "--services", type=_services, default=_services(os.environ["HOLDFAST_SERVICES"]) if os.environ.get("HOLDFAST_SERVICES") else None,
+        help=f"the built-in services to host, sharing the store and the snapshot (default {','.join(SERVICES)},"
+        " or none when --app is given)",
+    )
+    serve.add_argument(
+        "--app", action="append", default=[], metavar="MODULE:ATTR", dest="apps",
+        help="a service of your own to host: a holdfast.Service subclass or a factory engine -> Service,"
+        " imported from the current folder as `python -m` would (repeatable)",
     )
     serve.add_argument(
         "--carrier-failure-rate", type=float, default=0.0,
@@ -104,12 +109,12 @@ def _parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", default=None, help="the one folder the code goes into; default: service/generated"
     )
     codegen.set_defaults(
-        run=lambda a: __import__("contracts.codegen", fromlist=["main"]).main(a.check, a.protos, a.out)
+        run=lambda a: __import__("holdfast.contracts.codegen", fromlist=["main"]).main(a.check, a.protos, a.out)
     )
 
     graph = commands.add_parser("graph", help="draw a service's state machine (mermaid text, svg or png)")
     graph.add_argument(
-        "machine", help="inventory, fulfillment, or your own as package.module:ATTRIBUTE (a service.framework.Machine)"
+        "machine", help="inventory, fulfillment, or your own as package.module:ATTRIBUTE (a holdfast.Machine)"
     )
     graph.add_argument("--format", choices=GRAPH_FORMATS, default=GRAPH_FORMATS[0], help="svg and png need Graphviz")
     graph.add_argument("--output", default=None, metavar="FILE", help="write the diagram here instead of stdout")
@@ -171,7 +176,7 @@ def _security(serve: argparse.ArgumentParser) -> None:
 
 
 def _limits(serve: argparse.ArgumentParser) -> None:
-    from service.limits import Limits  # light: grpc and protobuf, already imported here
+    from holdfast.limits import Limits  # light: grpc and protobuf, already imported here
 
     env, default = os.environ.get, Limits()
     group = serve.add_argument_group("limits under load (docs/security.md)")
@@ -221,12 +226,12 @@ def _client(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.inventory import Holds
-    from service.loop import run
-    from service.limits import Limits
-    from service.security import scrub
-    from service.server import Config, check, secrets, serve
-    from service.store import StoreUnavailable
+    from holdfast.apps.inventory import Holds
+    from holdfast.loop import run
+    from holdfast.limits import Limits
+    from holdfast.security import scrub
+    from holdfast.server import Config, check, secrets, serve
+    from holdfast.store import StoreUnavailable
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     holds = Holds(default_ms=args.hold_default_ms, max_ms=max(args.hold_default_ms, Holds().max_ms))
@@ -237,7 +242,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     config = Config(listen=args.listen, store=args.store, snapshot=args.snapshot, store_pool=args.store_pool,
                     metrics_listen=args.metrics_listen or (f"127.0.0.1:{args.metrics_port}" if args.metrics_port else ""),
-                    holds=holds, faults=args.faults, journal=args.journal, services=args.services,
+                    holds=holds, faults=args.faults, journal=args.journal,
+                    services=args.services if args.services is not None else () if args.apps else SERVICES,
+                    apps=tuple(args.apps),
                     carrier_failure_rate=args.carrier_failure_rate, carrier_latency_ms=args.carrier_latency_ms,
                     tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                     auth_tokens=args.auth_tokens,
@@ -245,10 +252,12 @@ def _serve(args: argparse.Namespace) -> int:
                     store_password_file=args.store_password_file,
                     snapshot_password=os.environ.get("HOLDFAST_SNAPSHOT_PASSWORD", ""),
                     snapshot_password_file=args.snapshot_password_file, limits=limits)
+    if args.apps:
+        _importable_from_here()
     try:
-        check(config)  # the files, before a worker spawns or a backend opens
+        check(config)  # the apps and the files, before a worker spawns or a backend opens
         if args.workers > 1:
-            from service.workers import supervise
+            from holdfast.workers import supervise
 
             return supervise(config, args.workers)
         run(serve(config))
@@ -263,7 +272,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _graph(args: argparse.Namespace) -> int:
-    from service.graph import MACHINES, GraphvizMissing, draw
+    from holdfast.graph import MACHINES, GraphvizMissing, draw
 
     try:
         machine = _machine(args.machine, MACHINES)
@@ -294,23 +303,29 @@ def _graph(args: argparse.Namespace) -> int:
 
 def _machine(name: str, known: dict) -> object:
     """A machine by name (`inventory`, `fulfillment`), or a team's own as
-    `package.module:ATTRIBUTE` naming a `service.framework.Machine`."""
-    from service.framework import Machine
+    `package.module:ATTRIBUTE` naming a `holdfast.Machine`."""
+    from holdfast import Machine
 
     if ":" not in name:
         if name not in known:
             raise LookupError(f"no machine {name!r}; known: {', '.join(sorted(known))}, or MODULE:ATTRIBUTE")
         return known[name]
     module_name, _, attribute = name.partition(":")
-    if os.getcwd() not in sys.path:  # as `python -m` would: the team's package from where they stand
-        sys.path.insert(0, os.getcwd())
+    _importable_from_here()
     try:
         found = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
         raise LookupError(f"cannot load {name!r}: {error}") from None
     if not isinstance(found, Machine):
-        raise LookupError(f"{name!r} is a {type(found).__name__}, not a service.framework.Machine")
+        raise LookupError(f"{name!r} is a {type(found).__name__}, not a holdfast.Machine")
     return found
+
+
+def _importable_from_here() -> None:
+    """A team's modules (`--app tables:Tables`, `graph tables:BOOKING`)
+    import from the folder it stands in, as with `python -m`."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def _put_stock(args: argparse.Namespace) -> int:
@@ -329,7 +344,7 @@ def _reserve(args: argparse.Namespace) -> int:
 
 
 def _call(args: argparse.Namespace, method: str, request) -> int:
-    from service import client
+    from holdfast import client
 
     try:
         credentials = client.tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)

@@ -33,8 +33,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
-from contracts import codegen
-from service.store import SCHEMA_VERSION, open_store
+from holdfast.contracts import codegen
+from holdfast.store import SCHEMA_VERSION, open_store
 
 GRPC_PACKAGES = ("grpcio", "grpcio-tools", "grpcio-status", "grpcio-health-checking", "grpcio-reflection")
 PROBE_TIMEOUT_S = 5.0  # a dependency that takes longer than this to answer is down, for a preflight
@@ -125,7 +125,7 @@ def check_stamp_toolchain(packages: Packages, tree: Tree) -> Row:
     try:
         stamp = json.loads((tree.generated / codegen.STAMP_NAME).read_text())
     except (OSError, ValueError) as error:
-        return Row("generated with", False, f"cannot read the stamp: {error}", "run `holdfast codegen`")
+        return Row("generated with", False, f"cannot read the stamp: {error}", _regenerate())
     wrong = []
     for key, name in (("grpcio_tools", "grpcio-tools"), ("protobuf", "protobuf")):
         installed = packages.version(name)
@@ -134,20 +134,30 @@ def check_stamp_toolchain(packages: Packages, tree: Tree) -> Row:
     made = f"grpcio-tools {stamp.get('grpcio_tools')}, protobuf {stamp.get('protobuf')}"
     if not wrong:
         return Row("generated with", True, f"{made} (the installed ones)")
-    fix = (
-        f"pip install grpcio-tools=={stamp.get('grpcio_tools')} protobuf=={stamp.get('protobuf')}"
-        " (or run `holdfast codegen` with the installed ones and commit service/generated/)"
-    )
+    fix = f"pip install grpcio-tools=={stamp.get('grpcio_tools')} protobuf=={stamp.get('protobuf')}"
+    if codegen.is_checkout():
+        fix += " (or run `holdfast codegen` with the installed ones and commit service/generated/)"
     return Row("generated with", False, "; ".join(wrong), fix)
 
 
 def check_codegen(tree: Tree) -> Row:
-    """contracts.codegen.check: the stamp matches every proto and generated file."""
+    """contracts.codegen.check: the stamp matches every proto and generated
+    file. Installed from the wheel, that is the shipped sources and modules
+    against the hashes shipped with them; in a checkout, the working tree."""
     stale = codegen.check(protos=tree.protos, out=tree.generated)
+    where = "in the checkout" if codegen.is_checkout() else "as installed"
     if not stale:
-        return Row("generated code", True, f"fresh ({tree.generated})")
+        return Row("generated code", True, f"fresh, {where} ({tree.generated})")
     more = f" (and {len(stale.reasons) - 1} more)" if len(stale.reasons) > 1 else ""
-    return Row("generated code", False, f"stale: {stale.reasons[0]}{more}", "run `holdfast codegen` and commit service/generated/")
+    return Row("generated code", False, f"stale: {stale.reasons[0]}{more}", _regenerate())
+
+
+def _regenerate() -> str:
+    """What fixes holdfast's own generated code: regenerating it in a
+    checkout; installed, it is the wheel's, so reinstalling it."""
+    if codegen.is_checkout():
+        return "run `holdfast codegen` and commit service/generated/"
+    return "reinstall holdfast (pip install --force-reinstall --no-deps holdfast): the installed copy was changed"
 
 
 def check_store(url: str) -> Row:
@@ -156,7 +166,7 @@ def check_store(url: str) -> Row:
         store = open_store(url)
     except ValueError as error:
         return Row("store", False, str(error), "pass --store sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
-    from service.sqlite import SqliteStore
+    from holdfast.sqlite import SqliteStore
 
     where = store.describe()
     probe = _sqlite if isinstance(store, SqliteStore) else _postgres
@@ -172,7 +182,7 @@ def check_store(url: str) -> Row:
 
 def check_snapshot(url: str) -> Row:
     """The snapshot answers, with Redis' version (every node of a cluster)."""
-    from service.snapshot import MemorySnapshot, open_snapshot
+    from holdfast.snapshot import MemorySnapshot, open_snapshot
 
     try:
         snapshot = open_snapshot(url)
@@ -219,7 +229,7 @@ def render(rows: Sequence[Row]) -> str:
 
 def main(argv: list[str] | None = None, packages: Packages | None = None, tree: Tree | None = None) -> int:
     """`holdfast doctor [--store URL] [--snapshot URL]`: exit 0 when every check passes."""
-    from service.server import Config
+    from holdfast.server import Config
 
     parser = argparse.ArgumentParser(prog="holdfast doctor", description="Preflight: versions, generated code, store, snapshot.")
     parser.add_argument("--store", default=os.environ.get("HOLDFAST_STORE", Config().store), help="store URL as for serve")

@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from service import metrics
-from service.clock import Clock
-from service.outcome import Outcome, Reason, failure
-from service.snapshot import Snapshot
-from service.store import BudgetSpent, Prefetch, Record, Store, StoreUnavailable, Txn
+from holdfast import metrics
+from holdfast.clock import Clock
+from holdfast.outcome import Outcome, Reason, failure, reason_key, reason_named
+from holdfast.snapshot import Snapshot
+from holdfast.store import BudgetSpent, Prefetch, Record, Store, StoreUnavailable, Txn
 
 Apply = Callable[[Txn, int], Outcome]
 
@@ -35,7 +35,7 @@ class Move:
     is refused rather than silently replayed; `entity` is the reservation whose
     version the snapshot double-checks (None when the move creates one or
     guards itself by a conditional update, like stock); `skus` the stock it
-    will read, so that its batch loads it with the rest (service.batch).
+    will read, so that its batch loads it with the rest (holdfast.batch).
     """
 
     method: str
@@ -45,7 +45,7 @@ class Move:
     apply: Apply
     skus: tuple[str, ...] = ()
     # `entity` names a generic entity of a service built on the framework
-    # (service.framework) rather than an inventory reservation.
+    # (holdfast.framework) rather than an inventory reservation.
     generic: bool = False
 
 
@@ -136,7 +136,7 @@ class Engine:
         now_ms = self.clock.now_ms()
         outcome = move.apply(txn, now_ms)
         if outcome.recorded:
-            reason = None if outcome.reason is None else outcome.reason.name
+            reason = None if outcome.reason is None else reason_key(outcome.reason)
             txn.record(move.key, Record(move.fingerprint, reason, outcome.payload), now_ms)
         else:
             assert not txn.written, "an unrecorded outcome must change nothing"
@@ -163,5 +163,5 @@ def _replay(recorded: Record, fingerprint: bytes) -> Outcome:
     """Step 1: the stored outcome, or a refusal when the payload differs."""
     if recorded.fingerprint != fingerprint:
         return failure(Reason.IDEMPOTENCY_KEY_REUSED, "this idempotency key was used with another request")
-    reason = None if recorded.reason is None else Reason[recorded.reason]
+    reason = None if recorded.reason is None else reason_named(recorded.reason)
     return Outcome(reason, recorded.payload, replayed=True)

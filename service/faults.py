@@ -15,7 +15,7 @@ timeout), so the format is fixed: one table per method, these four keys.
 delayed call reaches the gateway with part of the client's deadline already
 spent, exactly as if the network had been slow, and an injected error never
 touches the engine. Injected errors carry `google.rpc.Status` details built by
-`service.outcome.failure`, the same bytes a real failure of that status
+`holdfast.outcome.failure`, the same bytes a real failure of that status
 carries, so clients exercise their real error path.
 """
 
@@ -31,9 +31,9 @@ from typing import Collection, Mapping
 
 import grpc
 
-from service import metrics
-from service.gateway import STATUS_DETAILS, mark_arrival
-from service.outcome import Reason, failure
+from holdfast import metrics
+from holdfast.gateway import STATUS_DETAILS, mark_arrival
+from holdfast.outcome import Reason, failure
 
 KEYS = frozenset({"delay_ms", "status", "probability", "seed"})
 # A status is injected with the reason a real call of that status would give
@@ -96,8 +96,8 @@ def parse(text: str, source: str, methods: Collection[str] | None = None) -> Fau
 
 
 def _served_methods() -> frozenset[str]:
-    from contracts.contract import method_path
-    from service.inventory import SERVICE
+    from holdfast.contracts.contract import method_path
+    from holdfast.apps.inventory import SERVICE
 
     return frozenset(method_path(method) for method in SERVICE.methods)
 

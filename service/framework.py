@@ -1,97 +1,26 @@
-"""The public API of holdfast: everything a team imports to build its own
-deterministic service. Nothing outside `__all__` is promised; the names are
-pinned by tests/test_framework.py, and the services in this repository
-(service.inventory, service.fulfillment, examples/) use nothing else.
-
-A service built on the framework is
-
-* a `.proto` whose every RPC declares its contract (timeout, idempotency
-  key fields, retry policy, lock lease), linted by `holdfast lint`;
-* a `Machine`: its states, the table of (source, event, destination), the
-  initial and terminal states;
-* a `Service` subclass with one async method per RPC. A mutating method
-  validates its request, then calls `self.move(entity_id, decide)`, where
-  `decide(entity, now_ms)` returns either an `Outcome` (a refusal: nothing
-  is written) or a `Change` (the events to walk, the entity's new data and
-  how to answer). The framework does the rest in one store transaction:
-  the replay of a recorded key, the snapshot's double check, the lease, the
-  state check against the table, the compare-and-set on the version, the
-  outcome recorded under the key;
-* `serve(config, services=[...])` to run it, or `start` in tests.
+"""A service built on holdfast: the `Service` base class and the `Change` a
+move decides, with the helpers a service's moves use (ids derived from keys,
+leases, entity data). Exported by `holdfast` (service/__init__.py), which is
+where a team imports them from.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import grpc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message_factory as _message_factory
 from google.protobuf.message import Message
 
-from contracts.contract import Contract, of_service
-from service.clock import Clock, ManualClock, SystemClock
-from service.engine import Engine, Move
-from service.gateway import Call, current_call, idempotency_key
-from service.machine import Machine
-from service.outcome import Outcome, Reason, failure, success
-from service.store import Entity, Reservation, Stock, Txn
-
-if TYPE_CHECKING:
-    from service.server import Config, Running, ServiceFactory, serve, start  # noqa: F401
-
-__all__ = [
-    # declaring a state machine
-    "Machine",
-    # a service and its moves
-    "Service",
-    "Change",
-    "Entity",
-    "Outcome",
-    "Reason",
-    "success",
-    "failure",
-    "derive_id",
-    "shown_id",
-    "lease_held",
-    "encode_data",
-    "decode_data",
-    # what a call carries (set by the gateway from the contract in the .proto)
-    "Call",
-    "Contract",
-    "current_call",
-    "idempotency_key",
-    # lower level: moves over the store's transaction, as inventory does
-    "Engine",
-    "Move",
-    "Txn",
-    "Reservation",
-    "Stock",
-    # time
-    "Clock",
-    "SystemClock",
-    "ManualClock",
-    # running a server (service.server): your services beside or instead of holdfast's
-    "Config",
-    "Running",
-    "ServiceFactory",
-    "start",
-    "serve",
-]
-
-# service.server hosts the services built on this module, so it is imported
-# on first use of these names rather than here (it imports this module).
-_SERVER_NAMES = frozenset({"Config", "Running", "ServiceFactory", "start", "serve"})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _SERVER_NAMES:
-        from service import server
-
-        return getattr(server, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+from holdfast.contracts.contract import Contract, of_service
+from holdfast.engine import Engine, Move
+from holdfast.gateway import Call, current_call, idempotency_key
+from holdfast.machine import Machine
+from holdfast.outcome import Outcome, Reason, failure, success
+from holdfast.store import Entity, Txn
 
 ID_LENGTH_MAX = 128
 
@@ -167,7 +96,7 @@ class Service:
 
     Subclasses set `DESCRIPTOR` (the `.proto`'s ServiceDescriptor) and
     `MACHINE`, and define one `async def Method(self, request, context) ->
-    Outcome` per RPC. The gateway (service.gateway) turns outcomes into
+    Outcome` per RPC. The gateway (holdfast.gateway) turns outcomes into
     replies and statuses and sets `current_call()` for every call.
     """
 

@@ -24,9 +24,9 @@ from typing import Any, Awaitable, Callable, Iterator, Mapping
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from contracts.contract import Contract
-from service import metrics
-from service.outcome import Outcome, Reason, failure
+from holdfast.contracts.contract import Contract
+from holdfast import metrics
+from holdfast.outcome import Outcome, Reason, failure
 
 CONTEXT_ID = "holdfast-context-id"
 REPLAYED = "holdfast-replayed"
@@ -46,7 +46,7 @@ class Call:
 
 _current: contextvars.ContextVar[Call] = contextvars.ContextVar("holdfast_call")
 # When the call reached this server, if an outer interceptor saw it first
-# (service.faults): the contract's budget is the server's time from arrival,
+# (holdfast.faults): the contract's budget is the server's time from arrival,
 # so time an outer layer spent is spent from the budget too.
 _arrived: contextvars.ContextVar[float] = contextvars.ContextVar("holdfast_arrived")
 

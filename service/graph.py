@@ -23,8 +23,8 @@ import shutil
 from transitions.extensions import diagrams_graphviz, diagrams_mermaid
 from transitions.extensions.diagrams import GraphMachine
 
-from service.fulfillment import WAYBILL
-from service.machine import INVENTORY, Machine
+from holdfast.apps.fulfillment import WAYBILL
+from holdfast.machine import INVENTORY, Machine
 
 MACHINES: dict[str, Machine] = {machine.name: machine for machine in (INVENTORY, WAYBILL)}
 

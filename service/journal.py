@@ -48,11 +48,11 @@ from typing import Any, Callable, Collection
 
 import grpc
 
-from service.clock import Clock
-from service.gateway import CONTEXT_ID, REPLAYED, STATUS_DETAILS
-from service.inventory import Holds, Inventory
-from service.outcome import Outcome
-from service.store import Prefetch, Reservation, Txn
+from holdfast.clock import Clock
+from holdfast.gateway import CONTEXT_ID, REPLAYED, STATUS_DETAILS
+from holdfast.apps.inventory import Holds, Inventory
+from holdfast.outcome import Outcome
+from holdfast.store import Prefetch, Reservation, Txn
 
 FORMAT = 1
 # Transport headers say nothing the servicer reads; everything else is kept.

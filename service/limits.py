@@ -52,9 +52,9 @@ import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
-from service import metrics
-from service.gateway import STATUS_DETAILS
-from service.outcome import Reason, failure
+from holdfast import metrics
+from holdfast.gateway import STATUS_DETAILS
+from holdfast.outcome import Reason, failure
 
 PUSHBACK = "grpc-retry-pushback-ms"
 MiB = 1 << 20

@@ -69,7 +69,7 @@ class Machine(Generic[S]):
     """A state machine declared once as a table of (source, event, destination).
 
     Compiled into a `transitions.Machine` once (which validates the table and
-    can draw it: service.graph) and into a `(state, event) -> state` map that
+    can draw it: holdfast.graph) and into a `(state, event) -> state` map that
     moves consult in microseconds. `initial` is the state of an entity that
     has no row yet; `terminal` states allow no event; `intents` are
     write-ahead states that `recovery` walks forward or back.

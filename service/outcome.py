@@ -9,6 +9,7 @@ moment it is made.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
 
@@ -44,7 +45,7 @@ class Reason(enum.Enum):
     INVALID_TRANSITION = (11, grpc.StatusCode.FAILED_PRECONDITION, True)
     INSUFFICIENT_STOCK = (12, grpc.StatusCode.FAILED_PRECONDITION, True)
     STOCK_BELOW_COMMITTED = (13, grpc.StatusCode.FAILED_PRECONDITION, True)
-    # Services built on the framework (service.framework), fulfillment first.
+    # Services built on the framework (holdfast.framework), fulfillment first.
     ENTITY_NOT_FOUND = (14, grpc.StatusCode.NOT_FOUND, False)
     WAYBILL_NOT_FOUND = (15, grpc.StatusCode.NOT_FOUND, False)
     # Another holder's lease on the entity has not run out: retry after it.
@@ -82,6 +83,79 @@ class Reason(enum.Enum):
     def recorded(self) -> bool:
         return self.value[2]
 
+    @property
+    def domain(self) -> str:
+        return DOMAIN
+
+
+class AppReason(enum.Enum):
+    """Base of an app's own failure reasons, in the app's own ErrorInfo
+    domain. Each member is `(gRPC status, recorded under the key)`, and the
+    members rank in the order they are declared:
+
+        class SpotReason(holdfast.AppReason, domain="spots.parking.example.com"):
+            SPOT_HELD = (grpc.StatusCode.FAILED_PRECONDITION, True)
+            DRIVER_UNKNOWN = (grpc.StatusCode.NOT_FOUND, False)
+
+    A recorded one is stored under the call's key by (domain, name), and a
+    replay finds it again by the same pair (`reason_named`), so two apps may
+    each have a reason of one name. The domain `holdfast` is holdfast's own.
+    """
+
+    code: grpc.StatusCode
+    recorded: bool
+
+    def __new__(cls, code: grpc.StatusCode, recorded: bool) -> AppReason:
+        if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
+            raise TypeError(f"{cls.__name__}: a reason's status is a gRPC error status, got {code!r}")
+        if not isinstance(recorded, bool):
+            raise TypeError(f"{cls.__name__}: `recorded` is True or False, got {recorded!r}")
+        member = object.__new__(cls)
+        member._value_ = len(cls._member_names_) + 1  # declaration order is the rank, and keeps members apart
+        member.code = code
+        member.recorded = recorded
+        return member
+
+    def __init_subclass__(cls, *, domain: str = "", **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if not _DOMAIN_SHAPE.fullmatch(domain):
+            raise TypeError(f"{cls.__name__}: declare the reasons' ErrorInfo domain, as `domain=\"your.service\"`"
+                            f" (a DNS-like name), got {domain!r}")
+        if domain == DOMAIN:
+            raise TypeError(f"{cls.__name__}: the domain {DOMAIN!r} is holdfast's own")
+        claimed = _APP_DOMAINS.get(domain)
+        if claimed is not None and claimed.__qualname__ != cls.__qualname__:
+            raise TypeError(f"{cls.__name__}: the domain {domain!r} is {claimed.__qualname__}'s")
+        cls._domain_ = domain
+        _APP_DOMAINS[domain] = cls
+
+    @property
+    def domain(self) -> str:
+        return type(self)._domain_
+
+
+_DOMAIN_SHAPE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+_APP_DOMAINS: dict[str, type[AppReason]] = {}
+AnyReason = Reason | AppReason
+
+
+def reason_key(reason: AnyReason) -> str:
+    """How a recorded reason is stored under its key: holdfast's by name (as
+    every store written so far holds them), an app's as `domain/NAME`."""
+    return reason.name if isinstance(reason, Reason) else f"{reason.domain}/{reason.name}"
+
+
+def reason_named(key: str) -> AnyReason:
+    """The reason `reason_key` stored; KeyError when no loaded app declares it
+    (the app that recorded it is not hosted)."""
+    domain, slash, name = key.rpartition("/")
+    if not slash:
+        return Reason[name]
+    declared = _APP_DOMAINS.get(domain)
+    if declared is None:
+        raise KeyError(f"no hosted app declares reasons in the domain {domain!r} (recorded {key!r})")
+    return declared[name]
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -92,7 +166,7 @@ class Outcome:
     replay sends them again.
     """
 
-    reason: Reason | None
+    reason: AnyReason | None
     payload: bytes
     replayed: bool = False
 
@@ -121,7 +195,7 @@ def success(reply: bytes) -> Outcome:
 
 
 def failure(
-    reason: Reason,
+    reason: AnyReason,
     message: str,
     violations: Iterable[tuple[str, str]] = (),
     metadata: Mapping[str, str] | None = None,
@@ -129,7 +203,7 @@ def failure(
     """An error outcome whose payload is the `google.rpc.Status` a client reads
     with `grpc_status.rpc_status.from_call`."""
     status = status_pb2.Status(code=reason.code.value[0], message=message)
-    info = error_details_pb2.ErrorInfo(reason=reason.name, domain=DOMAIN, metadata=metadata or {})
+    info = error_details_pb2.ErrorInfo(reason=reason.name, domain=reason.domain, metadata=metadata or {})
     status.details.append(_pack(info))
     violations = tuple(violations)
     if violations:

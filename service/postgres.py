@@ -19,9 +19,9 @@ from typing import Any
 import psycopg
 from psycopg import errors
 
-from service.batch import BufferedStore, Changes, Named, Rows
-from service.security import redact_url, scrub, secrets_of
-from service.store import (
+from holdfast.batch import BufferedStore, Changes, Named, Rows
+from holdfast.security import redact_url, scrub, secrets_of
+from holdfast.store import (
     ENTITY_COLUMNS,
     RESERVATION_COLUMNS,
     Entity,
@@ -70,7 +70,7 @@ class PostgresTxn(SqlTxn):
         return [] if "\x00" in kind else super().due_entities(kind, now_ms, limit)
 
 
-# -- a batch as set-based statements (service.batch) ----------------------------
+# -- a batch as set-based statements (holdfast.batch) ----------------------------
 #
 # A batch's rows travel as one JSON parameter per statement, an array of
 # arrays (bytes as hex), which the server unpacks: json.dumps is C, where

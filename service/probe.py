@@ -1,4 +1,4 @@
-"""`python -m service.probe`: a container's health check over gRPC.
+"""`python -m holdfast.probe`: a container's health check over gRPC.
 
 Asks a server's `grpc.health.v1.Health/Check` for one service (the whole
 server by default) and exits 0 only when the answer is SERVING; anything
@@ -50,7 +50,7 @@ def check(target: str, service: str = "", timeout_s: float = DEFAULT_TIMEOUT_S) 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m service.probe", description="exit 0 only if a gRPC server's health check answers SERVING"
+        prog="python -m holdfast.probe", description="exit 0 only if a gRPC server's health check answers SERVING"
     )
     parser.add_argument(
         "--target", default=os.environ.get("HOLDFAST_PROBE_TARGET", DEFAULT_TARGET),

@@ -4,7 +4,7 @@ code against a real holdfast server and for checking journals replay.
 * `holdfast_services` — the services of your own that `holdfast_server`
   hosts: none by default, so it hosts holdfast's (inventory and
   fulfillment). Override it (in your conftest.py or test module) to return
-  your service factories, `engine -> Service` (service.framework); the
+  your service factories, `engine -> Service` (holdfast.framework); the
   server then hosts those alone.
 * `holdfast_server` — a running server on the embedded backends (SQLite in
   the test's `tmp_path`, the in-process snapshot) with a `ManualClock`, so
@@ -48,13 +48,13 @@ class HoldfastServer:
     target: str
     port: int
     journal: Path
-    clock: Any  # service.clock.ManualClock
-    running: Any  # service.server.Running
+    clock: Any  # holdfast.clock.ManualClock
+    running: Any  # holdfast.server.Running
 
 
 async def _started(folder: Path, services: Sequence[Callable[[Any], Any]] = ()) -> HoldfastServer:
-    from service.clock import ManualClock
-    from service.server import Config, start
+    from holdfast.clock import ManualClock
+    from holdfast.server import Config, start
 
     clock = ManualClock()
     journal = folder / "holdfast-journal.jsonl"
@@ -99,7 +99,6 @@ if pytest_asyncio is not None:
     @pytest.fixture
     def holdfast_client(holdfast_channel: Any) -> Any:
         """An `InventoryServiceStub` on `holdfast_channel`."""
-        import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
         from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
         return pb_grpc.InventoryServiceStub(holdfast_channel)
@@ -124,7 +123,7 @@ def replay_journal() -> Callable[..., Any]:
     """`replay_journal(path, target=None)`: replays the journal (on a fresh
     embedded instance unless `target` names one) and returns the report, or
     fails the test with the first difference."""
-    from service.replay import replay
+    from holdfast.replay import replay
 
     def check(path: str | Path, target: str | None = None) -> Any:
         report = replay(path, target)

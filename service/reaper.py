@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from service.framework import Service
-from service.inventory import Inventory
+from holdfast.framework import Service
+from holdfast.apps.inventory import Inventory
 
 log = logging.getLogger("holdfast.reaper")
 

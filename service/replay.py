@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from service.journal import decode
+from holdfast.journal import decode
 
 DEFAULT_TIMEOUT_S = 60.0  # above every contract's timeout: the server's budget is what it was
 REQUIRED = {
@@ -200,9 +200,9 @@ async def replay_async(path: str | Path, target: str | None = None, progress: Te
 async def _fresh_instance(start: dict, folder: Path):
     """An embedded instance with the recording's holds, a settable clock and
     its reaper stopped (the journal says when holds expired)."""
-    from service.inventory import Holds
-    from service.server import Config
-    from service.server import start as start_server
+    from holdfast.apps.inventory import Holds
+    from holdfast.server import Config
+    from holdfast.server import start as start_server
 
     holds = Holds()
     if "hold_default_ms" in start:

@@ -45,9 +45,9 @@ from urllib.parse import quote, unquote
 
 import grpc
 
-from service import metrics
-from service.gateway import STATUS_DETAILS
-from service.outcome import Reason, failure
+from holdfast import metrics
+from holdfast.gateway import STATUS_DETAILS
+from holdfast.outcome import Reason, failure
 
 REDACTED = "***"
 

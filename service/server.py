@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -17,21 +18,21 @@ import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from contracts import contract
-from service import journal, security
-from service.clock import Clock, SystemClock
-from service.engine import Engine
-from service.faults import FaultInjector, FaultPlan
-from service.faults import load as load_faults
-from service.gateway import Gateway
-from service.carrier import SimulatedCarrier
-from service.framework import Service
-from service.fulfillment import Dispatch
-from service.inventory import Holds, Inventory
-from service.limits import Admission, Limits
-from service.reaper import Reaper
-from service.snapshot import open_snapshot
-from service.store import open_store, version_pages
+from holdfast.contracts import contract
+from holdfast import journal, security
+from holdfast.clock import Clock, SystemClock
+from holdfast.engine import Engine
+from holdfast.faults import FaultInjector, FaultPlan
+from holdfast.faults import load as load_faults
+from holdfast.gateway import Gateway
+from holdfast.apps.carrier import SimulatedCarrier
+from holdfast.framework import Service
+from holdfast.apps.fulfillment import Dispatch
+from holdfast.apps.inventory import Holds, Inventory
+from holdfast.limits import Admission, Limits
+from holdfast.reaper import Reaper
+from holdfast.snapshot import open_snapshot
+from holdfast.store import open_store, version_pages
 
 log = logging.getLogger("holdfast")
 
@@ -51,8 +52,11 @@ class Config:
     # workers of `holdfast serve --workers N`, after their supervisor has made
     # sure the port is free (service/workers.py). Alone, a taken port fails.
     so_reuseport: bool = False
-    # Which services to host; they share the store and the snapshot.
+    # Which built-in services to host; they share the store and the snapshot.
     services: tuple[str, ...] = ("inventory", "fulfillment")
+    # A team's own services, each `MODULE:ATTR` naming a Service subclass or a
+    # factory `engine -> Service` (load_app); hosted after the built-in ones.
+    apps: tuple[str, ...] = ()
     # The simulated carrier the dispatch service hands waybills to.
     carrier_failure_rate: float = 0.0
     carrier_latency_ms: int = 0
@@ -76,9 +80,42 @@ class Config:
 
 
 SERVICES = ("inventory", "fulfillment")
-# A service of the user's own, built on service.framework: made once the
-# engine (store and snapshot) is open.
+# A service of the user's own, built on holdfast: made once the engine (store
+# and snapshot) is open.
 ServiceFactory = Callable[[Engine], Service]
+
+
+def load_app(spec: str) -> ServiceFactory:
+    """The factory `MODULE:ATTR` names: a Service subclass (made as
+    `ATTR(engine)`) or a callable `engine -> Service`. Raises ValueError,
+    saying what is wrong with the spec, so `holdfast serve` exits with it."""
+    found = load_attribute(spec)
+    if isinstance(found, type):
+        if not issubclass(found, Service):
+            raise ValueError(f"--app {spec}: {found.__name__} is a class but not a holdfast.Service")
+        return found
+    if not callable(found):
+        raise ValueError(f"--app {spec}: a {type(found).__name__}, not a Service class or a factory")
+    return found
+
+
+def load_attribute(spec: str) -> object:
+    """The object `package.module:ATTRIBUTE` names, imported as Python
+    would from the current sys.path; ValueError with a one-line reason."""
+    module_name, colon, attribute = spec.partition(":")
+    if not colon or not module_name or not attribute:
+        raise ValueError(f"{spec!r}: expected MODULE:ATTRIBUTE, such as tables:Tables")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"cannot load {spec!r}: {error}") from None
+    found = module
+    for part in attribute.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            raise ValueError(f"cannot load {spec!r}: {module_name} has no attribute {attribute}") from None
+    return found
 
 
 @dataclass(slots=True)
@@ -111,8 +148,9 @@ async def start(config: Config, clock: Clock | None = None, services: Sequence[S
     """Opens the backends, resolves left-over intents, then starts serving
     `config.services` and `services` (a user's own), all on one store and
     one snapshot."""
-    if not config.services and not services:
+    if not config.services and not config.apps and not services:
         raise ValueError("no service to host")
+    services = [*(load_app(spec) for spec in config.apps), *services]
     # Read first: a bad fault, TLS, token or password file must stop the start before any backend opens.
     faults = load_faults(config.faults) if config.faults else None
     tls, tokens, (store_url, snapshot_url) = _secured(config)
@@ -194,7 +232,9 @@ async def _start(
 
 def check(config: Config) -> None:
     """Reads and checks every file `start` reads before it opens anything
-    (faults, TLS, tokens, passwords); raises OSError or ValueError, saying why."""
+    (apps, faults, TLS, tokens, passwords); raises OSError or ValueError, saying why."""
+    for spec in config.apps:
+        load_app(spec)
     if config.faults:
         load_faults(config.faults)
     _secured(config)

@@ -11,7 +11,7 @@ persisted state, running recovery. Everything random comes from one
 `random.Random(seed)`, and every step is awaited to the end before the next
 begins, so a seed replays exactly: same seed and code, same trace hash.
 
-Requests go through the real servicer (`service.inventory.Inventory`) with
+Requests go through the real servicer (`holdfast.apps.inventory.Inventory`) with
 the gateway's own `Call` (key, fingerprint) set in its context variable, so
 keys, fingerprints, reservation ids and reply bytes are the production ones.
 """
@@ -26,23 +26,22 @@ import sys
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Iterable, TypeVar
 
-import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
 from google.protobuf.message import Message
 
-from contracts import contract as contracts
-from contracts.contract import Contract
-from service.auditor import Auditor, Kind, Request, Violation
-from service.clock import ManualClock
-from service.engine import Engine
-from service.gateway import Call, idempotency_key, serving
-from service.inventory import REAPER_METHOD, RECOVERY_METHOD, SERVICE, Holds, Inventory, reservation_id
-from service.machine import INTENTS, State
-from service.outcome import Outcome
-from service.reaper import Reaper
-from service.snapshot import MemorySnapshot
-from service.store import Prefetch, Record, Reservation, Stock, StoreUnavailable, Txn
+from holdfast.contracts import contract as contracts
+from holdfast.contracts.contract import Contract
+from holdfast.auditor import Auditor, Kind, Request, Violation
+from holdfast.clock import ManualClock
+from holdfast.engine import Engine
+from holdfast.gateway import Call, idempotency_key, serving
+from holdfast.apps.inventory import REAPER_METHOD, RECOVERY_METHOD, SERVICE, Holds, Inventory, reservation_id
+from holdfast.machine import INTENTS, State
+from holdfast.outcome import Outcome
+from holdfast.reaper import Reaper
+from holdfast.snapshot import MemorySnapshot
+from holdfast.store import Prefetch, Record, Reservation, Stock, StoreUnavailable, Txn
 
 T = TypeVar("T")
 CONTRACTS = {c.method.rsplit("/", 1)[1]: c for c in contracts.of_service(SERVICE).values()}

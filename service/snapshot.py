@@ -69,12 +69,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from redis.retry import Retry
 
-from service import metrics
-from service.security import redact_url, scrub, secrets_of
+from holdfast import metrics
+from holdfast.security import redact_url, scrub, secrets_of
 
 log = logging.getLogger("holdfast")
 
-# The store's versions, page by page (service.store.version_pages): the truth a
+# The store's versions, page by page (holdfast.store.version_pages): the truth a
 # snapshot rebuilds itself from when it comes back after losing writes.
 VersionPages = Callable[[], AsyncIterator[Mapping[str, int]]]
 

@@ -4,7 +4,7 @@
 so a crash never loses an acknowledged move. One worker thread: SQLite has a
 single writer, and group commit already amortises each fsync over the batch.
 
-Batches run buffered (service.batch): a Reserve is five statements, and each
+Batches run buffered (holdfast.batch): a Reserve is five statements, and each
 statement releases the GIL and takes it back from the busy event loop, so
 one SELECT per table for the batch and one `executemany` per table to write
 it keep the worker thread off the loop's back. `BEGIN IMMEDIATE` takes the
@@ -16,8 +16,8 @@ from __future__ import annotations
 import sqlite3
 from typing import ClassVar
 
-from service.batch import BufferedStore, Changes, Named, Rows
-from service.store import (
+from holdfast.batch import BufferedStore, Changes, Named, Rows
+from holdfast.store import (
     ENTITY_COLUMNS,
     RESERVATION_COLUMNS,
     Record,

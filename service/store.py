@@ -6,11 +6,11 @@ idempotency record, the version compare-and-set, the stock effect and the
 outcome commit together or not at all. Concurrent moves share a transaction
 (group commit): worker threads, each with its own connection, drain one
 queue and commit each batch once. A batch runs the fast way first (both
-stores run it buffered: service.batch); if a move fails, or memory cannot
+stores run it buffered: holdfast.batch); if a move fails, or memory cannot
 tell what the database holds, the batch is rolled back and run again with a
 SAVEPOINT around each move (`Isolate`), so one move's failure never undoes
 another's. The event loop never blocks on the database. Backends
-(service.sqlite, service.postgres) differ only in how they connect, how they
+(holdfast.sqlite, holdfast.postgres) differ only in how they connect, how they
 load and write a batch's rows, and in their SQL dialect.
 """
 
@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, ClassVar, Protocol, TypeVar
 
-from service.machine import INTENTS, State
-from service.security import redact_url, scrub
+from holdfast.machine import INTENTS, State
+from holdfast.security import redact_url, scrub
 
 T = TypeVar("T")
 log = logging.getLogger("holdfast.store")
@@ -64,7 +64,7 @@ class Isolate(Exception):
 @dataclass(frozen=True, slots=True)
 class Prefetch:
     """Rows a transaction will read. A backend that runs batches buffered
-    (service.batch) loads every job's rows with one statement per table
+    (holdfast.batch) loads every job's rows with one statement per table
     instead of one per read; others ignore it. A row not named is still read,
     just on its own."""
 
@@ -451,7 +451,7 @@ class GroupCommitStore:
     CONTENDED_RERUNS: ClassVar[int] = 3  # a move rerun this often against new winners gives up
     BATCH_RETRIES: ClassVar[int] = 3  # a whole batch retried after a deadlock
     # What would give the connection's password away in a driver's error
-    # text (service.security.secrets_of): a backend with one sets it.
+    # text (holdfast.security.secrets_of): a backend with one sets it.
     secrets: tuple[str, ...] = ()
 
     def __init__(self, workers: int = 1, batch_max: int = 256) -> None:
@@ -657,7 +657,7 @@ class GroupCommitStore:
 
     def _fast(self, connection: Any, batch: list[Job]) -> list[JobResult]:
         """The batch in one transaction without savepoints (two round trips
-        fewer per move). A backend may run it buffered instead (service.batch)."""
+        fewer per move). A backend may run it buffered instead (holdfast.batch)."""
         return self._attempt(connection.cursor(), batch, isolated=False)
 
     def _attempt(self, cursor: Any, batch: list[Job], isolated: bool) -> list[JobResult]:
@@ -730,11 +730,11 @@ def open_store(url: str, pool_size: int = 1) -> Store:
     """A store for `url`: `sqlite:///relative.db`, `sqlite:////absolute.db`,
     or `postgresql://user@host:port/database` with `pool_size` connections."""
     if url.startswith("sqlite://"):
-        from service.sqlite import SqliteStore
+        from holdfast.sqlite import SqliteStore
 
         return SqliteStore.from_url(url)
     if url.startswith(("postgresql://", "postgres://")):
-        from service.postgres import PostgresStore
+        from holdfast.postgres import PostgresStore
 
         return PostgresStore(url, workers=pool_size)
     raise ValueError(f"unsupported store URL {redact_url(url)!r} (expected sqlite:///PATH or postgresql://...)")

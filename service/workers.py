@@ -63,9 +63,9 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for
 
-from service.loop import run
-from service.server import Config, Running, serve
-from service.store import StoreUnavailable
+from holdfast.loop import run
+from holdfast.server import Config, Running, serve
+from holdfast.store import StoreUnavailable
 
 WORKERS_MAX = 64
 START_TIMEOUT_S = 120.0  # every worker serving by then, or the group stops

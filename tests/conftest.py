@@ -19,10 +19,9 @@ from typing import AsyncIterator  # noqa: E402
 import grpc
 import pytest
 
-import service.generated  # noqa: F401
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from service.server import Config, Running, start
+from holdfast.server import Config, Running, start
 
 pytest_plugins = ["tests.backends"]
 

@@ -29,10 +29,9 @@ from typing import Awaitable, Callable, Iterable
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-import service.generated  # noqa: F401
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
-from service.snapshot import snapshot_key
+from holdfast.snapshot import snapshot_key
 from tests.process import ServerProcess, free_port, start_server
 
 SERVICE = "/holdfast.inventory.v1.InventoryService/"

@@ -35,7 +35,7 @@ def holdfast_command() -> list[str]:
     script = Path(sys.executable).parent / "holdfast"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "service.cli"]
+    return [sys.executable, "-m", "holdfast.cli"]
 
 
 def child_env(**extra: str) -> dict[str, str]:

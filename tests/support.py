@@ -8,7 +8,6 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-import service.generated  # noqa: F401
 from holdfast.inventory.v1 import inventory_pb2 as pb  # noqa: F401  (re-exported for the suites)
 
 

@@ -16,11 +16,10 @@ from typing import Callable
 import grpc
 import pytest
 
-import service.generated  # noqa: F401
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
-from service.clock import ManualClock
-from service.server import Config, start
+from holdfast.clock import ManualClock
+from holdfast.server import Config, start
 from tests.support import Failure, failure_of, raw_call
 
 SERVICE = "/holdfast.inventory.v1.InventoryService"

@@ -15,8 +15,8 @@ import sqlite3
 import psycopg
 import pytest
 
-from service.machine import State
-from service.store import Prefetch, Record, Reservation, Stock, open_store
+from holdfast.machine import State
+from holdfast.store import Prefetch, Record, Reservation, Stock, open_store
 
 KEY = b"k" * 32
 THEIRS = Record(b"their fingerprint", None, b"their reply")

@@ -11,8 +11,8 @@ from collections import Counter
 
 import pytest
 
-from service import bench
-from service.bench import (
+from holdfast import bench
+from holdfast.bench import (
     MIXES,
     REFUSED_FOR_STOCK,
     REPLAY_KEYS,

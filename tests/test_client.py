@@ -22,15 +22,14 @@ import grpc
 import prometheus_client
 import pytest
 
-import service.generated  # noqa: F401
 from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from contracts import codegen, contract, service_config
-from service import client
-from service.fulfillment import SERVICE as DISPATCH_SERVICE
-from service.inventory import SERVICE
-from service.server import Config, Running, start
+from holdfast.contracts import codegen, contract, service_config
+from holdfast import client
+from holdfast.apps.fulfillment import SERVICE as DISPATCH_SERVICE
+from holdfast.apps.inventory import SERVICE
+from holdfast.server import Config, Running, start
 from tests.support import failure_of
 
 # Every service the generated code holds, in the order codegen writes them (by proto file).
@@ -179,8 +178,12 @@ def test_the_generated_config_is_the_contracts_as_compiled():
         }
 
 
-@pytest.mark.parametrize(("ms", "text"), [(2000, "2s"), (500, "0.5s"), (50, "0.05s"), (1, "0.001s"), (2500, "2.5s"), (60000, "60s")])
-def test_durations_are_protobuf_json(ms, text):
+@pytest.mark.parametrize(("ms", "text"), [
+    (2000, "2.000000000s"), (500, "0.500000000s"), (50, "0.050000000s"), (1, "0.001000000s"),
+    (2500, "2.500000000s"), (60000, "60.000000000s"),
+])
+def test_durations_are_protobuf_json_with_nine_fractional_digits(ms, text):
+    """Nine digits, as grpc-js needs them (it reads "0.5s" as 5 ns)."""
     assert service_config.duration(ms) == text
 
 
@@ -195,7 +198,7 @@ def with_retry(max_attempts: int, fixed_delay_ms: int = 100, codes: tuple[str, .
 def test_fewer_than_two_attempts_means_no_retry_policy(max_attempts):
     # gRPC requires maxAttempts >= 2 in a retryPolicy.
     entry = service_config.method_config(with_retry(max_attempts, fixed_delay_ms=0, codes=()))
-    assert entry == {"name": [{"service": "pkg.Service", "method": "Call"}], "timeout": "1s"}
+    assert entry == {"name": [{"service": "pkg.Service", "method": "Call"}], "timeout": "1.000000000s"}
 
 
 @pytest.mark.parametrize(
@@ -251,7 +254,7 @@ def test_codegen_builds_the_config_from_the_protos_it_compiles(tmp_path):
     assert not codegen.check(protos=protos, out=out)
     entries = json.loads((out / codegen.SERVICE_CONFIG_NAME).read_text())["methodConfig"]
     timeouts = {e["name"][0]["method"]: e["timeout"] for e in entries}
-    assert timeouts["Reserve"] == "2.5s" and timeouts["Confirm"] == "2s"
+    assert timeouts["Reserve"] == "2.500000000s" and timeouts["Confirm"] == "2.000000000s"
 
     with (out / codegen.SERVICE_CONFIG_NAME).open("a") as config:
         config.write(" ")

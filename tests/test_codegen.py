@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from contracts import codegen
-from service import cli
+from holdfast.contracts import codegen
+from holdfast import cli
 from tests.process import ROOT, run_holdfast
 
 INVENTORY = Path("holdfast/inventory/v1/inventory.proto")
@@ -139,7 +139,7 @@ def test_a_hand_edited_generated_file_is_stale(copies):
     assert "changed" in stale.reasons[0]
 
 
-def test_a_stray_module_in_the_generated_folder_is_stale(copies):
+def test_a_stray_module_beside_the_generated_ones_is_stale(copies):
     protos, out = copies
     stray = out / "holdfast/inventory/v1/stray_pb2.py"
     stray.write_text("# not generated\n")
@@ -151,6 +151,7 @@ def test_the_real_tree_is_untouched_by_these_tests():
     # check() on the repository stays fresh after the copies were regenerated and edited.
     assert not codegen.check()
     assert codegen.PROTOS == ROOT / "protos" and codegen.GENERATED == ROOT / "service" / "generated"
+    assert codegen.OWN_CODE == codegen.GENERATED and codegen.is_checkout()
 
 
 # -- a team's own protos: --protos DIR --out DIR ------------------------------------
@@ -164,7 +165,7 @@ TABLES_PB2 = Path("restaurant/tables/v1/tables_pb2.py")
 def team(tmp_path) -> tuple[Path, Path]:
     """A copy of the tables example's protos, and a folder to generate into."""
     protos = tmp_path / "protos"
-    shutil.copytree(EXAMPLE / "protos", protos)
+    shutil.copytree(EXAMPLE / "protos", protos, ignore=shutil.ignore_patterns("__pycache__"))
     return protos, tmp_path / "generated"
 
 
@@ -172,7 +173,6 @@ def test_a_teams_protos_generate_only_their_own_files(team):
     protos, out = team
     written = codegen.generate(protos=protos, out=out)
     assert [path.relative_to(out).as_posix() for path in written] == [
-        "__init__.py",
         "restaurant/__init__.py",
         "restaurant/tables/__init__.py",
         "restaurant/tables/v1/__init__.py",
@@ -181,47 +181,68 @@ def test_a_teams_protos_generate_only_their_own_files(team):
         "restaurant/tables/v1/tables_pb2_grpc.py",
         "service_config.json",
     ]
-    # holdfast.contract.v1 comes from holdfast's own tree, which the package's __init__ imports.
+    # holdfast.contract.v1 is holdfast's own, installed with it; `out` is an import root, not a package.
     assert not (out / "holdfast").exists()
-    assert (out / "__init__.py").read_text() == codegen.USER_INIT_TEMPLATE
-    assert "import service.generated" in codegen.USER_INIT_TEMPLATE
+    assert not (out / "__init__.py").exists()
     assert not codegen.check(protos=protos, out=out)
+
+
+def test_generating_into_a_projects_root_touches_nothing_else(team):
+    """`--out .` in a team's project: its own modules, its virtualenv's
+    protoc output and a file beside the protos stay as they were."""
+    protos, root = team[0], team[0].parent
+    (root / "app.py").write_text("# the team's own\n")
+    venv = root / ".venv/lib/site-packages/other/v1"
+    venv.mkdir(parents=True)
+    (venv / "other_pb2.py").write_text("# someone else's generated code\n")
+    (root / "restaurant").mkdir()
+    (root / "restaurant/__init__.py").write_text('"""The team package."""\n')
+    codegen.generate(protos=protos, out=root)
+    codegen.generate(protos=protos, out=root)  # again: removes and rewrites its own modules only
+    assert (root / "app.py").read_text() == "# the team's own\n"
+    assert (venv / "other_pb2.py").read_text() == "# someone else's generated code\n"
+    assert (root / "restaurant/__init__.py").read_text() == '"""The team package."""\n'
+    assert not codegen.check(protos=protos, out=root)
 
 
 def test_the_examples_committed_code_is_what_codegen_makes(team):
     protos, out = team
     codegen.generate(protos=protos, out=out)
-    committed = sorted(p for p in (EXAMPLE / "generated").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == [
-        p.relative_to(EXAMPLE / "generated") for p in committed
+    made = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert [p.as_posix() for p in made] == [
+        "STAMP.json", "restaurant/__init__.py", "restaurant/tables/__init__.py", "restaurant/tables/v1/__init__.py",
+        "restaurant/tables/v1/tables_pb2.py", "restaurant/tables/v1/tables_pb2.pyi",
+        "restaurant/tables/v1/tables_pb2_grpc.py", "service_config.json",
     ]
-    for path in committed:
-        relative = path.relative_to(EXAMPLE / "generated")
-        assert (out / relative).read_bytes() == path.read_bytes(), f"{relative} differs when regenerated"
+    for relative in made:
+        assert (out / relative).read_bytes() == (EXAMPLE / relative).read_bytes(), f"{relative} differs when regenerated"
 
 
 def test_a_teams_generated_package_imports_in_a_fresh_interpreter(team):
-    """Its modules import holdfast's contract option; the package's __init__ makes that resolve."""
+    """From its import root, with nothing imported first: its modules import
+    holdfast's contract option, installed with holdfast; no sys.path edit."""
     protos, out = team
     codegen.generate(protos=protos, out=out)
     code = (
-        "import generated\n"
+        "import sys\n"
+        "before = list(sys.path)\n"
         "from restaurant.tables.v1 import tables_pb2, tables_pb2_grpc\n"
+        "assert sys.path == before\n"
         "from holdfast.contract.v1 import contract_pb2\n"
         "method = tables_pb2.DESCRIPTOR.services_by_name['TableService'].methods_by_name['Book']\n"
         "print(list(method.GetOptions().Extensions[contract_pb2.contract].idempotency_key))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=out.parent, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], cwd=out, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "['table_id', 'slot_start_ms']\n"
 
 
 def test_cli_checks_the_example_with_protos_and_out():
     done = run_holdfast(
-        "codegen", "--protos", "examples/tables/protos", "--out", "examples/tables/generated", "--check", cwd=ROOT
+        "codegen", "--protos", "protos", "--out", ".", "--check", cwd=EXAMPLE
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "generated code is fresh (examples/tables/generated)\n"
+    assert done.stdout == "generated code is fresh (.)\n"
 
 
 def test_cli_generates_and_checks_a_teams_tree(team, capsys, monkeypatch):

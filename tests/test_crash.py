@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import grpc
 
-import service.generated  # noqa: F401
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
 from tests.process import ServerProcess, start_server

@@ -42,7 +42,6 @@ import grpc
 import pytest
 import yaml
 
-import service.generated  # noqa: F401
 from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
@@ -178,7 +177,7 @@ def test_the_image_builds_in_one_stage_and_runs_from_a_slim_one_as_non_root():
     uid, _, gid = user.partition(":")
     assert int(uid) > 0 and int(gid) > 0
     (check,) = runtime.lines("HEALTHCHECK")
-    assert '"-m", "service.probe"' in check
+    assert '"-m", "holdfast.probe"' in check
     assert runtime.lines("ENTRYPOINT") == ['["holdfast", "serve"]']
 
 
@@ -206,13 +205,12 @@ def test_the_build_stages_wheel_ships_fresh_generated_code_and_lints_clean(tmp_p
 
     # -P: the working directory (the sources) must not shadow the wheel's code.
     env = child_env(PYTHONPATH=str(site))
-    where = run(sys.executable, "-P", "-c", "import service.cli; print(service.cli.__file__)", cwd=context, env=env)
-    assert where.stdout.strip() == str(site / "service" / "cli.py"), where
-    generated = site / "service" / "generated"
-    checked = run(sys.executable, "-P", "-m", "service.cli", "codegen", "--check", "--protos", "protos",
-                  "--out", str(generated), cwd=context, env=env)
+    where = run(sys.executable, "-P", "-c", "import holdfast.cli; print(holdfast.cli.__file__)", cwd=tmp_path, env=env)
+    assert where.stdout.strip() == str(site / "holdfast" / "cli.py"), where
+    checked = run(sys.executable, "-P", "-m", "holdfast.cli", "codegen", "--check", cwd=tmp_path, env=env)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    linted = run(sys.executable, "-P", "-m", "service.cli", "lint", "protos", cwd=context, env=env)
+    assert checked.stdout == "generated code is fresh (site/holdfast/generated)\n"
+    linted = run(sys.executable, "-P", "-m", "holdfast.cli", "lint", str(context / "protos"), cwd=tmp_path, env=env)
     assert linted.returncode == 0, linted.stdout + linted.stderr
 
 
@@ -283,7 +281,7 @@ def test_the_replicas_serve_with_flags_holdfast_serve_lists(compose_model):
         holdfast_env = {name for name in service.get("environment") or {} if name.startswith("HOLDFAST_")}
         assert holdfast_env <= env_names, f"{replica}: {holdfast_env - env_names} are not read by holdfast serve"
         probe = service["healthcheck"]["test"]
-        assert probe[:4] == ["CMD", "python", "-m", "service.probe"]
+        assert probe[:4] == ["CMD", "python", "-m", "holdfast.probe"]
         assert option(probe, "--target") == f"127.0.0.1:{GRPC_PORT}"
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from contracts import codegen
-from service import doctor
-from service.server import Config, start
+from holdfast.contracts import codegen
+from holdfast import doctor
+from holdfast.server import Config, start
 from tests.process import free_port
 
 FAIL_WITHIN_S = 5.0  # the bound the doctor promises for a failing check

@@ -10,17 +10,16 @@ import grpc
 import pytest
 import transitions
 
-import service.generated  # noqa: F401
 from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from service import metrics
-from service.clock import ManualClock
-from service.engine import Move
-from service.machine import State
-from service.outcome import Reason, failure, success
-from service.server import start
-from service.store import Reservation, Stock, open_store
+from holdfast import metrics
+from holdfast.clock import ManualClock
+from holdfast.engine import Move
+from holdfast.machine import State
+from holdfast.outcome import Reason, failure, success
+from holdfast.server import start
+from holdfast.store import Reservation, Stock, open_store
 from tests.support import failure_of
 
 

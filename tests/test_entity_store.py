@@ -22,9 +22,9 @@ from dataclasses import replace
 import psycopg
 import pytest
 
-from service.machine import State
-from service.sqlite import SqliteStore
-from service.store import (
+from holdfast.machine import State
+from holdfast.sqlite import SqliteStore
+from holdfast.store import (
     SCHEMA_VERSION,
     Contended,
     Entity,

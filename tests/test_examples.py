@@ -18,15 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from service.framework import derive_id, idempotency_key
-from tests.process import ROOT, START_TIMEOUT_S, STOP_TIMEOUT_S, child_env, free_port, run_holdfast
+import holdfast
+from holdfast import derive_id, idempotency_key
+from tests.process import ROOT, START_TIMEOUT_S, STOP_TIMEOUT_S, child_env, free_port, holdfast_command, run_holdfast
 
 EXAMPLES = ROOT / "examples"
 TUTORIAL = ROOT / "docs" / "build-a-service.md"
+TABLES = EXAMPLES / "tables"
 # What an example may import of holdfast: the public API, and holdfast's
-# generated tree (which a team's generated package imports for the contract option).
-PUBLIC = frozenset({"service.framework", "service.generated"})
-HOLDFAST_PACKAGES = frozenset({"service", "contracts", "tests"})
+# contract option (which a team's generated modules import).
+PUBLIC = frozenset({"holdfast", "holdfast.contract.v1"})
+HOLDFAST_PACKAGES = frozenset({"holdfast", "tests"})
 # A fenced block quoted from a file: the line `<!-- from PATH -->`, then the block.
 QUOTE = re.compile(r"^<!-- from (?P<path>\S+) -->\n```[\w-]*\n(?P<text>.*?)^```$", re.MULTILINE | re.DOTALL)
 PYTHON_BLOCK = re.compile(r"^```python\n", re.MULTILINE)
@@ -37,8 +39,9 @@ def holdfast_imports(source: str) -> set[str]:
     found: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            if node.module in HOLDFAST_PACKAGES:  # from service import store
-                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+            if node.module in HOLDFAST_PACKAGES:  # from holdfast import Service, store
+                found.update(node.module if alias.name in getattr(holdfast, "__all__", ()) and node.module == "holdfast"
+                             else f"{node.module}.{alias.name}" for alias in node.names)
             elif node.module.split(".")[0] in HOLDFAST_PACKAGES:
                 found.add(node.module)
         elif isinstance(node, ast.Import):
@@ -55,18 +58,18 @@ def example_modules() -> list[Path]:
 
 
 @pytest.mark.parametrize(("source", "imported"), [
-    ("from service.framework import Service, Change", {"service.framework"}),
-    ("import service.generated  # noqa: F401", {"service.generated"}),
-    ("import service.generated as _holdfast", {"service.generated"}),
-    ("from service import framework", {"service.framework"}),
-    ("from service import store, engine", {"service.store", "service.engine"}),
-    ("from service.store import Entity", {"service.store"}),
-    ("import service.gateway.sub as g", {"service.gateway.sub"}),
-    ("from contracts.contract import Contract", {"contracts.contract"}),
+    ("from holdfast import Service, Change", {"holdfast"}),
+    ("from holdfast.framework import Service", {"holdfast.framework"}),
+    ("from holdfast import framework", {"holdfast.framework"}),
+    ("from holdfast.contract.v1 import contract_pb2", {"holdfast.contract.v1"}),
+    ("from holdfast import store, engine", {"holdfast.store", "holdfast.engine"}),
+    ("from holdfast.store import Entity", {"holdfast.store"}),
+    ("import holdfast.gateway.sub as g", {"holdfast.gateway.sub"}),
+    ("from holdfast.contracts.contract import Contract", {"holdfast.contracts.contract"}),
     ("from tests.process import ROOT", {"tests.process"}),
-    ("from .tables import Tables\nfrom . import generated", set()),
+    ("from .tables import Tables\nfrom tables import Tables", set()),
     ("import servicex\nfrom restaurant.tables.v1 import tables_pb2", set()),
-    ("def f():\n    from service.engine import Engine", {"service.engine"}),
+    ("def f():\n    from holdfast.engine import Engine", {"holdfast.engine"}),
 ])
 def test_the_import_check_sees_every_spelling(source, imported):
     assert holdfast_imports(source) == imported
@@ -74,8 +77,8 @@ def test_the_import_check_sees_every_spelling(source, imported):
 
 def test_the_examples_are_there():
     names = {p.relative_to(EXAMPLES).as_posix() for p in example_modules()}
-    assert {"tables/tables.py", "tables/serve.py", "tables/book.py", "tables/test_tables.py",
-            "tables/generated/__init__.py"} <= names
+    assert {"tables/tables.py", "tables/book.py", "tables/test_tables.py",
+            "tables/restaurant/tables/v1/tables_pb2.py"} <= names
 
 
 @pytest.mark.parametrize("path", example_modules(), ids=lambda p: p.relative_to(EXAMPLES).as_posix())
@@ -101,7 +104,6 @@ def test_the_tutorial_quotes_the_example_and_every_python_block_is_a_quote():
         "examples/tables/protos/restaurant/tables/v1/tables.proto",
         "examples/tables/sla.toml",
         "examples/tables/tables.py",
-        "examples/tables/serve.py",
         "examples/tables/test_tables.py",
     }
 
@@ -114,7 +116,7 @@ def test_each_quote_is_verbatim_in_its_file(path: str, block: str):
 
 def test_the_tutorials_diagram_is_the_machine_drawn():
     diagram = TUTORIAL.read_text().split("```mermaid\n", 1)[1].split("```", 1)[0]
-    done = run_holdfast("graph", "examples.tables.tables:BOOKING")
+    done = run_holdfast("graph", "tables:BOOKING", cwd=TABLES)
     assert done.returncode == 0, done.stderr
     assert diagram == done.stdout
 
@@ -130,8 +132,9 @@ def test_the_example_serves_books_replays_and_stops(tmp_path):
     port = free_port()
     store = f"sqlite:///{tmp_path}/tables.db"
     server = subprocess.Popen(
-        [sys.executable, "-m", "examples.tables.serve", "--listen", f"127.0.0.1:{port}", "--store", store],
-        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+        [*holdfast_command(), "serve", "--app", "tables:Tables", "--listen", f"127.0.0.1:{port}",
+         "--store", store],
+        cwd=TABLES, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
     )
     watchdog = threading.Timer(START_TIMEOUT_S + STOP_TIMEOUT_S + 60, server.kill)
     watchdog.start()
@@ -167,6 +170,6 @@ def test_the_example_serves_books_replays_and_stops(tmp_path):
 
 def book(port: int, *args: object) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "examples.tables.book", f"127.0.0.1:{port}", *map(str, args)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, env=child_env(),
+        [sys.executable, "book.py", f"127.0.0.1:{port}", *map(str, args)],
+        cwd=TABLES, capture_output=True, text=True, timeout=60, env=child_env(),
     )

@@ -33,7 +33,6 @@ import time
 
 import grpc
 
-import service.generated  # noqa: F401
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
 from tests.load import (

@@ -15,12 +15,11 @@ from typing import AsyncIterator
 import grpc
 import pytest
 
-import service.generated  # noqa: F401
 from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from service import cli, faults
-from service.server import Config, Running, start
+from holdfast import cli, faults
+from holdfast.server import Config, Running, start
 from tests.process import run_holdfast
 from tests.support import failure_of
 

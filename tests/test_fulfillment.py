@@ -13,15 +13,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-import service.generated  # noqa: F401
 from holdfast.fulfillment.v1 import fulfillment_pb2 as fpb
 from holdfast.fulfillment.v1 import fulfillment_pb2_grpc as fpb_grpc
 from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from contracts.contract import of_service
-from service.carrier import SimulatedCarrier
-from service.fulfillment import SERVICE, Waybill
+from holdfast.contracts.contract import of_service
+from holdfast.apps.carrier import SimulatedCarrier
+from holdfast.apps.fulfillment import SERVICE, Waybill
 from tests.support import failure_of
 
 DISPATCH = of_service(SERVICE)[f"/{SERVICE.full_name}/Dispatch"]

@@ -40,11 +40,10 @@ import pytest
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import service.generated  # noqa: F401
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
-from service.outcome import DOMAIN, Reason
-from service.server import Config, Running
+from holdfast.outcome import DOMAIN, Reason
+from holdfast.server import Config, Running
 from tests.support import failure_of
 
 SEED = int(os.environ.get("HOLDFAST_FUZZ_SEED", "20261126"))

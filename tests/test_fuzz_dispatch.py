@@ -45,19 +45,18 @@ import pytest
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import service.generated  # noqa: F401
 from holdfast.fulfillment.v1 import fulfillment_pb2 as fpb
 from holdfast.fulfillment.v1 import fulfillment_pb2_grpc as fpb_grpc
 from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from contracts.contract import of_service
-from service.framework import decode_data
-from service.fulfillment import SERVICE as DISPATCH_SERVICE
-from service.fulfillment import WAYBILL, Waybill
-from service.outcome import DOMAIN, Reason
-from service.server import Running
-from service.store import ENTITY_COLUMNS, entity_of_row
+from holdfast.contracts.contract import of_service
+from holdfast import decode_data
+from holdfast.apps.fulfillment import SERVICE as DISPATCH_SERVICE
+from holdfast.apps.fulfillment import WAYBILL, Waybill
+from holdfast.outcome import DOMAIN, Reason
+from holdfast.server import Running
+from holdfast.store import ENTITY_COLUMNS, entity_of_row
 from tests.support import failure_of
 from tests.test_fulfillment import MAX_ATTEMPTS, carrier, confirmed_reservation, new_waybill  # noqa: F401  (carrier: a fixture)
 from tests.test_fuzz import (  # noqa: F401  (backend and config are the fixtures: the same two backends)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from service.gateway import idempotency_key
-from service.inventory import reservation_id
+from holdfast.gateway import idempotency_key
+from holdfast.apps.inventory import reservation_id
 
 INVENTORY = "/holdfast.inventory.v1.InventoryService/"
 

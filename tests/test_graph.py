@@ -9,9 +9,11 @@ import sys
 
 import pytest
 
-from service import cli
-from service.graph import MACHINES, Format, draw
+from holdfast import cli
+from holdfast.graph import MACHINES, Format, draw
 from tests.process import ROOT, run_holdfast
+
+TABLES = ROOT / "examples" / "tables"
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STATE_LINE = re.compile(r'^\s*state "[^"]*" as (\w+)$')
@@ -105,11 +107,12 @@ def test_an_unknown_machine_exits_2_naming_the_known_ones():
     ]
 
 
-def test_a_teams_own_machine_is_drawn_by_module_and_attribute():
+def test_a_teams_own_machine_is_drawn_by_module_and_attribute(monkeypatch):
     """From the folder its package is in, as a team runs it on its own service."""
-    from examples.tables.tables import BOOKING
+    done = run_holdfast("graph", "tables:BOOKING", cwd=TABLES)
+    monkeypatch.syspath_prepend(str(TABLES))
+    from tables import BOOKING
 
-    done = run_holdfast("graph", "examples.tables.tables:BOOKING")
     assert done.returncode == 0, done.stderr
     assert done.stdout == draw(BOOKING)
 
@@ -117,13 +120,13 @@ def test_a_teams_own_machine_is_drawn_by_module_and_attribute():
 @pytest.mark.parametrize(
     ("name", "says"),
     [
-        ("examples.tables.tables:Tables", "'examples.tables.tables:Tables' is a type, not a service.framework.Machine"),
-        ("examples.tables.tables:NOPE", "cannot load 'examples.tables.tables:NOPE'"),
+        ("tables:Tables", "'tables:Tables' is a type, not a holdfast.Machine"),
+        ("tables:NOPE", "cannot load 'tables:NOPE'"),
         ("no_such_package.machines:X", "cannot load 'no_such_package.machines:X': No module named 'no_such_package'"),
     ],
 )
 def test_a_name_that_is_no_machine_exits_2_saying_why(name, says):
-    done = run_holdfast("graph", name)
+    done = run_holdfast("graph", name, cwd=TABLES)
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr.startswith(f"holdfast graph: {says}"), done.stderr
 

@@ -40,17 +40,16 @@ import grpc
 import psycopg
 import pytest
 
-import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
-from service.clock import ManualClock
-from service.engine import Engine, Move
-from service.inventory import reservation_id
-from service.machine import State
-from service.outcome import Outcome, Reason, failure, success
-from service.snapshot import open_snapshot
-from service.sqlite import SqliteStore
-from service.store import (
+from holdfast.clock import ManualClock
+from holdfast.engine import Engine, Move
+from holdfast.apps.inventory import reservation_id
+from holdfast.machine import State
+from holdfast.outcome import Outcome, Reason, failure, success
+from holdfast.snapshot import open_snapshot
+from holdfast.sqlite import SqliteStore
+from holdfast.store import (
     Contended,
     Record,
     Reservation,

@@ -22,12 +22,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-import service.generated  # noqa: F401
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
-from service import replay
-from service.clock import ManualClock
-from service.server import Config, start
+from holdfast import replay
+from holdfast.clock import ManualClock
+from holdfast.server import Config, start
 from tests.process import run_holdfast, start_server
 
 SERVICE = "/holdfast.inventory.v1.InventoryService/"

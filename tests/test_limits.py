@@ -22,15 +22,14 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-import service.generated  # noqa: F401
 from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from contracts.contract import of_service
-from service.inventory import SERVICE
-from service.limits import MiB, PUSHBACK, Limits
-from service.outcome import DOMAIN, Reason
-from service.server import Config, start
+from holdfast.contracts.contract import of_service
+from holdfast.apps.inventory import SERVICE
+from holdfast.limits import MiB, PUSHBACK, Limits
+from holdfast.outcome import DOMAIN, Reason
+from holdfast.server import Config, start
 from tests.process import ServerProcess, start_server
 from tests.support import failure_of
 
@@ -267,11 +266,11 @@ async def test_a_client_whose_retry_policy_lists_resource_exhausted_waits_the_pu
 
 async def test_holdfasts_own_client_channel_retries_an_overloaded_refusal_after_the_pushback(tmp_path):
     """The contracts list RESOURCE_EXHAUSTED among their retryable codes (an
-    OVERLOADED call ran nothing), so a channel from service.client, which
+    OVERLOADED call ran nothing), so a channel from holdfast.client, which
     carries the generated service config, waits the pushback and retries.
     The first call holds the one slot for 200 ms; the pushback, 600 ms
     +-50 %, brings the retry after it at the earliest."""
-    from service import client
+    from holdfast import client
 
     reserve_contract = of_service(SERVICE)[f"/{SERVICE.full_name}/Reserve"]
     assert "RESOURCE_EXHAUSTED" in reserve_contract.retry.retryable_codes

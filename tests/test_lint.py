@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from contracts import breaking, lint, rules
+from holdfast.contracts import breaking, lint, rules
 from tests.process import ROOT
 
 FIXTURES = ROOT / "tests" / "lint_fixtures"
@@ -82,7 +82,8 @@ EXPECTED: dict[str, list[str]] = {
         ("generated/STAMP.json:1:1: GENERATED_CODE_FRESH Generated code in "
         "tests/lint_fixtures/GENERATED_CODE_FRESH/fail/generated is stale "
         "(tests/lint_fixtures/GENERATED_CODE_FRESH/fail/acme/v1/orders.proto: changed since the last "
-        "`holdfast codegen`); run `holdfast codegen`."),
+        "`holdfast codegen`); run `holdfast codegen --protos tests/lint_fixtures/GENERATED_CODE_FRESH/fail "
+        "--out tests/lint_fixtures/GENERATED_CODE_FRESH/fail/generated`."),
     ],
     "RPC_NO_DELETE": [
         (f"protos/{PROTO}:8:9: RPC_NO_DELETE RPC acme.v1.OrderService/GetOrder exists at HEAD~1 but not here: it was "
@@ -210,7 +211,7 @@ def test_the_project_protos_lint_clean():
 # A team's own tree, outside holdfast's protos/: the tables example, linted as
 # docs/build-a-service.md shows (holdfast's protos/ is on the include path).
 EXAMPLE = Path("examples/tables")
-EXAMPLE_ARGS = (EXAMPLE / "protos", "--sla", EXAMPLE / "sla.toml", "--generated", EXAMPLE / "generated")
+EXAMPLE_ARGS = (EXAMPLE / "protos", "--sla", EXAMPLE / "sla.toml", "--generated", EXAMPLE)
 
 
 def test_a_teams_protos_lint_clean_with_their_sla_registry_and_generated_code():
@@ -233,9 +234,9 @@ def test_a_teams_touched_proto_makes_its_generated_code_stale(tmp_path):
     status, out, err = run(*EXAMPLE_ARGS, cwd=tmp_path)
     assert (status, err) == (1, "")
     assert out == (
-        "examples/tables/generated/STAMP.json:1:1: GENERATED_CODE_FRESH Generated code in examples/tables/generated "
+        "examples/tables/STAMP.json:1:1: GENERATED_CODE_FRESH Generated code in examples/tables "
         "is stale (examples/tables/protos/restaurant/tables/v1/tables.proto: changed since the last `holdfast codegen`);"
-        " run `holdfast codegen`.\n"
+        " run `holdfast codegen --protos examples/tables/protos --out examples/tables`.\n"
     )
 
 
@@ -245,7 +246,7 @@ def test_a_fresh_interpreter_reads_the_option_as_an_unknown_field_and_agrees(scr
     sees it as an unknown field. Both must give the same findings."""
     assert "holdfast.contract.v1.contract_pb2" in sys.modules
     rule = "CONTRACT_KEY_FIELDS_SCALAR"
-    done = subprocess.run([sys.executable, "-m", "contracts.lint", *map(str, fixture_args(FIXTURES / rule / "fail"))],
+    done = subprocess.run([sys.executable, "-m", "holdfast.contracts.lint", *map(str, fixture_args(FIXTURES / rule / "fail"))],
                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert (done.returncode, done.stdout, done.stderr) == lint_fixture(rule, "fail")
 

@@ -2,11 +2,10 @@
 
 import pytest
 
-import service.generated  # noqa: F401
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
-from service import machine
-from service.machine import State
+from holdfast import machine
+from holdfast.machine import State
 
 
 def test_machine_has_the_seven_states_of_the_wire_enum():

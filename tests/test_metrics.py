@@ -26,12 +26,11 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
-import service.generated  # noqa: F401
 from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from service import metrics, stats
-from service.server import Config, Running, start
+from holdfast import metrics, stats
+from holdfast.server import Config, Running, start
 from tests.process import free_port, run_holdfast, start_server
 from tests.support import failure_of
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-import service.generated  # noqa: F401  (makes the generated `holdfast` package importable)
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
 
@@ -48,9 +47,9 @@ def test_the_readme_example_is_this_file() -> None:
 
 
 def test_the_plugin_is_registered_by_its_entry_point(pytestconfig: pytest.Config) -> None:
-    import service.pytest_plugin
+    import holdfast.pytest_plugin
 
-    assert pytestconfig.pluginmanager.get_plugin("holdfast") is service.pytest_plugin
+    assert pytestconfig.pluginmanager.get_plugin("holdfast") is holdfast.pytest_plugin
 
 
 async def test_the_server_fixture_names_where_it_listens(holdfast_server, holdfast_client) -> None:
@@ -84,8 +83,18 @@ async def test_replay_journal_fails_the_test_with_the_first_difference(
 HOLDFASTS_OWN = {"holdfast.inventory.v1.InventoryService", "holdfast.fulfillment.v1.DispatchService"}
 
 
+TABLES = Path(__file__).resolve().parents[1] / "examples" / "tables"
+
+
+@pytest.fixture
+def tables_project(monkeypatch):
+    """The tables example's folder importable, as it is for a team that runs
+    pytest in its own project's folder."""
+    monkeypatch.syspath_prepend(str(TABLES))
+
+
 def tables_service(engine):
-    from examples.tables.tables import Tables
+    from tables import Tables
 
     return Tables(engine)
 
@@ -105,10 +114,11 @@ async def test_the_channel_fixture_is_a_channel_to_the_server(holdfast_server, h
 
 
 @pytest.mark.parametrize("holdfast_services", [[tables_service]])
-async def test_overridden_services_are_hosted_alone(holdfast_server, holdfast_channel, holdfast_client) -> None:
+async def test_overridden_services_are_hosted_alone(
+    tables_project, holdfast_server, holdfast_channel, holdfast_client
+) -> None:
     """A test (or a conftest.py) that overrides holdfast_services gets a
     server with those services and none of holdfast's."""
-    from examples.tables import generated  # noqa: F401  (puts the generated `restaurant` tree on sys.path)
     from restaurant.tables.v1 import tables_pb2, tables_pb2_grpc
 
     assert list(holdfast_server.running.services) == ["restaurant.tables.v1.TableService"]

@@ -1,4 +1,4 @@
-"""`python -m service.probe`, the image's HEALTHCHECK, against a real
+"""`python -m holdfast.probe`, the image's HEALTHCHECK, against a real
 `holdfast serve` process: exit 0 only on SERVING, else 1 and one line."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 def probe(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "service.probe", *args],
+        [sys.executable, "-m", "holdfast.probe", *args],
         capture_output=True, text=True, timeout=60, cwd=ROOT, env=child_env(),
     )
 

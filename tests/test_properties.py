@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from service.auditor import Request
-from service.simulate import NO_FAULTS, SKUS, Simulation
+from holdfast.auditor import Request
+from holdfast.simulate import NO_FAULTS, SKUS, Simulation
 
 skus = st.sampled_from(SKUS[:3])
 quantities = st.integers(min_value=1, max_value=6)

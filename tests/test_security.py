@@ -19,15 +19,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-import service.generated  # noqa: F401
 from holdfast.fulfillment.v1 import fulfillment_pb2 as fpb
 from holdfast.fulfillment.v1 import fulfillment_pb2_grpc as fpb_grpc
 from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from service import client, security
-from service.outcome import DOMAIN, Reason
-from service.server import Config, start
+from holdfast import client, security
+from holdfast.outcome import DOMAIN, Reason
+from holdfast.server import Config, start
 from tests.process import ServerProcess, free_port, run_holdfast, start_server
 from tests.support import failure_of
 

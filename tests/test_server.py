@@ -4,8 +4,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from service.server import Config, start
-from service.store import StoreUnavailable
+from holdfast.server import Config, start
+from holdfast.store import StoreUnavailable
 
 
 async def test_health_reports_serving_for_the_inventory_service(channel):

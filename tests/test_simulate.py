@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-import service.inventory
-from service import simulate
-from service.simulate import Faults, MemTxn
+import holdfast.apps.inventory
+from holdfast import simulate
+from holdfast.simulate import Faults, MemTxn
 
 SEEDS = range(1, 21)
 OPS = 10_000
@@ -44,7 +44,7 @@ def test_the_trace_does_not_depend_on_the_process() -> None:
     for hash_seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
         done = subprocess.run(
-            [sys.executable, "-m", "service.cli", "simulate", "--seed", "3", "--ops", "1500"],
+            [sys.executable, "-m", "holdfast.cli", "simulate", "--seed", "3", "--ops", "1500"],
             env=env, capture_output=True, text=True, check=True,
         )
         outputs.add(done.stdout)
@@ -66,9 +66,9 @@ def test_faults_off_runs_clean() -> None:
 
 def _forget_stock(txn, found, target, sold, why):
     """A broken move: the reservation settles, its stock stays held."""
-    done = service.inventory.replace(found, state=target, version=found.version + 1, release_reason=why)
+    done = holdfast.apps.inventory.replace(found, state=target, version=found.version + 1, release_reason=why)
     txn.save_reservation(done, found.version)
-    return service.inventory.success(service.inventory._reservation_reply(done))
+    return holdfast.apps.inventory.success(holdfast.apps.inventory._reservation_reply(done))
 
 
 _take_stock = MemTxn.take_stock
@@ -83,7 +83,7 @@ def _stingy_take(self, sku_id, quantity):
 
 # (what breaks, the patch): each must be caught, with the seed and step to reproduce it.
 BROKEN = [
-    ("settling forgets the stock", service.inventory, "_settle", _forget_stock),
+    ("settling forgets the stock", holdfast.apps.inventory, "_settle", _forget_stock),
     ("idempotency records are never found", MemTxn, "recorded", lambda self, key: None),
     ("the last units are never sold", MemTxn, "take_stock", _stingy_take),
 ]

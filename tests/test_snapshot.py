@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 from redis.crc import key_slot
 
-from service.snapshot import MemorySnapshot, RedisSnapshot, Snapshot, open_snapshot, snapshot_key
+from holdfast.snapshot import MemorySnapshot, RedisSnapshot, Snapshot, open_snapshot, snapshot_key
 from tests.process import free_port
 
 RECOVERY_TIMEOUT_S = 30.0

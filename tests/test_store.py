@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from service.machine import State
-from service.store import SCHEMA_VERSION, BudgetSpent, Contended, Record, Reservation, SchemaTooNew, Stock, open_store
+from holdfast.machine import State
+from holdfast.store import SCHEMA_VERSION, BudgetSpent, Contended, Record, Reservation, SchemaTooNew, Stock, open_store
 
 @pytest.fixture
 async def store(store_url):

@@ -22,7 +22,6 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import service.generated  # noqa: F401
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 from tests.backends import create_database, drop_database
 from tests.process import ServerProcess, free_port, run_holdfast, start_server

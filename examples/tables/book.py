@@ -1,6 +1,6 @@
 """Books a table on a running TableService and prints the reply:
 
-    python -m examples.tables.book TARGET TABLE_ID SLOT_START_MS PARTY_SIZE GUEST
+    python book.py TARGET TABLE_ID SLOT_START_MS PARTY_SIZE GUEST
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ from pathlib import Path
 
 import grpc
 
-from . import generated
 from restaurant.tables.v1 import tables_pb2 as pb
 from restaurant.tables.v1 import tables_pb2_grpc as pb_grpc
 
 # The contracts' deadlines and retries, as `holdfast codegen` wrote them for gRPC.
-SERVICE_CONFIG = Path(generated.__file__).parent / "service_config.json"
+SERVICE_CONFIG = Path(__file__).resolve().parent / "service_config.json"
 
 
 def main(argv: list[str] | None = None) -> int:

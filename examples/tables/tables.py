@@ -1,7 +1,7 @@
 """`restaurant.tables.v1.TableService`: table reservations at a restaurant,
 the service docs/build-a-service.md builds step by step. It uses holdfast's
-public API (service.framework), its own generated code, and nothing else of
-holdfast's.
+public API (`import holdfast`), its own generated code, and nothing else of
+holdfast's. Served with `holdfast serve --app tables:Tables`.
 
 A booking is one table for one slot. Book makes it BOOKED; Seat (the guest
 has arrived) or Cancel ends it; a guest not seated `no_show_after_ms` after
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import enum
 
-from . import generated  # noqa: F401  (puts the generated `restaurant` tree on sys.path)
-from restaurant.tables.v1 import tables_pb2 as pb
+import grpc
 
-from service.framework import (
+from holdfast import (
+    AppReason,
     Change,
     Engine,
     Entity,
@@ -30,6 +30,7 @@ from service.framework import (
     failure,
     shown_id,
 )
+from restaurant.tables.v1 import tables_pb2 as pb
 
 NO_SHOW_AFTER_MS = 15 * 60 * 1000
 PARTY_SIZE_MAX = 20
@@ -59,6 +60,18 @@ BOOKING: Machine[Booking] = Machine(
     initial=Booking.NEW,
     terminal=(Booking.SEATED, Booking.CANCELLED, Booking.NO_SHOW),
 )
+
+
+class TableReason(AppReason, domain="tables.restaurant.example"):
+    """TableService's own refusals, in its own ErrorInfo domain: `(gRPC
+    status, recorded under the call's key)`, checked in this order."""
+
+    # No booking has that id, however it is spelled; not recorded, as a
+    # booking of that id may yet be made.
+    BOOKING_NOT_FOUND = (grpc.StatusCode.NOT_FOUND, False)
+    # Seat or Cancel of a booking whose guest did not come in time: recorded,
+    # since the booking will never be anything else.
+    GUEST_NO_SHOW = (grpc.StatusCode.FAILED_PRECONDITION, True)
 
 
 class Tables(Service):
@@ -100,12 +113,12 @@ class Tables(Service):
 
     async def Seat(self, request: pb.SeatRequest, context) -> Outcome:
         # Nothing to validate: the gateway has refused an empty booking_id (the
-        # key), and any other spelling of an unknown id is ENTITY_NOT_FOUND.
+        # key), and any other spelling of an unknown id is BOOKING_NOT_FOUND.
 
         def decide(entity: Entity | None, now_ms: int) -> Change | Outcome:
             if entity is None:
                 return _not_found(request.booking_id)
-            return _no_show_due(entity, now_ms) or Change(("SEAT",), entity.data, reply=_reply)
+            return _no_show(entity, now_ms) or Change(("SEAT",), entity.data, reply=_reply)
 
         return await self.move(request.booking_id, decide)
 
@@ -119,7 +132,7 @@ class Tables(Service):
                 return _not_found(request.booking_id)
             fields = decode_data(entity.data)
             fields["cancel_reason"] = request.reason or "cancelled"
-            return _no_show_due(entity, now_ms) or Change(("CANCEL",), encode_data(fields), reply=_reply)
+            return _no_show(entity, now_ms) or Change(("CANCEL",), encode_data(fields), reply=_reply)
 
         return await self.move(request.booking_id, decide)
 
@@ -137,19 +150,22 @@ class Tables(Service):
 # -- moves, replies and refusals --------------------------------------------------------
 
 
-def _no_show_due(entity: Entity, now_ms: int) -> Change | None:
+def _no_show(entity: Entity, now_ms: int) -> Change | Outcome | None:
     """A booked guest not seated by the no-show time is a no-show, whether
     or not the reaper has fired yet: the answer depends on the call's time
-    alone, so it is the same on every instance and in every replay. The
-    change records the no-show and refuses the call that found it."""
-    if entity.state != Booking.BOOKED or not 0 < entity.due_at_ms <= now_ms:
+    alone, so it is the same on every instance and in every replay. If the
+    reaper has not fired, the change records the no-show and refuses the
+    call that found it; if it has, the refusal alone."""
+    fired = entity.state == Booking.NO_SHOW
+    if not fired and (entity.state != Booking.BOOKED or not 0 < entity.due_at_ms <= now_ms):
         return None
+    no_show_at_ms = decode_data(entity.data)["no_show_at_ms"]
     refusal = failure(
-        Reason.INVALID_TRANSITION,
-        f"{entity.entity_id} is a no-show since {entity.due_at_ms}",
-        metadata={"entity_id": entity.entity_id, "state": Booking.NO_SHOW.name},
+        TableReason.GUEST_NO_SHOW,
+        f"{entity.entity_id} is a no-show since {no_show_at_ms}",
+        metadata={"booking_id": entity.entity_id, "no_show_at_ms": str(no_show_at_ms)},
     )
-    return Change(("NO_SHOW",), entity.data, refusal=refusal)
+    return refusal if fired else Change(("NO_SHOW",), entity.data, refusal=refusal)
 
 
 def _reply(entity: Entity) -> pb.BookingReply:
@@ -163,7 +179,7 @@ def _reply(entity: Entity) -> pb.BookingReply:
 
 def _not_found(booking_id: str) -> Outcome:
     shown = shown_id(booking_id)  # any length reaches here: cut, it cannot overflow the error's metadata
-    return failure(Reason.ENTITY_NOT_FOUND, f"no booking {shown!r}", metadata={"booking_id": shown})
+    return failure(TableReason.BOOKING_NOT_FOUND, f"no booking {shown!r}", metadata={"booking_id": shown})
 
 
 def _invalid(violations: list[tuple[str, str]]) -> Outcome:

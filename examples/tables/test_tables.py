@@ -7,16 +7,13 @@ import asyncio
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-
-from . import generated  # noqa: F401  (puts the generated `restaurant` tree on sys.path)
+from holdfast import derive_id, idempotency_key, refusal
 from restaurant.tables.v1 import tables_pb2 as pb
 from restaurant.tables.v1 import tables_pb2_grpc as pb_grpc
+from tables import NO_SHOW_AFTER_MS, Tables
 
-from service.framework import derive_id, idempotency_key
-
-from .tables import NO_SHOW_AFTER_MS, Tables
+HOLDFAST = "holdfast"  # the ErrorInfo domain of holdfast's own reasons
+TABLES = "tables.restaurant.example"  # and of TableService's (tables.TableReason)
 
 NOW_MS = 1_700_000_000_000  # where the plugin's ManualClock starts
 SLOT_MS = NOW_MS + 2 * 60 * 60 * 1000  # a table for two hours from now
@@ -44,26 +41,12 @@ def booked(version: int = 1, state: int = pb.BOOKING_STATE_BOOKED, cancel_reason
     )
 
 
-def refusal(error: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
-    """(status, holdfast reason, BadRequest field violations) of a failed call."""
-    status = rpc_status.from_call(error)
-    reason, violations = "", []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            violations = [(v.field, v.description) for v in bad.field_violations]
-    return error.code(), reason, violations
-
-
-async def refused(rpc, request) -> tuple[grpc.StatusCode, str, list[tuple[str, str]]]:
+async def refused(rpc, request) -> tuple[grpc.StatusCode, str, str, list[tuple[str, str]]]:
+    """(status, ErrorInfo domain and reason, BadRequest field violations) of a refused call."""
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         await rpc(request)
-    return refusal(failed.value)
+    said = refusal(failed.value)
+    return said.code, said.domain, said.reason, list(said.violations)
 
 
 async def test_booking_a_free_table_and_slot(tables):
@@ -87,7 +70,7 @@ async def test_the_same_book_again_replays_the_same_bytes(holdfast_channel):
 async def test_another_guest_cannot_book_a_booked_table_and_slot(tables):
     await tables.Book(BOOK)
     other = pb.BookRequest(table_id="table-4", slot_start_ms=SLOT_MS, party_size=4, guest="Grace")
-    assert await refused(tables.Book, other) == (grpc.StatusCode.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED", [])
+    assert await refused(tables.Book, other) == (grpc.StatusCode.ALREADY_EXISTS, HOLDFAST, "IDEMPOTENCY_KEY_REUSED", [])
     assert await tables.GetBooking(pb.GetBookingRequest(booking_id=BOOKING_ID)) == booked(version=1)
 
 
@@ -102,7 +85,7 @@ async def test_seat_then_cancel_is_refused_and_changes_nothing(tables):
     assert await tables.Seat(pb.SeatRequest(booking_id=BOOKING_ID)) == booked(version=2, state=pb.BOOKING_STATE_SEATED)
 
     cancel = pb.CancelRequest(booking_id=BOOKING_ID, reason="changed plans")
-    assert await refused(tables.Cancel, cancel) == (grpc.StatusCode.FAILED_PRECONDITION, "INVALID_TRANSITION", [])
+    assert await refused(tables.Cancel, cancel) == (grpc.StatusCode.FAILED_PRECONDITION, HOLDFAST, "INVALID_TRANSITION", [])
     assert await tables.GetBooking(pb.GetBookingRequest(booking_id=BOOKING_ID)) == booked(
         version=2, state=pb.BOOKING_STATE_SEATED
     )
@@ -118,7 +101,7 @@ async def test_cancel_a_booking(tables):
     cancelled = await tables.Cancel(pb.CancelRequest(booking_id=BOOKING_ID, reason="changed plans"))
     assert cancelled == booked(version=2, state=pb.BOOKING_STATE_CANCELLED, cancel_reason="changed plans")
     assert await refused(tables.Seat, pb.SeatRequest(booking_id=BOOKING_ID)) == (
-        grpc.StatusCode.FAILED_PRECONDITION, "INVALID_TRANSITION", [],
+        grpc.StatusCode.FAILED_PRECONDITION, HOLDFAST, "INVALID_TRANSITION", [],
     )
 
 
@@ -141,7 +124,7 @@ async def test_a_guest_not_seated_in_time_becomes_a_no_show(holdfast_server, tab
     holdfast_server.clock.advance(1)
     assert await wait_for_state(tables, pb.BOOKING_STATE_NO_SHOW) == booked(version=2, state=pb.BOOKING_STATE_NO_SHOW)
     assert await refused(tables.Seat, pb.SeatRequest(booking_id=BOOKING_ID)) == (
-        grpc.StatusCode.FAILED_PRECONDITION, "INVALID_TRANSITION", [],
+        grpc.StatusCode.FAILED_PRECONDITION, TABLES, "GUEST_NO_SHOW", [],
     )
 
 
@@ -150,8 +133,14 @@ async def test_a_late_seat_is_refused_whether_or_not_the_no_show_has_fired(holdf
     holdfast_server.clock.advance(NO_SHOW_AT_MS - NOW_MS)
     # The reaper may fire NO_SHOW before this Seat or not: the answer is the same.
     assert await refused(tables.Seat, pb.SeatRequest(booking_id=BOOKING_ID)) == (
-        grpc.StatusCode.FAILED_PRECONDITION, "INVALID_TRANSITION", [],
+        grpc.StatusCode.FAILED_PRECONDITION, TABLES, "GUEST_NO_SHOW", [],
     )
+    # Recorded under Seat's key, in TableService's own domain: the retry replays it.
+    call = tables.Seat(pb.SeatRequest(booking_id=BOOKING_ID))
+    with pytest.raises(grpc.aio.AioRpcError) as again:
+        await call
+    assert (refusal(again.value).domain, refusal(again.value).reason) == (TABLES, "GUEST_NO_SHOW")
+    assert (await call.trailing_metadata()).get("holdfast-replayed") == "true"
     assert await tables.GetBooking(pb.GetBookingRequest(booking_id=BOOKING_ID)) == booked(
         version=2, state=pb.BOOKING_STATE_NO_SHOW
     )
@@ -160,31 +149,31 @@ async def test_a_late_seat_is_refused_whether_or_not_the_no_show_has_fired(holdf
 # (RPC, request) -> (status, reason, field violations); the gateway's refusals first.
 INVALID = [
     ("Book", pb.BookRequest(slot_start_ms=SLOT_MS, party_size=2, guest="Ada"),
-     (grpc.StatusCode.INVALID_ARGUMENT, "CONTRACT_VIOLATION", [("table_id", "idempotency key field must be set")])),
+     (grpc.StatusCode.INVALID_ARGUMENT, HOLDFAST, "CONTRACT_VIOLATION", [("table_id", "idempotency key field must be set")])),
     ("Seat", pb.SeatRequest(),
-     (grpc.StatusCode.INVALID_ARGUMENT, "CONTRACT_VIOLATION", [("booking_id", "idempotency key field must be set")])),
+     (grpc.StatusCode.INVALID_ARGUMENT, HOLDFAST, "CONTRACT_VIOLATION", [("booking_id", "idempotency key field must be set")])),
     ("Book", pb.BookRequest(table_id="table-4", slot_start_ms=SLOT_MS),
-     (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST",
+     (grpc.StatusCode.INVALID_ARGUMENT, HOLDFAST, "INVALID_REQUEST",
       [("party_size", "party_size must be within 1..20"), ("guest", "guest must be set")])),
     ("Book", pb.BookRequest(table_id="table\n4", slot_start_ms=-1, party_size=21, guest="A" * 129),
-     (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST",
+     (grpc.StatusCode.INVALID_ARGUMENT, HOLDFAST, "INVALID_REQUEST",
       [("table_id", "table_id must not contain control characters"),
        ("slot_start_ms", "slot_start_ms must be a time in ms since the epoch"),
        ("party_size", "party_size must be within 1..20"),
        ("guest", "guest is longer than 128 characters")])),
     ("Book", pb.BookRequest(table_id="table-4", slot_start_ms=NOW_MS - NO_SHOW_AFTER_MS, party_size=2, guest="Ada"),
-     (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST",
+     (grpc.StatusCode.INVALID_ARGUMENT, HOLDFAST, "INVALID_REQUEST",
       [("slot_start_ms", f"the slot is over: a guest would be a no-show at {NOW_MS}")])),
     ("Cancel", pb.CancelRequest(booking_id=BOOKING_ID, reason="x" * 129),
-     (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST", [("reason", "reason is longer than 128 characters")])),
+     (grpc.StatusCode.INVALID_ARGUMENT, HOLDFAST, "INVALID_REQUEST", [("reason", "reason is longer than 128 characters")])),
     ("GetBooking", pb.GetBookingRequest(),
-     (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST", [("booking_id", "booking_id must be set")])),
-    ("Seat", pb.SeatRequest(booking_id="bk_nobody"), (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND", [])),
-    ("Cancel", pb.CancelRequest(booking_id="bk_nobody"), (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND", [])),
-    ("GetBooking", pb.GetBookingRequest(booking_id="bk_nobody"), (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND", [])),
+     (grpc.StatusCode.INVALID_ARGUMENT, HOLDFAST, "INVALID_REQUEST", [("booking_id", "booking_id must be set")])),
+    ("Seat", pb.SeatRequest(booking_id="bk_nobody"), (grpc.StatusCode.NOT_FOUND, TABLES, "BOOKING_NOT_FOUND", [])),
+    ("Cancel", pb.CancelRequest(booking_id="bk_nobody"), (grpc.StatusCode.NOT_FOUND, TABLES, "BOOKING_NOT_FOUND", [])),
+    ("GetBooking", pb.GetBookingRequest(booking_id="bk_nobody"), (grpc.StatusCode.NOT_FOUND, TABLES, "BOOKING_NOT_FOUND", [])),
     # An unknown id of any length is NOT_FOUND, quoted short enough to fit gRPC's metadata.
-    ("GetBooking", pb.GetBookingRequest(booking_id="bk_" + "x" * 8000), (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND", [])),
-    ("Seat", pb.SeatRequest(booking_id="é" * 5000), (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND", [])),
+    ("GetBooking", pb.GetBookingRequest(booking_id="bk_" + "x" * 8000), (grpc.StatusCode.NOT_FOUND, TABLES, "BOOKING_NOT_FOUND", [])),
+    ("Seat", pb.SeatRequest(booking_id="é" * 5000), (grpc.StatusCode.NOT_FOUND, TABLES, "BOOKING_NOT_FOUND", [])),
 ]
 INVALID_IDS = [f"{rpc}-{index}" for index, (rpc, _, _) in enumerate(INVALID)]
 

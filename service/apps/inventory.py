@@ -10,19 +10,15 @@ import re
 from dataclasses import dataclass, replace
 from typing import Iterable
 
-import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
-from service import machine
-from service.framework import (
+from holdfast import (
     Call,
     Engine,
     Move,
     Outcome,
     Reason,
-    Reservation,
     Service,
-    Stock,
     Txn,
     current_call,
     failure,
@@ -30,7 +26,9 @@ from service.framework import (
     shown_id,
     success,
 )
-from service.machine import State
+from holdfast import machine
+from holdfast.machine import State
+from holdfast.store import Reservation, Stock
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InventoryService"]
 ID_LENGTH_MAX = 128
@@ -59,7 +57,7 @@ def reservation_id(key: bytes) -> str:
 
 class Inventory(Service):
     """The servicer of InventoryService. Its moves work on the store's own
-    stock and reservation rows (the lower level of service.framework), not
+    stock and reservation rows (the lower level of holdfast.framework), not
     on generic entities: a Reserve is the hot path."""
 
     DESCRIPTOR = SERVICE

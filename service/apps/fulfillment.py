@@ -1,6 +1,6 @@
 """`holdfast.fulfillment.v1.DispatchService`: waybill dispatch, the second
 service of the design's users, built only on the framework's public API
-(service.framework).
+(holdfast.framework).
 
 A waybill is created for a CONFIRMED reservation, handed to its carrier by
 dispatchers, and acknowledged when the carrier has the parcel. Dispatch is
@@ -18,11 +18,10 @@ from typing import Protocol
 
 from google.protobuf.message import Message
 
-import service.generated  # noqa: F401  (puts the generated `holdfast` tree on sys.path)
 from holdfast.fulfillment.v1 import fulfillment_pb2 as pb
 
-from service.carrier import Answer, Carrier, Parcel
-from service.framework import (
+from holdfast.apps.carrier import Answer, Carrier, Parcel
+from holdfast import (
     Call,
     Change,
     Engine,
@@ -76,7 +75,7 @@ WAYBILL: Machine[Waybill] = Machine(
 
 
 class Reservations(Protocol):
-    """What dispatch needs of inventory (service.inventory.Inventory): None
+    """What dispatch needs of inventory (holdfast.apps.inventory.Inventory): None
     when the reservation is CONFIRMED, which is terminal, so the answer
     cannot go stale before the waybill is created; otherwise the refusal."""
 

@@ -1,1 +1,0 @@
-"""Services built on holdfast's public API, each the subject of a tutorial in docs/."""
