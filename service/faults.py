@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ REASONS: Mapping[grpc.StatusCode, Reason] = {
     grpc.StatusCode.UNAVAILABLE: Reason.DEPENDENCY_UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED: Reason.BUDGET_EXCEEDED,
 }
+_METHOD_NAME = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+/[A-Za-z_][\w]*")
 _STATUSES = {code.name: code for code in grpc.StatusCode if code is not grpc.StatusCode.OK}
 
 
@@ -65,13 +67,21 @@ class FaultPlan:
     source: str
     faults: Mapping[str, Fault]
 
+    def require_known(self, methods: Collection[str]) -> None:
+        """Refuses a plan naming a method the server does not host, with
+        the same line as parsing against `methods` would have given: a
+        server learns what it hosts only once its apps are made."""
+        for method in sorted(self.faults):
+            _known(f'{self.source}: ["{method.lstrip("/")}"]', method, methods)
+
 
 # -- reading a file: load → parse → one table at a time ---------------------------
 
 
 def load(path: str | Path, methods: Collection[str] | None = None) -> FaultPlan:
     """Reads and validates a fault file; `methods` are the gRPC paths a fault
-    may name (default: every method of the inventory service)."""
+    may name (the hosted ones). None checks each name's shape only, for a
+    caller that checks the names later (`FaultPlan.require_known`)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -82,8 +92,6 @@ def load(path: str | Path, methods: Collection[str] | None = None) -> FaultPlan:
 
 def parse(text: str, source: str, methods: Collection[str] | None = None) -> FaultPlan:
     """Validates a fault file's text; every error names `source` and the key."""
-    if methods is None:
-        methods = _served_methods()
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -95,21 +103,21 @@ def parse(text: str, source: str, methods: Collection[str] | None = None) -> Fau
     return FaultPlan(source, faults)
 
 
-def _served_methods() -> frozenset[str]:
-    from holdfast.contracts.contract import method_path
-    from holdfast.apps.inventory import SERVICE
+def _known(where: str, method: str, methods: Collection[str]) -> None:
+    if method not in methods:
+        known = ", ".join(sorted(m.lstrip("/") for m in methods))
+        raise ValueError(f"{where}: unknown method {method.lstrip('/')!r} (known: {known})")
 
-    return frozenset(method_path(method) for method in SERVICE.methods)
 
-
-def _fault(source: str, name: str, table: object, methods: Collection[str]) -> Fault:
+def _fault(source: str, name: str, table: object, methods: Collection[str] | None) -> Fault:
     where = f'{source}: ["{name}"]'
     if not isinstance(table, dict):
         raise ValueError(f'{where}: expected a table of a method, e.g. ["pkg.Service/Method"], got a {_toml_type(table)}')
     method = "/" + name
-    if method not in methods:
-        known = ", ".join(sorted(m.lstrip("/") for m in methods))
-        raise ValueError(f"{where}: unknown method {name!r} (known: {known})")
+    if methods is not None:
+        _known(where, method, methods)
+    elif not _METHOD_NAME.fullmatch(name):
+        raise ValueError(f"{where}: unknown method {name!r} (expected package.Service/Method)")
     unknown = sorted(table.keys() - KEYS)
     if unknown:
         raise ValueError(f"{where}.{unknown[0]}: unknown key (expected {', '.join(sorted(KEYS))})")

@@ -6,6 +6,7 @@ where a team imports them from.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
@@ -168,20 +169,42 @@ class Service:
         the entity's data unchanged and its timer cleared."""
         return Change((event,), entity.data, reply=self.render)
 
-    async def fire_timeout(self, due: Entity) -> Outcome:
-        """`due`'s timeout event as a move keyed by (machine, entity, version):
-        it happens once however many reapers see it, and not at all once the
-        entity has moved on (answered VERSION_CONFLICT, nothing written)."""
-        key = idempotency_key(f"holdfast.timeout/{self.MACHINE.name}", (due.entity_id, due.version))
+    async def reap(self, now_ms: int, batch: int) -> int:
+        """The moves time has made due by `now_ms` (at most `batch`), made by
+        the server's reaper; returns how many moved. By default the TIMEOUTS
+        of entities whose `due_at_ms` has passed; an app with other timed
+        work (inventory's hold expiry) overrides it, and makes each move
+        through `timeout`, so the journal records it."""
+        if not self.TIMEOUTS:
+            return 0
+        kind = self.MACHINE.name
+        due = await self.engine.store.transact(lambda txn: txn.due_entities(kind, now_ms, batch))
+        outcomes = await asyncio.gather(*(self.timeout(entity.entity_id, entity.version) for entity in due))
+        return sum(1 for outcome in outcomes if outcome.ok)
+
+    async def recover(self, batch: int) -> int:
+        """Resolves what a crashed writer left half-done, at start-up, before
+        any call is served; returns how many moves that took. Framework
+        entities are written whole in one transaction, so by default none."""
+        return 0
+
+    async def timeout(self, entity_id: str, version: int) -> Outcome:
+        """One move made by time, not by a call: the entity's timeout event,
+        keyed by (machine, entity, version), so it happens once however many
+        reapers see it and not at all once the entity has moved on (answered
+        VERSION_CONFLICT, nothing written). Every timed move goes through
+        here: `holdfast serve --journal` records each call of it, and
+        `holdfast replay` makes it again at its place in the journal."""
+        key = idempotency_key(f"holdfast.timeout/{self.MACHINE.name}", (entity_id, version))
         timeouts, machine = self.TIMEOUTS, self.MACHINE
 
         def decide(entity: Entity | None, now_ms: int) -> Change | Outcome:
             event = None if entity is None else timeouts.get(machine.states(entity.state))
-            if entity is None or entity.version != due.version or event is None or not 0 < entity.due_at_ms <= now_ms:
-                return failure(Reason.VERSION_CONFLICT, f"{shown_id(due.entity_id)} moved on before its timeout fired")
+            if entity is None or entity.version != version or event is None or not 0 < entity.due_at_ms <= now_ms:
+                return failure(Reason.VERSION_CONFLICT, f"{shown_id(entity_id)} moved on before its timeout fired")
             return self.on_timeout(entity, event, now_ms)
 
-        return await self._run(f"holdfast.timeout/{machine.name}", key, key, due.entity_id, decide, "", 0, None)
+        return await self._run(f"holdfast.timeout/{machine.name}", key, key, entity_id, decide, "", 0, None)
 
     async def _run(
         self, method: str, key: bytes, fingerprint: bytes, entity_id: str, decide: Decide, owner: str, ttl_ms: int,

@@ -4,17 +4,21 @@ A journal is what `holdfast replay` (service/replay.py) feeds to a fresh
 instance to check that the same calls give the same bytes back. Three kinds
 of line, each one JSON object with a `kind`:
 
-* `start`  — written when a server starts: the format version and the hold
-  durations (a hold's `expires_at_ms` depends on the default hold, so the
-  replaying instance must use the same).
+* `start`  — written when a server starts: the format version and what the
+  replaying instance must host the same way: the built-in services and the
+  apps (`MODULE:ATTR`), the hold durations (a hold's `expires_at_ms` depends
+  on the default hold) and the simulated carrier's settings.
 * `call`   — one gRPC call: method, request bytes, the metadata that reaches
   the servicer, the client's deadline, the business time the engine used,
   and the answer: status code, reply bytes or `grpc-status-details-bin`
   bytes, message, and the `holdfast-replayed` / `holdfast-context-id`
   trailers.
-* `expire` — one hold expiry moved by the reaper, with its time. The reaper
-  runs on its own timer, so a replay cannot re-derive when it fired; it is
-  journaled like a call and replayed at its place in the sequence instead.
+* `timeout` — one move made by time (`Service.timeout`: a hold's expiry, a
+  framework entity's timeout event), with its service, entity, version and
+  time. The reaper runs on its own timer, so a replay cannot re-derive when
+  it fired; it is journaled like a call and replayed at its place in the
+  sequence instead. (Journals of format 1 wrote hold expiries as `expire`
+  lines; replay reads those too.)
 
 Business time is pinned per call: the recorder reads the engine clock once
 when the call starts, writes that value to the journal, and makes the engine
@@ -44,17 +48,21 @@ import contextvars
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable
 
 import grpc
 
 from holdfast.clock import Clock
+from holdfast.framework import Service
 from holdfast.gateway import CONTEXT_ID, REPLAYED, STATUS_DETAILS
-from holdfast.apps.inventory import Holds, Inventory
-from holdfast.outcome import Outcome
-from holdfast.store import Prefetch, Reservation, Txn
+from holdfast.outcome import Outcome, reason_key
+from holdfast.store import Prefetch, Txn
 
-FORMAT = 1
+if TYPE_CHECKING:
+    from holdfast.engine import Engine
+    from holdfast.server import Config
+
+FORMAT = 2
 # Transport headers say nothing the servicer reads; everything else is kept.
 _TRANSPORT = ("user-agent", "grpc-", ":")
 
@@ -118,48 +126,62 @@ class JournalWriter:
             self._fd = -1
 
 
-def start_line(holds: Holds) -> dict:
-    return {"kind": "start", "format": FORMAT, "hold_default_ms": holds.default_ms, "hold_max_ms": holds.max_ms}
+def start_line(config: Config, hosted: Iterable[str]) -> dict:
+    """What a replay must host as the recording did: the built-in services
+    and the apps, the full names of all hosted (a factory given in code has
+    no spec to write, but its name is checked), and the settings their
+    answers depend on."""
+    return {
+        "kind": "start", "format": FORMAT,
+        "services": list(config.services), "apps": list(config.apps), "hosted": list(hosted),
+        "hold_default_ms": config.holds.default_ms, "hold_max_ms": config.holds.max_ms,
+        "carrier_failure_rate": config.carrier_failure_rate, "carrier_latency_ms": config.carrier_latency_ms,
+    }
 
 
-def install(path: str | Path, inventory: Inventory, methods: Collection[str]) -> tuple[JournalWriter, "JournalRecorder"]:
-    """Journals every call of `methods` and every hold expiry of `inventory`'s
-    engine: pins the engine's time per call, writes the start line, and
-    returns the writer (close it on stop) and the interceptor to serve with."""
+def install(
+    path: str | Path, engine: Engine, movers: Iterable[Service], methods: Collection[str], start: dict
+) -> tuple[JournalWriter, "JournalRecorder"]:
+    """Journals every call of `methods` (every hosted method) and every
+    timed move of `movers` (the services whose moves run here): pins the
+    engine's time per call, writes the start line, and returns the writer
+    (close it on stop) and the interceptor to serve with."""
     writer = JournalWriter(path)
-    engine = inventory.engine
     clock = PinnedClock(engine.clock)
     engine.clock = clock
     engine.store = PinningStore(engine.store)
-    writer.write(start_line(inventory.holds))
-    _journal_expiries(writer, inventory, clock.clock)
+    writer.write(start)
+    for service in movers:
+        _journal_timeouts(writer, service, clock.clock)
     return writer, JournalRecorder(writer, clock.clock, methods)
 
 
-def _journal_expiries(writer: JournalWriter, inventory: Inventory, clock: Clock) -> None:
-    """Wraps the reaper's move (the reaper calls `inventory.expire`) so each
-    expiry runs at a pinned time and lands in the journal."""
-    expire = inventory.expire
+def _journal_timeouts(writer: JournalWriter, service: Service, clock: Clock) -> None:
+    """Wraps `service.timeout` (every move time makes goes through it) so
+    each runs at a pinned time and lands in the journal."""
+    timeout = service.timeout
 
-    async def journaled_expire(hold: Reservation) -> Outcome:
+    async def journaled_timeout(entity_id: str, version: int) -> Outcome:
         now_ms = clock.now_ms()
         token = _pinned.set(now_ms)
         try:
-            outcome = await expire(hold)
+            outcome = await timeout(entity_id, version)
         finally:
             _pinned.reset(token)
-        writer.write(expire_line(hold.reservation_id, now_ms, outcome))
+        writer.write(timeout_line(service.name, entity_id, version, now_ms, outcome))
         return outcome
 
-    inventory.expire = journaled_expire  # type: ignore[method-assign]
+    service.timeout = journaled_timeout  # type: ignore[method-assign]
 
 
-def expire_line(reservation_id: str, now_ms: int, outcome: Outcome) -> dict:
+def timeout_line(service: str, entity_id: str, version: int, now_ms: int, outcome: Outcome) -> dict:
     return {
-        "kind": "expire",
-        "reservation_id": reservation_id,
+        "kind": "timeout",
+        "service": service,
+        "entity_id": entity_id,
+        "version": version,
         "time_ms": now_ms,
-        "reason": None if outcome.reason is None else outcome.reason.name,
+        "reason": None if outcome.reason is None else reason_key(outcome.reason),
         "payload": encode(outcome.payload),
         "replayed": outcome.replayed,
     }

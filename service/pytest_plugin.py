@@ -4,19 +4,18 @@ code against a real holdfast server and for checking journals replay.
 * `holdfast_services` — the services of your own that `holdfast_server`
   hosts: none by default, so it hosts holdfast's (inventory and
   fulfillment). Override it (in your conftest.py or test module) to return
-  your service factories, `engine -> Service` (holdfast.framework); the
-  server then hosts those alone.
+  your service factories, `engine -> Service` (a `holdfast.Service`
+  subclass is one); the server then hosts those alone.
 * `holdfast_server` — a running server on the embedded backends (SQLite in
   the test's `tmp_path`, the in-process snapshot) with a `ManualClock`, so
   hold expiry and timeout events happen when the test moves `.clock`, and a
-  journal of every inventory call at `.journal`. Also `.target`
+  journal of every call and timed move at `.journal`. Also `.target`
   ("127.0.0.1:PORT") and `.port`.
 * `holdfast_channel` — a grpc.aio channel to it, to build your own stub on.
 * `holdfast_client` — an `InventoryServiceStub` on that channel.
 * `replay_journal` — `replay_journal(path)` replays a journal on a fresh
-  instance and fails the test with the first difference. Journals and their
-  replay cover holdfast's inventory calls only (service/journal.py), not
-  the calls of your services.
+  instance hosting the same `holdfast_services`, and fails the test with
+  the first difference (or when the journal holds no call).
 
 Loaded by every pytest run where holdfast is installed, so this module
 imports nothing heavy at import time: gRPC in particular is imported by the
@@ -83,7 +82,7 @@ if pytest_asyncio is not None:
         tmp_path: Path, holdfast_services: Sequence[Callable[[Any], Any]]
     ) -> AsyncIterator[HoldfastServer]:
         """A holdfast server on embedded backends in `tmp_path`, hosting
-        `holdfast_services` (or holdfast's own), journaling inventory calls."""
+        `holdfast_services` (or holdfast's own), journaling every call."""
         server = await _started(tmp_path, tuple(holdfast_services))
         yield server
         await server.running.stop(0)
@@ -119,14 +118,18 @@ else:
 
 
 @pytest.fixture
-def replay_journal() -> Callable[..., Any]:
+def replay_journal(holdfast_services: Sequence[Callable[[Any], Any]]) -> Callable[..., Any]:
     """`replay_journal(path, target=None)`: replays the journal (on a fresh
-    embedded instance unless `target` names one) and returns the report, or
-    fails the test with the first difference."""
-    from holdfast.replay import replay
+    embedded instance hosting `holdfast_services`, unless `target` names a
+    running one) and returns the report, or fails the test with the first
+    difference, or when the journal holds no call."""
+    from holdfast.replay import JournalError, replay
 
     def check(path: str | Path, target: str | None = None) -> Any:
-        report = replay(path, target)
+        try:
+            report = replay(path, target, services=tuple(holdfast_services))
+        except JournalError as error:
+            pytest.fail(f"the journal cannot be replayed: {error}", pytrace=False)
         if not report.identical:
             first = report.differences[0].describe()
             pytest.fail(f"the journal did not replay identically\n{first}\n{report.summary()}", pytrace=False)

@@ -6,15 +6,25 @@ SQLite store in a temporary folder, the in-process snapshot) whose engine
 clock is a `ReplayClock`, set to each line's recorded time before the line
 is sent. Lines run one at a time, in journal order.
 
-Hold expiry: the replaying instance runs with its reaper stopped, and each
-journaled `expire` line (a move the recording's reaper made) is applied as
-the same move, at its recorded time and at its place in the sequence. So the
-reaper can never race the replay, and holds expire exactly where they did.
+The fresh instance hosts what the journal's start line says the recording
+hosted: holdfast's built-in services and the apps given as `MODULE:ATTR`
+(imported from the current folder, as `holdfast serve --app` does), or the
+apps given with `--app` instead. A journal whose services the replaying
+instance does not host is refused, naming them, before anything is sent.
+
+Time's moves: the replaying instance runs with its reaper stopped, and each
+journaled `timeout` line (a move the recording's reaper made: a hold's
+expiry, an entity's timeout event) is made again as the same move of the
+same service, at its recorded time and at its place in the sequence. So the
+reaper can never race the replay, and time moves exactly where it did.
 
 With `--target` the journal goes to a running instance: its clock cannot be
 set and its reaper cannot be stopped, so recorded times are not injected and
-`expire` lines are skipped (the summary says so). Answers that depend on
+`timeout` lines are skipped (the summary says so). Answers that depend on
 time may then differ.
+
+A journal with no call in it proves nothing: replay refuses it (exit 2)
+rather than report it identical.
 
 Compared for each call: status code, reply bytes, `grpc-status-details-bin`
 bytes, `holdfast-replayed` and `holdfast-context-id`; for each expiry, its
@@ -27,20 +37,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TYPE_CHECKING, Iterator, Sequence, TextIO
 
 from holdfast.journal import decode
+from holdfast.outcome import reason_key
+
+if TYPE_CHECKING:
+    from holdfast.server import ServiceFactory
 
 DEFAULT_TIMEOUT_S = 60.0  # above every contract's timeout: the server's budget is what it was
 REQUIRED = {
     "call": ("method", "time_ms", "request", "code"),
-    "expire": ("reservation_id", "time_ms"),
+    "timeout": ("service", "entity_id", "version", "time_ms"),
+    "expire": ("reservation_id", "time_ms"),  # format 1: a hold's expiry
 }
+INVENTORY = "holdfast.inventory.v1.InventoryService"
 
 
 class ReplayClock:
@@ -82,8 +99,8 @@ class Report:
     path: str
     target: str | None
     calls: int = 0
-    expiries: int = 0
-    skipped_expiries: int = 0
+    timeouts: int = 0
+    skipped_timeouts: int = 0
     unanswered: int = 0
     differences: list[Difference] = field(default_factory=list)
 
@@ -94,15 +111,15 @@ class Report:
     def summary(self) -> str:
         where = f"running instance {self.target}" if self.target else "a fresh embedded instance"
         lines = [
-            f"replayed {self.calls} calls and {self.expiries} hold expiries from {self.path} against {where}:"
+            f"replayed {self.calls} calls and {self.timeouts} timeouts from {self.path} against {where}:"
             f" {'identical' if self.identical else f'{len(self.differences)} differ'}"
         ]
         if self.target:
             lines.append("note: recorded times were not injected (a running instance keeps its own clock)")
         if self.unanswered:
             lines.append(f"note: {self.unanswered} calls were cancelled before they answered; sent, not compared")
-        if self.skipped_expiries:
-            lines.append(f"note: {self.skipped_expiries} journaled hold expiries were left to the target's own reaper")
+        if self.skipped_timeouts:
+            lines.append(f"note: {self.skipped_timeouts} journaled timeouts were left to the target's own reaper")
         return "\n".join(lines)
 
 
@@ -117,7 +134,8 @@ class JournalError(ValueError):
 
 
 def read_journal(path: str | Path) -> tuple[dict, list[Entry]]:
-    """The first start line (hold settings) and every call or expire line."""
+    """The first start line (what was hosted) and every call or timeout
+    line; refuses a journal that holds no call."""
     start: dict = {}
     entries: list[Entry] = []
     for number, record in _lines(Path(path)):
@@ -131,6 +149,8 @@ def read_journal(path: str | Path) -> tuple[dict, list[Entry]]:
             entries.append(Entry(number, record))
         else:
             raise JournalError(f"{path}:{number}: unknown line kind {kind!r}")
+    if not any(entry.record["kind"] == "call" for entry in entries):
+        raise JournalError(f"{path} holds no calls: nothing to replay, so nothing was compared")
     return start, entries
 
 
@@ -157,19 +177,25 @@ def _lines(path: Path) -> Iterator[tuple[int, dict]]:
 # -- replaying ------------------------------------------------------------------------
 
 
-def replay(path: str | Path, target: str | None = None, progress: TextIO | None = None) -> Report:
-    """Replays a journal and reports every difference. Callable from a thread
-    that runs an event loop too (a test's): the replay then runs on its own
-    thread and loop, which this call waits for."""
+def replay(
+    path: str | Path, target: str | None = None, progress: TextIO | None = None,
+    apps: Sequence[str] | None = None, services: Sequence[ServiceFactory] = (),
+) -> Report:
+    """Replays a journal and reports every difference. `apps` (MODULE:ATTR)
+    replace the apps the journal names; `services` are factories to host
+    beside them (what the pytest plugin's `holdfast_services` gave the
+    recording). Callable from a thread that runs an event loop too (a
+    test's): the replay then runs on its own thread and loop, which this
+    call waits for."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(replay_async(path, target, progress))
+        return asyncio.run(replay_async(path, target, progress, apps, services))
     result: list = []
 
     def run() -> None:
         try:
-            result.append(asyncio.run(replay_async(path, target, progress)))
+            result.append(asyncio.run(replay_async(path, target, progress, apps, services)))
         except BaseException as error:  # handed to the caller's thread
             result.append(error)
 
@@ -181,7 +207,10 @@ def replay(path: str | Path, target: str | None = None, progress: TextIO | None 
     return result[0]
 
 
-async def replay_async(path: str | Path, target: str | None = None, progress: TextIO | None = None) -> Report:
+async def replay_async(
+    path: str | Path, target: str | None = None, progress: TextIO | None = None,
+    apps: Sequence[str] | None = None, services: Sequence[ServiceFactory] = (),
+) -> Report:
     """The replay itself; see the module docstring."""
     start, entries = read_journal(path)
     report = Report(str(path), target)
@@ -189,7 +218,7 @@ async def replay_async(path: str | Path, target: str | None = None, progress: Te
         await _replay_entries(entries, report, target, None, progress)
         return report
     with tempfile.TemporaryDirectory(prefix="holdfast-replay-") as folder:
-        running, clock = await _fresh_instance(start, Path(folder))
+        running, clock = await _fresh_instance(start, Path(folder), apps, services)
         try:
             await _replay_entries(entries, report, f"127.0.0.1:{running.port}", (running, clock), progress)
         finally:
@@ -197,20 +226,35 @@ async def replay_async(path: str | Path, target: str | None = None, progress: Te
     return report
 
 
-async def _fresh_instance(start: dict, folder: Path):
-    """An embedded instance with the recording's holds, a settable clock and
-    its reaper stopped (the journal says when holds expired)."""
+async def _fresh_instance(start: dict, folder: Path, apps: Sequence[str] | None, services: Sequence[ServiceFactory]):
+    """An embedded instance hosting what the recording hosted, with its
+    settings, a settable clock and its reaper stopped (the journal says when
+    time moved things)."""
     from holdfast.apps.inventory import Holds
-    from holdfast.server import Config
+    from holdfast.server import SERVICES, Config
     from holdfast.server import start as start_server
 
     holds = Holds()
     if "hold_default_ms" in start:
         holds = Holds(default_ms=start["hold_default_ms"], max_ms=start["hold_max_ms"])
-    config = Config(listen="127.0.0.1:0", store=f"sqlite:///{folder}/replay.db", snapshot="memory://", holds=holds)
+    config = Config(
+        listen="127.0.0.1:0", store=f"sqlite:///{folder}/replay.db", snapshot="memory://", holds=holds,
+        services=tuple(start.get("services", SERVICES)), apps=tuple(start.get("apps", ()) if apps is None else apps),
+        carrier_failure_rate=start.get("carrier_failure_rate", 0.0), carrier_latency_ms=start.get("carrier_latency_ms", 0),
+    )
     clock = ReplayClock()
-    running = await start_server(config, clock=clock)
+    try:
+        running = await start_server(config, clock=clock, services=services)
+    except ValueError as error:  # an app that does not load, or nothing to host
+        raise JournalError(f"cannot host what the journal was recorded with: {error}") from None
     running.reaper_task.cancel()  # before it ever runs: this task has not yielded since
+    missing = sorted(set(start.get("hosted", ())) - set(running.services))
+    if missing:
+        await running.stop(0)
+        raise JournalError(
+            f"the journal was recorded hosting {', '.join(missing)}, which the replaying instance does not host;"
+            " give its app with --app MODULE:ATTR"
+        )
     return running, clock
 
 
@@ -220,8 +264,8 @@ async def _replay_entries(entries: list[Entry], report: Report, target: str, loc
     bar = _Progress(progress, len(entries))
     async with grpc.aio.insecure_channel(target) as channel:
         for done, entry in enumerate(entries, 1):
-            if entry.record["kind"] == "expire":
-                await _replay_expiry(entry, report, local)
+            if entry.record["kind"] in ("timeout", "expire"):
+                await _replay_timeout(entry, report, local)
             else:
                 await _replay_call(channel, entry, report, local)
             bar.update(done)
@@ -261,25 +305,30 @@ async def _replay_call(channel, entry: Entry, report: Report, local) -> None:
         report.differences.append(Difference(entry.line, record["method"].rsplit("/", 1)[-1], recorded, answer))
 
 
-async def _replay_expiry(entry: Entry, report: Report, local) -> None:
+async def _replay_timeout(entry: Entry, report: Report, local) -> None:
+    """A move the recording's reaper made, made again by the same service at
+    its recorded time; compared by its outcome."""
     record = entry.record
     if local is None:
-        report.skipped_expiries += 1
+        report.skipped_timeouts += 1
         return
     running, clock = local
-    rid = record["reservation_id"]
-    hold = await running.engine.store.transact(lambda txn: txn.reservation(rid))
+    if record["kind"] == "expire":  # format 1
+        service_name, entity_id, version = INVENTORY, record["reservation_id"], 0
+    else:
+        service_name, entity_id, version = record["service"], record["entity_id"], record["version"]
     recorded = {"reason": record.get("reason"), "payload": decode(record.get("payload")), "replayed": record.get("replayed")}
-    report.expiries += 1
-    if hold is None:
-        answer = {"reason": "RESERVATION_NOT_FOUND (no such hold on the replaying instance)", "payload": None, "replayed": None}
+    report.timeouts += 1
+    service = running.movers.get(service_name)
+    if service is None:
+        answer = {"reason": f"(no {service_name} on the replaying instance)", "payload": None, "replayed": None}
     else:
         clock.set(record["time_ms"])
-        outcome = await running.inventory.expire(hold)
-        reason = None if outcome.reason is None else outcome.reason.name
+        outcome = await service.timeout(entity_id, version)
+        reason = None if outcome.reason is None else reason_key(outcome.reason)
         answer = {"reason": reason, "payload": outcome.payload, "replayed": outcome.replayed}
     if recorded != answer:
-        report.differences.append(Difference(entry.line, f"hold expiry of {rid}", recorded, answer))
+        report.differences.append(Difference(entry.line, f"timeout of {entity_id}", recorded, answer))
 
 
 def _metadata(pairs: list[list[str]]) -> tuple[tuple[str, str | bytes], ...]:
@@ -322,13 +371,21 @@ class _Progress:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`holdfast replay FILE [--target HOST:PORT]`; exit 0 only when identical."""
+    """`holdfast replay FILE [--target HOST:PORT] [--app MODULE:ATTR ...]`;
+    exit 0 only when identical, 1 on a difference, 2 when nothing could be
+    compared (an unreadable or empty journal, an app that does not load)."""
     parser = argparse.ArgumentParser(prog="holdfast replay", description="Replay a journal and compare every answer byte for byte.")
     parser.add_argument("journal", help="a JSON-lines journal written by `holdfast serve --journal`")
     parser.add_argument("--target", default=None, help="HOST:PORT of a running instance (default: a fresh embedded one)")
+    parser.add_argument(
+        "--app", action="append", default=None, metavar="MODULE:ATTR", dest="apps",
+        help="host this app instead of those the journal names (repeatable); imported from the current folder",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if os.getcwd() not in sys.path:  # the journal's apps import from here, as with `holdfast serve --app`
+        sys.path.insert(0, os.getcwd())
     try:
-        report = replay(args.journal, args.target, progress=sys.stdout)
+        report = replay(args.journal, args.target, progress=sys.stdout, apps=args.apps)
     except (JournalError, OSError) as error:
         print(f"holdfast replay: {error}", file=sys.stderr)
         return 2

@@ -80,6 +80,7 @@ class Config:
 
 
 SERVICES = ("inventory", "fulfillment")
+_BUILT_IN = {"inventory": Inventory.DESCRIPTOR, "fulfillment": Dispatch.DESCRIPTOR}
 # A service of the user's own, built on holdfast: made once the engine (store
 # and snapshot) is open.
 ServiceFactory = Callable[[Engine], Service]
@@ -125,8 +126,10 @@ class Running:
     server: grpc.aio.Server
     port: int
     engine: Engine
-    inventory: Inventory
-    services: dict[str, Service]  # by full proto name
+    services: dict[str, Service]  # the hosted ones, by full proto name
+    # Every service whose moves run here, by name: the hosted ones, and
+    # inventory when only fulfillment (which reads reservations) is hosted.
+    movers: dict[str, Service]
     reaper_task: asyncio.Task
     health: health.aio.HealthServicer
     journal: journal.JournalWriter | None = None  # closed after the last call has answered
@@ -171,12 +174,18 @@ async def _start(
     config: Config, engine: Engine, faults: FaultPlan | None = None, extra: Sequence[ServiceFactory] = (),
     tls: grpc.ServerCredentials | None = None, tokens: Sequence[security.Token] | None = None,
 ) -> Running:
-    inventory = Inventory(engine, config.holds)
+    inventory = Inventory(engine, config.holds) if {"inventory", "fulfillment"} & set(config.services) else None
     hosted = [*_services(config, engine, inventory), *(make(engine) for make in extra)]
     names = [service.name for service in hosted]
-    assert len(set(names)) == len(names), f"a service is hosted twice: {names}"
+    if len(set(names)) != len(names):
+        raise ValueError(f"a service is hosted twice: {', '.join(names)}")
+    movers = {service.name: service for service in hosted}
+    if inventory is not None:
+        movers.setdefault(inventory.name, inventory)
     contracts = {path: c for service in hosted for path, c in service.contracts.items()}
-    reaper = Reaper(inventory, config.reaper_interval_ms, timed=tuple(hosted))
+    if faults is not None:
+        faults.require_known(contracts)
+    reaper = Reaper(engine, tuple(movers.values()), config.reaper_interval_ms)
     recovered = await reaper.recover()
     if recovered:
         log.info("recovered %d intents left in the store", recovered)
@@ -198,7 +207,9 @@ async def _start(
     # the gateway, whose exact answer it records; recovery above is not journaled.
     writer = None
     if config.journal:
-        writer, recorder = journal.install(config.journal, inventory, inventory.contracts)
+        writer, recorder = journal.install(
+            config.journal, engine, movers.values(), contracts, journal.start_line(config, names)
+        )
         interceptors.append(recorder)
     # No SO_REUSEPORT unless asked: a second instance on a taken port must fail, not share it.
     server = grpc.aio.server(
@@ -226,18 +237,28 @@ async def _start(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     services = {service.name: service for service in hosted}
     return Running(
-        server, port, engine, inventory, services, asyncio.create_task(reaper.run()), health_servicer, writer, admission
+        server, port, engine, services, movers, asyncio.create_task(reaper.run()), health_servicer, writer, admission
     )
 
 
 def check(config: Config) -> None:
     """Reads and checks every file `start` reads before it opens anything
     (apps, faults, TLS, tokens, passwords); raises OSError or ValueError, saying why."""
-    for spec in config.apps:
-        load_app(spec)
+    apps = [load_app(spec) for spec in config.apps]
     if config.faults:
-        load_faults(config.faults)
+        load_faults(config.faults, _known_methods(config, apps))
     _secured(config)
+
+
+def _known_methods(config: Config, apps: Sequence[ServiceFactory]) -> frozenset[str] | None:
+    """The gRPC paths `config` will host, when they are known before the
+    services are made (an app given as a factory is known only then)."""
+    descriptors = [_BUILT_IN[name] for name in config.services]
+    for app in apps:
+        if not isinstance(app, type):
+            return None
+        descriptors.append(app.DESCRIPTOR)
+    return frozenset(contract.method_path(method) for service in descriptors for method in service.methods)
 
 
 def _secured(config: Config) -> tuple[grpc.ServerCredentials | None, tuple[security.Token, ...] | None, tuple[str, str]]:
@@ -283,11 +304,11 @@ def _security_note(config: Config) -> str:
     return "".join(f", {note}" for note in notes)
 
 
-def _services(config: Config, engine: Engine, inventory: Inventory) -> list[Service]:
-    """The hosted services, in `config.services` order. Inventory's moves
-    (the reaper's, recovery's) run whether or not its RPCs are served."""
+def _services(config: Config, engine: Engine, inventory: Inventory | None) -> list[Service]:
+    """The built-in services hosted, in `config.services` order."""
     hosted: list[Service] = []
     for name in config.services:
+        assert inventory is not None, "inventory is made whenever a built-in service is hosted"
         if name == "inventory":
             hosted.append(inventory)
         elif name == "fulfillment":

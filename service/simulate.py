@@ -273,8 +273,8 @@ class _ObservedInventory(Inventory):
         self._seen("Expire", idempotency_key(REAPER_METHOD, (hold.reservation_id,)), hold, outcome)
         return outcome
 
-    async def recover(self, intent: Reservation) -> Outcome:
-        outcome = await super().recover(intent)
+    async def recover_intent(self, intent: Reservation) -> Outcome:
+        outcome = await super().recover_intent(intent)
         key = idempotency_key(RECOVERY_METHOD, (intent.reservation_id, intent.state.name, intent.retry_count))
         self._seen("Recover", key, intent, outcome)
         return outcome
@@ -322,7 +322,7 @@ class Simulation:
         self.store = SimStore(self.rows, random.Random(self.rng.getrandbits(64)), self.faults, self.clock)
         self.engine = Engine(self.store, MemorySnapshot(), self.clock)
         self.inventory = _ObservedInventory(self.engine, self._observed)
-        self.reaper = Reaper(self.inventory)
+        self.reaper = Reaper(self.engine, (self.inventory,))
 
     async def restart(self, torn: bool = False) -> None:
         """The process crashed: start over from the store and recover its intents.

@@ -8,6 +8,7 @@ pyproject.toml's pytest `testpaths` names both folders.
 from __future__ import annotations
 
 import ast
+import json
 import re
 import signal
 import subprocess
@@ -131,9 +132,10 @@ def test_the_readme_links_the_tutorial():
 def test_the_example_serves_books_replays_and_stops(tmp_path):
     port = free_port()
     store = f"sqlite:///{tmp_path}/tables.db"
+    journal = tmp_path / "tables.jsonl"
     server = subprocess.Popen(
         [*holdfast_command(), "serve", "--app", "tables:Tables", "--listen", f"127.0.0.1:{port}",
-         "--store", store],
+         "--store", store, "--journal", str(journal)],
         cwd=TABLES, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
     )
     watchdog = threading.Timer(START_TIMEOUT_S + STOP_TIMEOUT_S + 60, server.kill)
@@ -159,6 +161,13 @@ def test_the_example_serves_books_replays_and_stops(tmp_path):
         server.send_signal(signal.SIGTERM)
         assert server.wait(STOP_TIMEOUT_S) == 0
         assert server.stdout.read() == "holdfast stopped\n"
+
+        # Its journal holds the three Book calls and replays them, byte for byte, on a fresh instance.
+        replayed = run_holdfast("replay", str(journal), cwd=TABLES)
+        assert (replayed.returncode, replayed.stderr) == (0, ""), replayed.stdout
+        assert replayed.stdout == (
+            f"replayed 3 calls and 0 timeouts from {journal} against a fresh embedded instance: identical\n"
+        )
     finally:
         watchdog.cancel()
         if server.poll() is None:
@@ -173,3 +182,26 @@ def book(port: int, *args: object) -> subprocess.CompletedProcess:
         [sys.executable, "book.py", f"127.0.0.1:{port}", *map(str, args)],
         cwd=TABLES, capture_output=True, text=True, timeout=60, env=child_env(),
     )
+
+
+def test_replay_refuses_a_journal_with_no_calls(tmp_path):
+    journal = tmp_path / "empty.jsonl"
+    journal.write_text('{"kind":"start","format":2,"services":[],"apps":["tables:Tables"],"hosted":[]}\n')
+    done = run_holdfast("replay", str(journal), cwd=TABLES)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"holdfast replay: {journal} holds no calls: nothing to replay, so nothing was compared\n"
+
+
+def test_replay_names_the_app_it_cannot_host(tmp_path):
+    """From a folder where the journal's app does not import, replay says so
+    and sends nothing (exit 2), rather than answering every call UNIMPLEMENTED."""
+    journal = tmp_path / "tables.jsonl"
+    call = {"kind": "call", "method": "/restaurant.tables.v1.TableService/GetBooking", "time_ms": 1,
+            "request": "", "code": "INVALID_ARGUMENT"}
+    journal.write_text(
+        '{"kind":"start","format":2,"services":[],"apps":["tables:Tables"],'
+        '"hosted":["restaurant.tables.v1.TableService"]}\n' + json.dumps(call) + "\n"
+    )
+    done = run_holdfast("replay", str(journal), cwd=tmp_path)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith("holdfast replay: cannot host what the journal was recorded with: cannot load 'tables:Tables'")

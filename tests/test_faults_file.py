@@ -24,6 +24,8 @@ from tests.process import run_holdfast
 from tests.support import failure_of
 
 SERVICE = "holdfast.inventory.v1.InventoryService"
+# The methods a fault may name on a server hosting inventory alone.
+INVENTORY_METHODS = frozenset(f"/{SERVICE}/{method.name}" for method in pb.DESCRIPTOR.services_by_name["InventoryService"].methods)
 RESERVE = f"{SERVICE}/Reserve"
 GET_STOCK = f"{SERVICE}/GetStock"
 CLIENT_TIMEOUT_S = 10.0  # well past every contract's timeout
@@ -62,7 +64,7 @@ seed = 7                 # optional, per method, makes the fault sequence determ
 ["{GET_STOCK}"]
 status = "ABORTED"
 ''')
-    plan = faults.load(path)
+    plan = faults.load(path, INVENTORY_METHODS)
     assert plan.source == str(path)
     assert plan.faults == {
         f"/{RESERVE}": faults.Fault(f"/{RESERVE}", 2500, grpc.StatusCode.UNAVAILABLE, 0.5, 7),
@@ -98,7 +100,7 @@ INVALID = [
 def test_an_invalid_table_is_a_value_error_naming_the_file_and_key(tmp_path, body, key, words):
     path = fault_file(tmp_path, f'["{RESERVE}"]\n{body}\n')
     with pytest.raises(ValueError) as raised:
-        faults.load(path)
+        faults.load(path, INVENTORY_METHODS)
     message = str(raised.value)
     assert message.startswith(f'{path}: ["{RESERVE}"]{"." + key if key else ""}:'), message
     assert words in message
@@ -111,7 +113,7 @@ def test_an_invalid_table_is_a_value_error_naming_the_file_and_key(tmp_path, bod
 def test_an_unknown_method_is_named_with_the_known_ones(tmp_path, name):
     path = fault_file(tmp_path, f'["{name}"]\nstatus = "UNAVAILABLE"\n')
     with pytest.raises(ValueError, match="unknown method") as raised:
-        faults.load(path)
+        faults.load(path, INVENTORY_METHODS)
     assert str(raised.value).startswith(f'{path}: ["{name}"]: ')
     assert RESERVE in str(raised.value)  # the known methods are listed
 
@@ -243,3 +245,62 @@ def test_serve_reads_the_fault_file_from_the_flag_or_the_environment(monkeypatch
     assert cli._parser().parse_args(["serve", "--faults", "f.toml"]).faults == "f.toml"
     monkeypatch.setenv("HOLDFAST_FAULTS", "env.toml")
     assert cli._parser().parse_args(["serve"]).faults == "env.toml"
+
+
+# -- the hosted methods, whatever the app -----------------------------------------------
+
+DISPATCH_GET = "holdfast.fulfillment.v1.DispatchService/GetWaybill"
+TABLES = Path(__file__).resolve().parents[1] / "examples" / "tables"
+
+
+async def test_a_fault_on_a_method_not_hosted_stops_the_start_naming_the_hosted_ones(tmp_path):
+    config = Config(
+        listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db", services=("inventory",),
+        faults=str(fault_file(tmp_path, f'["{DISPATCH_GET}"]\nstatus = "ABORTED"\n')),
+    )
+    with pytest.raises(ValueError, match=f"unknown method '{DISPATCH_GET}'") as raised:
+        await start(config)
+    assert RESERVE in str(raised.value)
+
+
+def test_serve_checks_a_fault_file_against_the_services_it_hosts(tmp_path):
+    path = fault_file(tmp_path, f'["{DISPATCH_GET}"]\nstatus = "ABORTED"\n')
+    store = f"sqlite:///{tmp_path}/h.db"
+    done = run_holdfast("serve", "--listen", "127.0.0.1:0", "--store", store, "--services", "inventory", "--faults", str(path))
+    assert done.returncode == 2
+    assert f"holdfast: {path}: [\"{DISPATCH_GET}\"]: unknown method '{DISPATCH_GET}' (known: {SERVICE}/" in done.stderr
+    assert not (tmp_path / "h.db").exists()
+
+
+async def test_fulfillments_methods_take_faults_when_it_is_hosted(tmp_path):
+    from holdfast.fulfillment.v1 import fulfillment_pb2 as fpb
+    from holdfast.fulfillment.v1 import fulfillment_pb2_grpc as fpb_grpc
+
+    async with serving(tmp_path, f'["{DISPATCH_GET}"]\nstatus = "UNAVAILABLE"\n') as (running, _):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await fpb_grpc.DispatchServiceStub(channel).GetWaybill(
+                    fpb.GetWaybillRequest(waybill_id="wb_1"), timeout=CLIENT_TIMEOUT_S
+                )
+    assert failure_of(raised.value).reason == "DEPENDENCY_UNAVAILABLE"
+
+
+async def test_a_teams_methods_take_faults_when_its_app_is_hosted(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TABLES))
+    get_booking = "restaurant.tables.v1.TableService/GetBooking"
+    config = Config(
+        listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db", services=(), apps=("tables:Tables",),
+        faults=str(fault_file(tmp_path, f'["{get_booking}"]\nstatus = "UNAVAILABLE"\n')),
+    )
+    from holdfast.server import check
+
+    check(config)  # the app is a Service class: its methods are known before anything opens
+    running = await start(config)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            call = channel.unary_unary(f"/{get_booking}", request_serializer=None, response_deserializer=None)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call(b"\n\x04bk_1", timeout=CLIENT_TIMEOUT_S)
+    finally:
+        await running.stop(0)
+    assert failure_of(raised.value).reason == "DEPENDENCY_UNAVAILABLE"

@@ -175,7 +175,7 @@ def test_the_load_is_mixed(recorded: tuple[Path, Counter]) -> None:
     calls = [line for line in lines if line["kind"] == "call"]
     assert len(calls) == LANES * ROUNDS * CALLS_PER_ROUND == 5_000
     assert lines[0]["kind"] == "start"
-    assert sum(1 for line in lines if line["kind"] == "expire" and line["reason"] is None) > 20
+    assert sum(1 for line in lines if line["kind"] == "timeout" and line["reason"] is None) > 20
     reasons = Counter(_reason(call) for call in calls)
     for reason in ("INSUFFICIENT_STOCK", "IDEMPOTENCY_KEY_REUSED", "RESERVATION_NOT_FOUND", "SKU_NOT_FOUND",
                    "INVALID_REQUEST", "HOLD_EXPIRED"):
@@ -204,7 +204,7 @@ def test_a_recorded_load_replays_identically_on_a_fresh_instance(recorded: tuple
     report = replay.replay(journal)
     assert report.identical, "\n".join(d.describe() for d in report.differences[:5])
     assert report.calls == 5_000
-    assert report.expiries > 20
+    assert report.timeouts > 20
 
 
 def test_an_altered_reply_fails_the_replay_naming_the_call(recorded: tuple[Path, Counter], tmp_path: Path) -> None:
@@ -252,7 +252,7 @@ def test_serve_journal_on_the_system_clock_replays_identically(tmp_path: Path) -
     result = run_holdfast("replay", str(journal))
 
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "replayed 5 calls and 0 hold expiries" in result.stdout and "identical" in result.stdout
+    assert "replayed 5 calls and 0 timeouts" in result.stdout and "identical" in result.stdout
 
     # Against a running instance: times cannot be injected, and the summary says so.
     stock_only = tmp_path / "stock-only.jsonl"

@@ -4,6 +4,7 @@ hosts this service alone (`holdfast_services`), on a manual clock."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import grpc
 import pytest
@@ -181,3 +182,17 @@ INVALID_IDS = [f"{rpc}-{index}" for index, (rpc, _, _) in enumerate(INVALID)]
 @pytest.mark.parametrize(("rpc", "request_", "expected"), INVALID, ids=INVALID_IDS)
 async def test_bad_input_and_unknown_bookings_are_refused(tables, rpc, request_, expected):
     assert await refused(getattr(tables, rpc), request_) == expected
+
+
+async def test_the_journal_replays_every_call_and_the_no_show(holdfast_server, tables, replay_journal):
+    """The plugin's server journals TableService's calls and the reaper's
+    NO_SHOW; a fresh instance hosting the same service answers them alike."""
+    await tables.Book(BOOK)
+    holdfast_server.clock.advance(NO_SHOW_AT_MS - NOW_MS)
+    await wait_for_state(tables, pb.BOOKING_STATE_NO_SHOW)
+    await refused(tables.Seat, pb.SeatRequest(booking_id=BOOKING_ID))
+
+    kinds = [json.loads(line)["kind"] for line in holdfast_server.journal.read_text().splitlines()]
+    assert kinds.count("timeout") == 1  # the reaper's NO_SHOW, between the polls of wait_for_state
+    report = replay_journal(holdfast_server.journal)
+    assert (report.calls, report.timeouts, report.identical) == (kinds.count("call"), 1, True)

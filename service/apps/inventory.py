@@ -6,6 +6,7 @@ transaction.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, replace
 from typing import Iterable
@@ -146,13 +147,38 @@ class Inventory(Service):
 
     # -- timeout events, as ordinary moves ---------------------------------------
 
-    async def expire(self, hold: Reservation) -> Outcome:
-        """The reaper's move for one due hold, under its own idempotency key."""
-        key = idempotency_key(REAPER_METHOD, (hold.reservation_id,))
-        rid = hold.reservation_id
-        return await self.engine.move(Move(REAPER_METHOD, key, key, rid, lambda txn, now_ms: _expire(txn, rid, now_ms)))
+    # -- moves made by time and by recovery -------------------------------------
 
-    async def recover(self, intent: Reservation) -> Outcome:
+    async def reap(self, now_ms: int, batch: int) -> int:
+        """Releases the holds due by `now_ms`, each by its own move."""
+        due = await self.engine.store.transact(lambda txn: txn.due_holds(now_ms, batch))
+        outcomes = await asyncio.gather(*(self.expire(hold) for hold in due))
+        return sum(1 for outcome in outcomes if outcome.ok)
+
+    async def expire(self, hold: Reservation) -> Outcome:
+        """The reaper's move for one due hold."""
+        return await self.timeout(hold.reservation_id, hold.version)
+
+    async def timeout(self, entity_id: str, version: int) -> Outcome:
+        """A hold's expiry, under its own idempotency key (the hold's id
+        alone: a hold expires once, whatever its version). The move reads the
+        hold in its transaction, so `version` only names what the reaper saw."""
+        key = idempotency_key(REAPER_METHOD, (entity_id,))
+        return await self.engine.move(
+            Move(REAPER_METHOD, key, key, entity_id, lambda txn, now_ms: _expire(txn, entity_id, now_ms))
+        )
+
+    async def recover(self, batch: int) -> int:
+        """Resolves every intent a crashed writer left in the store."""
+        moved = 0
+        while intents := await self.engine.store.transact(lambda txn: txn.intents(batch)):
+            for intent in intents:
+                outcome = await self.recover_intent(intent)
+                assert outcome.ok, f"recovery of {intent.reservation_id} failed: {outcome.reason}"
+                moved += 1
+        return moved
+
+    async def recover_intent(self, intent: Reservation) -> Outcome:
         """Drives an intent left in the store forward or back (machine.RECOVERY)."""
         key = idempotency_key(RECOVERY_METHOD, (intent.reservation_id, intent.state.name, intent.retry_count))
         rid = intent.reservation_id
@@ -254,7 +280,8 @@ def _release(txn: Txn, rid: str, why: str) -> Outcome:
 
 def _expire(txn: Txn, rid: str, now_ms: int) -> Outcome:
     found = txn.reservation(rid)
-    assert found is not None, "the reaper expires only holds it has read"
+    if found is None:  # a replayed expiry on an instance that never had the hold
+        return _reservation_not_found(rid)
     if found.expires_at_ms > now_ms or machine.walk(found.state, machine.EXPIRE) is None:
         return _invalid_transition(rid, found.state, "expire")
     return _settle(txn, found, State.RELEASED, sold=False, why=EXPIRED)
