@@ -42,8 +42,11 @@ if TYPE_CHECKING:
         decode_data,
         derive_id,
         encode_data,
+        invalid,
         lease_held,
         shown_id,
+        states_of,
+        text_violations,
     )
     from holdfast.gateway import Call, current_call, idempotency_key
     from holdfast.machine import Machine
@@ -70,6 +73,9 @@ _HOMES = {
     "lease_held": "holdfast.framework",
     "encode_data": "holdfast.framework",
     "decode_data": "holdfast.framework",
+    "states_of": "holdfast.framework",
+    "text_violations": "holdfast.framework",
+    "invalid": "holdfast.framework",
     # what a call carries (set by the gateway from the contract in the .proto)
     "Call": "holdfast.gateway",
     "Contract": "holdfast.contracts.contract",

@@ -7,9 +7,11 @@ where a team imports them from.
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping, TypeVar, overload
 
 import grpc
 from google.protobuf import descriptor as _descriptor
@@ -24,6 +26,7 @@ from holdfast.outcome import Outcome, Reason, failure, success
 from holdfast.store import Entity, Txn
 
 ID_LENGTH_MAX = 128
+M = TypeVar("M", bound=Message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +43,7 @@ class Change:
     """
 
     events: tuple[str, ...]
-    data: bytes
+    data: bytes | Message  # the app's proto message, or bytes from encode_data
     reply: Callable[[Entity], Message] | None = None
     refusal: Outcome | None = None
     lease_owner: str = ""
@@ -74,14 +77,77 @@ def lease_held(entity: Entity | None, now_ms: int) -> bool:
     return entity is not None and bool(entity.lease_owner) and now_ms < entity.lease_until_ms
 
 
-def encode_data(fields: Mapping[str, Any]) -> bytes:
-    """An entity's fields as canonical JSON: the same fields give the same
-    bytes on every instance, so stored rows and replies stay deterministic."""
+def encode_data(fields: Mapping[str, Any] | Message) -> bytes:
+    """An entity's data as bytes that are the same on every instance, so
+    stored rows and replies stay deterministic: the app's own proto message
+    (serialized deterministically; what a team should use: typed, and
+    readable by its other-language tools), or a mapping as canonical JSON."""
+    if isinstance(fields, Message):
+        return fields.SerializeToString(deterministic=True)
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def decode_data(data: bytes) -> dict[str, Any]:
+@overload
+def decode_data(data: bytes) -> dict[str, Any]: ...
+@overload
+def decode_data(data: bytes, message: type[M]) -> M: ...
+def decode_data(data: bytes, message: type[M] | None = None) -> dict[str, Any] | M:
+    """An entity's data as `encode_data` made it: the app's proto `message`
+    when one is given, else the JSON mapping."""
+    if message is not None:
+        return message.FromString(data)
     return json.loads(data)
+
+
+def states_of(enum_type: Any, name: str | None = None) -> type[enum.IntEnum]:
+    """A machine's states from the proto enum its replies carry, so the
+    numbers are the wire's by construction. buf-style names lose their
+    prefix and the zero value is left out (no entity is ever in it):
+    `BookingState { BOOKING_STATE_UNSPECIFIED = 0; BOOKING_STATE_NEW = 1; …}`
+    gives `NEW = 1, …`. `enum_type` is the generated enum (`pb.BookingState`)
+    or its descriptor."""
+    descriptor = getattr(enum_type, "DESCRIPTOR", enum_type)
+    if not isinstance(descriptor, _descriptor.EnumDescriptor):
+        raise TypeError(f"states_of needs a generated proto enum, got {enum_type!r}")
+    prefix = _SNAKE.sub("_", descriptor.name).upper() + "_"
+    members = {value.name.removeprefix(prefix): value.number for value in descriptor.values if value.number != 0}
+    if not members:
+        raise ValueError(f"{descriptor.full_name} has no value but 0: a machine needs states")
+    return enum.IntEnum(name or descriptor.name, members)  # type: ignore[return-value]
+
+
+_SNAKE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def text_violations(
+    request: Message, required: Iterable[str] = (), optional: Iterable[str] = (), length_max: int = ID_LENGTH_MAX
+) -> list[tuple[str, str]]:
+    """BadRequest field violations of a request's text fields, in the order
+    named: each required one set, every one at most `length_max` characters
+    and free of control characters. The field names are the proto's, as a
+    client reads them back."""
+    required = tuple(required)
+    violations = []
+    for name in (*required, *optional):
+        value = getattr(request, name)
+        if name in required and not value:
+            violations.append((name, f"{name} must be set"))
+        elif len(value) > length_max:
+            violations.append((name, f"{name} is longer than {length_max} characters"))
+        elif _CONTROL.search(value):
+            violations.append((name, f"{name} must not contain control characters"))
+    return violations
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def invalid(violations: Iterable[tuple[str, str]]) -> Outcome:
+    """INVALID_REQUEST with its BadRequest field violations; the message
+    joins their descriptions. Nothing is recorded: a corrected retry runs."""
+    violations = list(violations)
+    assert violations, "an invalid request names what is wrong with it"
+    return failure(Reason.INVALID_REQUEST, "; ".join(why for _, why in violations), violations)
 
 
 @dataclass(slots=True)
@@ -262,7 +328,8 @@ def _apply(
     version = 0 if current is None else current.version
     lease_until = now_ms + ttl_ms if decided.lease_owner else 0
     assert not decided.lease_owner or ttl_ms > 0, "a lease needs the contract's lock_ttl_ms"
-    saved = Entity(entity_id, machine.name, int(after), version + 1, decided.data,
+    data = decided.data if isinstance(decided.data, bytes) else encode_data(decided.data)
+    saved = Entity(entity_id, machine.name, int(after), version + 1, data,
                    decided.lease_owner, lease_until, decided.due_at_ms)
     txn.save_entity(saved, version)
     if decided.refusal is not None:

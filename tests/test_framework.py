@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = {
     "Machine", "Service", "Change", "Entity", "Outcome", "Reason", "success", "failure", "derive_id", "shown_id",
     "lease_held",
-    "encode_data", "decode_data", "Call", "Contract", "current_call", "idempotency_key", "Engine", "Move", "Txn",
+    "encode_data", "decode_data", "states_of", "text_violations", "invalid", "Call", "Contract", "current_call", "idempotency_key", "Engine", "Move", "Txn",
     "AppReason", "Refusal", "refusal", "Clock", "SystemClock", "ManualClock", "Config", "Running", "ServiceFactory", "start",
     "serve",
 }
@@ -133,3 +133,45 @@ def test_a_lease_is_held_until_its_end_by_someone():
     assert lease_held(leased, 999) and not lease_held(leased, 1_000)
     assert not lease_held(Entity("wb_1", "fulfillment", 3, 2, b"{}", "", 5_000), 0)
     assert not lease_held(None, 0)
+
+
+# -- less scaffolding: states from the proto enum, data as a message, validation --------
+
+
+def test_states_come_from_the_proto_enum_without_prefix_or_zero():
+    from holdfast.inventory.v1 import inventory_pb2 as pb
+
+    states = framework.states_of(pb.ReservationState)
+    assert [(s.name, int(s)) for s in states] == [
+        ("AVAILABLE", 1), ("RESERVING", 2), ("RESERVED", 3), ("CONFIRMING", 4), ("CONFIRMED", 5),
+        ("RELEASING", 6), ("RELEASED", 7),
+    ]
+    assert framework.states_of(pb.ReservationState.DESCRIPTOR, "Hold").__name__ == "Hold"
+    with pytest.raises(TypeError, match="generated proto enum"):
+        framework.states_of(Door)
+
+
+def test_entity_data_may_be_the_apps_own_message():
+    from holdfast.inventory.v1 import inventory_pb2 as pb
+
+    message = pb.StockReply(sku_id="s", total=3, available=2, held=1)
+    data = encode_data(message)
+    assert data == message.SerializeToString(deterministic=True)
+    assert framework.decode_data(data, pb.StockReply) == message
+    assert framework.decode_data(encode_data({"b": 1, "a": "é"})) == {"a": "é", "b": 1}
+
+
+def test_text_violations_name_each_field_in_order():
+    from holdfast.inventory.v1 import inventory_pb2 as pb
+
+    request = pb.ReserveRequest(order_id="o\n", sku_id="")
+    assert framework.text_violations(request, required=("sku_id",), optional=("order_id",)) == [
+        ("sku_id", "sku_id must be set"), ("order_id", "order_id must not contain control characters"),
+    ]
+    long = pb.ReserveRequest(order_id="x" * 9)
+    assert framework.text_violations(long, optional=("order_id",), length_max=8) == [
+        ("order_id", "order_id is longer than 8 characters"),
+    ]
+    refused = framework.invalid([("sku_id", "sku_id must be set"), ("quantity", "quantity must be positive")])
+    assert (refused.reason, refused.recorded) == (Reason.INVALID_REQUEST, False)
+    assert refused.status().message == "sku_id must be set; quantity must be positive"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.process import ROOT, START_TIMEOUT_S, STOP_TIMEOUT_S, free_port
+from tests.process import ROOT, STOP_TIMEOUT_S, free_port
 
 TABLES = ROOT / "examples" / "tables"
 # What a team writes; what holdfast generates is made again in the project.

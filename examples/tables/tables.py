@@ -10,8 +10,6 @@ the slot starts is a NO_SHOW, fired by the server's reaper.
 
 from __future__ import annotations
 
-import enum
-
 import grpc
 
 from holdfast import (
@@ -21,14 +19,15 @@ from holdfast import (
     Entity,
     Machine,
     Outcome,
-    Reason,
     Service,
     current_call,
     decode_data,
     derive_id,
-    encode_data,
     failure,
+    invalid,
     shown_id,
+    states_of,
+    text_violations,
 )
 from restaurant.tables.v1 import tables_pb2 as pb
 
@@ -37,15 +36,10 @@ PARTY_SIZE_MAX = 20
 TEXT_LENGTH_MAX = 128
 
 
-class Booking(enum.IntEnum):
-    """Values equal the wire's `BookingState` numbers. NEW is a booking not
-    yet made: the state of an id with no row, never in a reply."""
-
-    NEW = 1
-    BOOKED = 2
-    SEATED = 3
-    CANCELLED = 4
-    NO_SHOW = 5
+# The states are the proto's `BookingState` (NEW, BOOKED, SEATED, CANCELLED,
+# NO_SHOW), numbered as on the wire. NEW is a booking not yet made: the
+# state of an id with no row, never in a reply.
+Booking = states_of(pb.BookingState, "Booking")
 
 
 BOOKING: Machine[Booking] = Machine(
@@ -93,21 +87,20 @@ class Tables(Service):
     async def Book(self, request: pb.BookRequest, context) -> Outcome:
         violations = _book_violations(request)
         if violations:
-            return _invalid(violations)
+            return invalid(violations)
         # The key is (table_id, slot_start_ms): one booking per table and slot.
         booking_id = derive_id(self.ID_PREFIX, current_call().key)
         no_show_at_ms = request.slot_start_ms + self.no_show_after_ms
-        fields = {"table_id": request.table_id, "slot_start_ms": request.slot_start_ms,
-                  "party_size": request.party_size, "guest": request.guest,
-                  "no_show_at_ms": no_show_at_ms, "cancel_reason": ""}
+        booking = pb.Booking(table_id=request.table_id, slot_start_ms=request.slot_start_ms,
+                             party_size=request.party_size, guest=request.guest, no_show_at_ms=no_show_at_ms)
 
         def decide(entity: Entity | None, now_ms: int) -> Change | Outcome:
             # A recorded key never gets here (the framework replays it, or refuses it
             # with another payload), so no booking has this id: `entity` is None.
             if no_show_at_ms <= now_ms:
                 over = f"the slot is over: a guest would be a no-show at {no_show_at_ms}"
-                return _invalid([("slot_start_ms", over)])
-            return Change(("BOOK",), encode_data(fields), reply=_reply, due_at_ms=no_show_at_ms)
+                return invalid([("slot_start_ms", over)])
+            return Change(("BOOK",), booking, reply=_reply, due_at_ms=no_show_at_ms)
 
         return await self.move(booking_id, decide)
 
@@ -123,22 +116,22 @@ class Tables(Service):
         return await self.move(request.booking_id, decide)
 
     async def Cancel(self, request: pb.CancelRequest, context) -> Outcome:
-        violations = _text_violations(request, required=(), optional=("reason",))
+        violations = text_violations(request, optional=("reason",), length_max=TEXT_LENGTH_MAX)
         if violations:
-            return _invalid(violations)
+            return invalid(violations)
 
         def decide(entity: Entity | None, now_ms: int) -> Change | Outcome:
             if entity is None:
                 return _not_found(request.booking_id)
-            fields = decode_data(entity.data)
-            fields["cancel_reason"] = request.reason or "cancelled"
-            return _no_show(entity, now_ms) or Change(("CANCEL",), encode_data(fields), reply=_reply)
+            booking = decode_data(entity.data, pb.Booking)
+            booking.cancel_reason = request.reason or "cancelled"
+            return _no_show(entity, now_ms) or Change(("CANCEL",), booking, reply=_reply)
 
         return await self.move(request.booking_id, decide)
 
     async def GetBooking(self, request: pb.GetBookingRequest, context) -> Outcome:
         if not request.booking_id:  # no key here, so the gateway checks nothing
-            return _invalid([("booking_id", "booking_id must be set")])
+            return invalid([("booking_id", "booking_id must be set")])
         return await self.read(request.booking_id, _reply, _not_found(request.booking_id))
 
     # -- timeout events ------------------------------------------------------------
@@ -159,7 +152,7 @@ def _no_show(entity: Entity, now_ms: int) -> Change | Outcome | None:
     fired = entity.state == Booking.NO_SHOW
     if not fired and (entity.state != Booking.BOOKED or not 0 < entity.due_at_ms <= now_ms):
         return None
-    no_show_at_ms = decode_data(entity.data)["no_show_at_ms"]
+    no_show_at_ms = decode_data(entity.data, pb.Booking).no_show_at_ms
     refusal = failure(
         TableReason.GUEST_NO_SHOW,
         f"{entity.entity_id} is a no-show since {no_show_at_ms}",
@@ -169,11 +162,11 @@ def _no_show(entity: Entity, now_ms: int) -> Change | Outcome | None:
 
 
 def _reply(entity: Entity) -> pb.BookingReply:
-    fields = decode_data(entity.data)
+    booking = decode_data(entity.data, pb.Booking)
     return pb.BookingReply(
-        booking_id=entity.entity_id, table_id=fields["table_id"], slot_start_ms=fields["slot_start_ms"],
-        party_size=fields["party_size"], guest=fields["guest"], state=entity.state, version=entity.version,
-        no_show_at_ms=fields["no_show_at_ms"], cancel_reason=fields["cancel_reason"],
+        booking_id=entity.entity_id, table_id=booking.table_id, slot_start_ms=booking.slot_start_ms,
+        party_size=booking.party_size, guest=booking.guest, state=entity.state, version=entity.version,
+        no_show_at_ms=booking.no_show_at_ms, cancel_reason=booking.cancel_reason,
     )
 
 
@@ -182,30 +175,12 @@ def _not_found(booking_id: str) -> Outcome:
     return failure(TableReason.BOOKING_NOT_FOUND, f"no booking {shown!r}", metadata={"booking_id": shown})
 
 
-def _invalid(violations: list[tuple[str, str]]) -> Outcome:
-    return failure(Reason.INVALID_REQUEST, "; ".join(why for _, why in violations), violations)
-
-
 def _book_violations(request: pb.BookRequest) -> list[tuple[str, str]]:
     """In field order. The key fields (table_id, slot_start_ms) are set: the
     gateway refuses a call without them (CONTRACT_VIOLATION) before this runs."""
-    violations = _text_violations(request, required=("table_id",))
+    violations = text_violations(request, required=("table_id",), length_max=TEXT_LENGTH_MAX)
     if request.slot_start_ms < 0:
         violations.append(("slot_start_ms", "slot_start_ms must be a time in ms since the epoch"))
     if not 1 <= request.party_size <= PARTY_SIZE_MAX:
         violations.append(("party_size", f"party_size must be within 1..{PARTY_SIZE_MAX}"))
-    return violations + _text_violations(request, required=("guest",))
-
-
-def _text_violations(request, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[tuple[str, str]]:
-    """Text fields: set when required, short and printable."""
-    violations = []
-    for name in (*required, *optional):
-        value = getattr(request, name)
-        if name in required and not value:
-            violations.append((name, f"{name} must be set"))
-        elif len(value) > TEXT_LENGTH_MAX:
-            violations.append((name, f"{name} is longer than {TEXT_LENGTH_MAX} characters"))
-        elif any(ord(c) < 0x20 or c == "\x7f" for c in value):
-            violations.append((name, f"{name} must not contain control characters"))
-    return violations
+    return violations + text_violations(request, required=("guest",), length_max=TEXT_LENGTH_MAX)

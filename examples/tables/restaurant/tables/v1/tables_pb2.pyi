@@ -74,3 +74,19 @@ class BookingReply(_message.Message):
     no_show_at_ms: int
     cancel_reason: str
     def __init__(self, booking_id: _Optional[str] = ..., table_id: _Optional[str] = ..., slot_start_ms: _Optional[int] = ..., party_size: _Optional[int] = ..., guest: _Optional[str] = ..., state: _Optional[_Union[BookingState, str]] = ..., version: _Optional[int] = ..., no_show_at_ms: _Optional[int] = ..., cancel_reason: _Optional[str] = ...) -> None: ...
+
+class Booking(_message.Message):
+    __slots__ = ("table_id", "slot_start_ms", "party_size", "guest", "no_show_at_ms", "cancel_reason")
+    TABLE_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_START_MS_FIELD_NUMBER: _ClassVar[int]
+    PARTY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    GUEST_FIELD_NUMBER: _ClassVar[int]
+    NO_SHOW_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REASON_FIELD_NUMBER: _ClassVar[int]
+    table_id: str
+    slot_start_ms: int
+    party_size: int
+    guest: str
+    no_show_at_ms: int
+    cancel_reason: str
+    def __init__(self, table_id: _Optional[str] = ..., slot_start_ms: _Optional[int] = ..., party_size: _Optional[int] = ..., guest: _Optional[str] = ..., no_show_at_ms: _Optional[int] = ..., cancel_reason: _Optional[str] = ...) -> None: ...
