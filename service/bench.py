@@ -131,7 +131,6 @@ STOP_GRACE_S = 5.0  # SIGTERM, then this long, then SIGKILL
 MAX_CALLS_PER_CLIENT = 10_000_000  # every lane loop stops here at the latest
 MAX_PORT_ATTEMPTS = 3  # a free port can be taken between probing and binding
 PERCENTILES = (("p50", 0.50), ("p99", 0.99), ("p99.9", 0.999))
-ROOT = Path(__file__).resolve().parent.parent  # the directory holding `service/`
 SQLITE_IN_TMP = "sqlite"  # as a --backend store: a fresh SQLite file in the run's temp dir
 PG_BINDIR = "/usr/lib/postgresql/15/bin"  # unless HOLDFAST_PG_BINDIR says otherwise
 STORE_LABELS = {"sqlite": "sqlite", "postgresql": "postgres", "postgres": "postgres"}
@@ -517,12 +516,12 @@ class Children:
         self.stop_all()
 
     def spawn(self, argv: list[str], log: Path, cwd: Path, pipes: bool = False) -> subprocess.Popen:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        # The children import holdfast as this process does (installed, or
+        # the checkout's editable install): no path of the checkout is needed.
         with open(log, "wb") as err:
             proc = subprocess.Popen(
                 argv,
                 cwd=cwd,
-                env=env,
                 stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if pipes else err,
                 stderr=err,
