@@ -33,6 +33,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from holdfast.client import aio_channel, channel
     from holdfast.clock import Clock, ManualClock, SystemClock
     from holdfast.contracts.contract import Contract
     from holdfast.engine import Engine, Move
@@ -98,6 +99,10 @@ _HOMES = {
     "ServiceFactory": "holdfast.server",
     "start": "holdfast.server",
     "serve": "holdfast.server",
+    # calling a service: channels that apply its generated service config
+    # (the contracts' deadlines and retries; grpcio's own reading fires early)
+    "channel": "holdfast.client",
+    "aio_channel": "holdfast.client",
 }
 
 __all__ = list(_HOMES)

@@ -25,9 +25,11 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 # holdfast.graph.Format's values; spelled here so building the parser imports no machine.
 GRAPH_FORMATS = ("mermaid", "svg", "png")
 # Subcommands whose module parses its own arguments: name -> (module, summary).
-# The services `holdfast serve` can host: holdfast.server.SERVICES, named here
-# so that the CLI starts without importing the server (a test checks they agree).
-SERVICES = ("inventory", "fulfillment")
+# holdfast's own services, by the names `holdfast serve --services` takes:
+# the apps of holdfast.server.DEFAULT_APPS, spelled here so that the CLI
+# starts without importing the server (a test checks they agree).
+BUILT_IN = {"inventory": "holdfast.apps.inventory:Inventory", "fulfillment": "holdfast.apps.fulfillment:Dispatch"}
+SERVICES = tuple(BUILT_IN)
 
 DELEGATED = {
     "bench": ("holdfast.bench", "measure Reserve throughput against a bare gRPC echo baseline"),
@@ -84,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
         "--app", action="append", default=[], metavar="MODULE:ATTR", dest="apps",
         help="a service of your own to host: a holdfast.Service subclass or a factory engine -> Service,"
         " imported from the current folder as `python -m` would (repeatable)",
+    )
+    serve.add_argument(
+        "--setting", action="append", default=[], metavar="NAME=VALUE", dest="settings", type=_setting,
+        help="a setting your apps read when they are made (Service.from_settings); VALUE is JSON"
+        " (a number, true, \"text\") or else text (repeatable)",
     )
     serve.add_argument(
         "--carrier-failure-rate", type=float, default=0.0,
@@ -225,8 +232,24 @@ def _client(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def _setting(text: str) -> tuple[str, object]:
+    name, equals, value = text.partition("=")
+    if not equals or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME an identifier, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
+
+
+def _apps(args: argparse.Namespace) -> tuple[str, ...]:
+    """The built-in services `--services` names (all of them unless only
+    `--app` is given), then the team's own."""
+    names = args.services if args.services is not None else () if args.apps else SERVICES
+    return (*(BUILT_IN[name] for name in names), *args.apps)
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from holdfast.apps.inventory import Holds
     from holdfast.loop import run
     from holdfast.limits import Limits
     from holdfast.security import scrub
@@ -234,7 +257,9 @@ def _serve(args: argparse.Namespace) -> int:
     from holdfast.store import StoreUnavailable
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    holds = Holds(default_ms=args.hold_default_ms, max_ms=max(args.hold_default_ms, Holds().max_ms))
+    # The built-in apps' own flags are settings like any app's.
+    settings = {"hold_default_ms": args.hold_default_ms, "carrier_failure_rate": args.carrier_failure_rate,
+                "carrier_latency_ms": args.carrier_latency_ms, **dict(args.settings)}
     try:
         limits = Limits(args.max_concurrent_rpcs, args.max_message_bytes, args.retry_pushback_ms)
     except ValueError as error:
@@ -242,10 +267,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     config = Config(listen=args.listen, store=args.store, snapshot=args.snapshot, store_pool=args.store_pool,
                     metrics_listen=args.metrics_listen or (f"127.0.0.1:{args.metrics_port}" if args.metrics_port else ""),
-                    holds=holds, faults=args.faults, journal=args.journal,
-                    services=args.services if args.services is not None else () if args.apps else SERVICES,
-                    apps=tuple(args.apps),
-                    carrier_failure_rate=args.carrier_failure_rate, carrier_latency_ms=args.carrier_latency_ms,
+                    faults=args.faults, journal=args.journal, apps=_apps(args), settings=settings,
                     tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                     auth_tokens=args.auth_tokens,
                     store_password=os.environ.get("HOLDFAST_STORE_PASSWORD", ""),

@@ -176,6 +176,16 @@ class Service:
         self.engine = engine
         self._bound = _bind(self.DESCRIPTOR)
 
+    @classmethod
+    def from_settings(cls, engine: Engine, settings: Mapping[str, Any]) -> Service:
+        """How `holdfast serve --app MODULE:ATTR` makes the service: with the
+        engine (the store and the snapshot, open) and the server's settings
+        (`--setting NAME=VALUE`, and the built-in apps' own flags), which a
+        service reads what it needs from and ignores the rest of. The
+        journal records the settings, so a replay makes it the same way. By
+        default `cls(engine)`."""
+        return cls(engine)
+
     @property
     def name(self) -> str:
         """The service's full proto name, e.g. `holdfast.fulfillment.v1.DispatchService`."""

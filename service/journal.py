@@ -5,9 +5,9 @@ instance to check that the same calls give the same bytes back. Three kinds
 of line, each one JSON object with a `kind`:
 
 * `start`  — written when a server starts: the format version and what the
-  replaying instance must host the same way: the built-in services and the
-  apps (`MODULE:ATTR`), the hold durations (a hold's `expires_at_ms` depends
-  on the default hold) and the simulated carrier's settings.
+  replaying instance must host the same way: the apps (`MODULE:ATTR`) and
+  the settings they were made with (a hold's `expires_at_ms` depends on the
+  default hold, a dispatch's answer on the simulated carrier's settings).
 * `call`   — one gRPC call: method, request bytes, the metadata that reaches
   the servicer, the client's deadline, the business time the engine used,
   and the answer: status code, reply bytes or `grpc-status-details-bin`
@@ -127,15 +127,12 @@ class JournalWriter:
 
 
 def start_line(config: Config, hosted: Iterable[str]) -> dict:
-    """What a replay must host as the recording did: the built-in services
-    and the apps, the full names of all hosted (a factory given in code has
-    no spec to write, but its name is checked), and the settings their
-    answers depend on."""
+    """What a replay must host as the recording did: the apps (MODULE:ATTR)
+    and the settings they were made with, and the full names of all hosted
+    (a factory given in code has no spec to write, but its name is checked)."""
     return {
         "kind": "start", "format": FORMAT,
-        "services": list(config.services), "apps": list(config.apps), "hosted": list(hosted),
-        "hold_default_ms": config.holds.default_ms, "hold_max_ms": config.holds.max_ms,
-        "carrier_failure_rate": config.carrier_failure_rate, "carrier_latency_ms": config.carrier_latency_ms,
+        "apps": list(config.apps), "settings": dict(config.settings), "hosted": list(hosted),
     }
 
 

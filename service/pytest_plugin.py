@@ -58,7 +58,7 @@ async def _started(folder: Path, services: Sequence[Callable[[Any], Any]] = ()) 
     clock = ManualClock()
     journal = folder / "holdfast-journal.jsonl"
     # Your services alone when there are any, else holdfast's own (Config's default).
-    hosted: dict[str, Any] = {"services": ()} if services else {}
+    hosted: dict[str, Any] = {"apps": ()} if services else {}
     config = Config(
         listen="127.0.0.1:0", store=f"sqlite:///{folder}/holdfast.db", snapshot="memory://",
         reaper_interval_ms=REAPER_INTERVAL_MS, journal=str(journal), **hosted,

@@ -230,17 +230,16 @@ async def _fresh_instance(start: dict, folder: Path, apps: Sequence[str] | None,
     """An embedded instance hosting what the recording hosted, with its
     settings, a settable clock and its reaper stopped (the journal says when
     time moved things)."""
-    from holdfast.apps.inventory import Holds
-    from holdfast.server import SERVICES, Config
+    from holdfast.server import DEFAULT_APPS, Config
     from holdfast.server import start as start_server
 
-    holds = Holds()
-    if "hold_default_ms" in start:
-        holds = Holds(default_ms=start["hold_default_ms"], max_ms=start["hold_max_ms"])
+    settings = dict(start.get("settings", {}))
+    if "hold_default_ms" in start:  # format 1 named the hold durations alone
+        settings["hold_default_ms"] = start["hold_default_ms"]
+    recorded_apps = tuple(start.get("apps", DEFAULT_APPS))
     config = Config(
-        listen="127.0.0.1:0", store=f"sqlite:///{folder}/replay.db", snapshot="memory://", holds=holds,
-        services=tuple(start.get("services", SERVICES)), apps=tuple(start.get("apps", ()) if apps is None else apps),
-        carrier_failure_rate=start.get("carrier_failure_rate", 0.0), carrier_latency_ms=start.get("carrier_latency_ms", 0),
+        listen="127.0.0.1:0", store=f"sqlite:///{folder}/replay.db", snapshot="memory://",
+        apps=recorded_apps if apps is None else tuple(apps), settings=settings,
     )
     clock = ReplayClock()
     try:
@@ -319,7 +318,7 @@ async def _replay_timeout(entry: Entry, report: Report, local) -> None:
         service_name, entity_id, version = record["service"], record["entity_id"], record["version"]
     recorded = {"reason": record.get("reason"), "payload": decode(record.get("payload")), "replayed": record.get("replayed")}
     report.timeouts += 1
-    service = running.movers.get(service_name)
+    service = running.services.get(service_name)
     if service is None:
         answer = {"reason": f"(no {service_name} on the replaying instance)", "payload": None, "replayed": None}
     else:

@@ -9,8 +9,9 @@ import gc
 import importlib
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote
 
 import grpc
@@ -25,16 +26,17 @@ from holdfast.engine import Engine
 from holdfast.faults import FaultInjector, FaultPlan
 from holdfast.faults import load as load_faults
 from holdfast.gateway import Gateway
-from holdfast.apps.carrier import SimulatedCarrier
 from holdfast.framework import Service
-from holdfast.apps.fulfillment import Dispatch
-from holdfast.apps.inventory import Holds, Inventory
 from holdfast.limits import Admission, Limits
 from holdfast.reaper import Reaper
 from holdfast.snapshot import open_snapshot
 from holdfast.store import open_store, version_pages
 
 log = logging.getLogger("holdfast")
+
+# holdfast's own services, hosted when no app is named: named, not imported,
+# as a team's are, so the server knows no app.
+DEFAULT_APPS = ("holdfast.apps.inventory:Inventory", "holdfast.apps.fulfillment:Dispatch")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +46,6 @@ class Config:
     snapshot: str = "memory://"
     store_pool: int = 1  # connections (and worker threads) of a server-based store
     metrics_listen: str = ""  # HOST:PORT for Prometheus' /metrics; empty serves none
-    holds: Holds = field(default_factory=Holds)
     reaper_interval_ms: int = 100
     faults: str = ""  # a fault injection file (service/faults.py); empty injects none
     journal: str = ""  # a JSON-lines journal of every call (service/journal.py); empty records none
@@ -52,14 +53,13 @@ class Config:
     # workers of `holdfast serve --workers N`, after their supervisor has made
     # sure the port is free (service/workers.py). Alone, a taken port fails.
     so_reuseport: bool = False
-    # Which built-in services to host; they share the store and the snapshot.
-    services: tuple[str, ...] = ("inventory", "fulfillment")
-    # A team's own services, each `MODULE:ATTR` naming a Service subclass or a
-    # factory `engine -> Service` (load_app); hosted after the built-in ones.
-    apps: tuple[str, ...] = ()
-    # The simulated carrier the dispatch service hands waybills to.
-    carrier_failure_rate: float = 0.0
-    carrier_latency_ms: int = 0
+    # The services to host, sharing the store and the snapshot: each
+    # `MODULE:ATTR` naming a Service subclass (made with `from_settings`) or
+    # a factory `engine -> Service` (load_app). holdfast's own by default.
+    apps: tuple[str, ...] = DEFAULT_APPS
+    # What the apps read when they are made (Service.from_settings): names
+    # and JSON values, recorded in the journal so a replay makes them alike.
+    settings: Mapping[str, Any] = field(default_factory=dict)
     # TLS (service/security.py): PEM files; a client CA makes it mutual TLS.
     tls_cert: str = ""
     tls_key: str = ""
@@ -73,31 +73,35 @@ class Config:
     snapshot_password_file: str = ""
     limits: Limits = field(default_factory=Limits)
 
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.services) - set(SERVICES))
-        if unknown:
-            raise ValueError(f"services must be some of {', '.join(SERVICES)}, got {', '.join(self.services)}")
-
-
-SERVICES = ("inventory", "fulfillment")
-_BUILT_IN = {"inventory": Inventory.DESCRIPTOR, "fulfillment": Dispatch.DESCRIPTOR}
 # A service of the user's own, built on holdfast: made once the engine (store
 # and snapshot) is open.
 ServiceFactory = Callable[[Engine], Service]
 
 
-def load_app(spec: str) -> ServiceFactory:
-    """The factory `MODULE:ATTR` names: a Service subclass (made as
-    `ATTR(engine)`) or a callable `engine -> Service`. Raises ValueError,
-    saying what is wrong with the spec, so `holdfast serve` exits with it."""
+def load_app(spec: str, settings: Mapping[str, Any] | None = None) -> ServiceFactory:
+    """The factory `MODULE:ATTR` names: a Service subclass (made with its
+    `from_settings(engine, settings)`) or a callable `engine -> Service`.
+    Raises ValueError, saying what is wrong with the spec, so `holdfast
+    serve` exits with it."""
     found = load_attribute(spec)
     if isinstance(found, type):
         if not issubclass(found, Service):
             raise ValueError(f"--app {spec}: {found.__name__} is a class but not a holdfast.Service")
-        return found
+        return _Made(found, dict(settings or {}))
     if not callable(found):
         raise ValueError(f"--app {spec}: a {type(found).__name__}, not a Service class or a factory")
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class _Made:
+    """A Service class as a factory: `service(engine, settings)`."""
+
+    service: type[Service]
+    settings: Mapping[str, Any]
+
+    def __call__(self, engine: Engine) -> Service:
+        return self.service.from_settings(engine, self.settings)
 
 
 def load_attribute(spec: str) -> object:
@@ -126,10 +130,7 @@ class Running:
     server: grpc.aio.Server
     port: int
     engine: Engine
-    services: dict[str, Service]  # the hosted ones, by full proto name
-    # Every service whose moves run here, by name: the hosted ones, and
-    # inventory when only fulfillment (which reads reservations) is hosted.
-    movers: dict[str, Service]
+    services: dict[str, Service]  # by full proto name
     reaper_task: asyncio.Task
     health: health.aio.HealthServicer
     journal: journal.JournalWriter | None = None  # closed after the last call has answered
@@ -151,9 +152,9 @@ async def start(config: Config, clock: Clock | None = None, services: Sequence[S
     """Opens the backends, resolves left-over intents, then starts serving
     `config.services` and `services` (a user's own), all on one store and
     one snapshot."""
-    if not config.services and not config.apps and not services:
+    if not config.apps and not services:
         raise ValueError("no service to host")
-    services = [*(load_app(spec) for spec in config.apps), *services]
+    services = [*(load_app(spec, config.settings) for spec in config.apps), *services]
     # Read first: a bad fault, TLS, token or password file must stop the start before any backend opens.
     faults = load_faults(config.faults) if config.faults else None
     tls, tokens, (store_url, snapshot_url) = _secured(config)
@@ -174,18 +175,14 @@ async def _start(
     config: Config, engine: Engine, faults: FaultPlan | None = None, extra: Sequence[ServiceFactory] = (),
     tls: grpc.ServerCredentials | None = None, tokens: Sequence[security.Token] | None = None,
 ) -> Running:
-    inventory = Inventory(engine, config.holds) if {"inventory", "fulfillment"} & set(config.services) else None
-    hosted = [*_services(config, engine, inventory), *(make(engine) for make in extra)]
+    hosted = [make(engine) for make in extra]
     names = [service.name for service in hosted]
     if len(set(names)) != len(names):
         raise ValueError(f"a service is hosted twice: {', '.join(names)}")
-    movers = {service.name: service for service in hosted}
-    if inventory is not None:
-        movers.setdefault(inventory.name, inventory)
     contracts = {path: c for service in hosted for path, c in service.contracts.items()}
     if faults is not None:
         faults.require_known(contracts)
-    reaper = Reaper(engine, tuple(movers.values()), config.reaper_interval_ms)
+    reaper = Reaper(engine, hosted, config.reaper_interval_ms)
     recovered = await reaper.recover()
     if recovered:
         log.info("recovered %d intents left in the store", recovered)
@@ -208,7 +205,7 @@ async def _start(
     writer = None
     if config.journal:
         writer, recorder = journal.install(
-            config.journal, engine, movers.values(), contracts, journal.start_line(config, names)
+            config.journal, engine, hosted, contracts, journal.start_line(config, names)
         )
         interceptors.append(recorder)
     # No SO_REUSEPORT unless asked: a second instance on a taken port must fail, not share it.
@@ -237,27 +234,27 @@ async def _start(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     services = {service.name: service for service in hosted}
     return Running(
-        server, port, engine, services, movers, asyncio.create_task(reaper.run()), health_servicer, writer, admission
+        server, port, engine, services, asyncio.create_task(reaper.run()), health_servicer, writer, admission
     )
 
 
 def check(config: Config) -> None:
     """Reads and checks every file `start` reads before it opens anything
     (apps, faults, TLS, tokens, passwords); raises OSError or ValueError, saying why."""
-    apps = [load_app(spec) for spec in config.apps]
+    apps = [load_app(spec, config.settings) for spec in config.apps]
     if config.faults:
-        load_faults(config.faults, _known_methods(config, apps))
+        load_faults(config.faults, _known_methods(apps))
     _secured(config)
 
 
-def _known_methods(config: Config, apps: Sequence[ServiceFactory]) -> frozenset[str] | None:
-    """The gRPC paths `config` will host, when they are known before the
-    services are made (an app given as a factory is known only then)."""
-    descriptors = [_BUILT_IN[name] for name in config.services]
+def _known_methods(apps: Sequence[ServiceFactory]) -> frozenset[str] | None:
+    """The gRPC paths the apps will host, when they are known before they
+    are made (an app given as a factory is known only then)."""
+    descriptors = []
     for app in apps:
-        if not isinstance(app, type):
+        if not isinstance(app, _Made):
             return None
-        descriptors.append(app.DESCRIPTOR)
+        descriptors.append(app.service.DESCRIPTOR)
     return frozenset(contract.method_path(method) for service in descriptors for method in service.methods)
 
 
@@ -302,19 +299,6 @@ def _security_note(config: Config) -> str:
     if config.auth_tokens:
         notes.append(f"bearer tokens from {config.auth_tokens}")
     return "".join(f", {note}" for note in notes)
-
-
-def _services(config: Config, engine: Engine, inventory: Inventory | None) -> list[Service]:
-    """The built-in services hosted, in `config.services` order."""
-    hosted: list[Service] = []
-    for name in config.services:
-        assert inventory is not None, "inventory is made whenever a built-in service is hosted"
-        if name == "inventory":
-            hosted.append(inventory)
-        elif name == "fulfillment":
-            carrier = SimulatedCarrier(config.carrier_failure_rate, config.carrier_latency_ms)
-            hosted.append(Dispatch(engine, inventory, carrier))
-    return hosted
 
 
 async def serve(

@@ -9,6 +9,7 @@ import signal
 
 import pytest
 
+from holdfast import cli
 from tests.process import ServerProcess, run_holdfast, start_server
 
 SKU = "sku-42"
@@ -159,3 +160,30 @@ def test_a_signal_stops_the_server_cleanly(tmp_path, sig):
         assert ok_line(again, "stock", "get", SKU) == "sku-42: total 10, available 10, held 0, sold 0 (version 1)"
     finally:
         again.close()
+
+
+def test_the_built_in_names_are_the_servers_default_apps():
+    """`--services` names what the server hosts by default, without the CLI importing the server."""
+    from holdfast.server import DEFAULT_APPS
+
+    assert tuple(cli.BUILT_IN.values()) == DEFAULT_APPS
+
+
+@pytest.mark.parametrize(("argv", "apps", "settings"), [
+    ([], ("holdfast.apps.inventory:Inventory", "holdfast.apps.fulfillment:Dispatch"), {}),
+    (["--app", "tables:Tables"], ("tables:Tables",), {}),
+    (["--services", "inventory", "--app", "tables:Tables", "--setting", "no_show_after_ms=60000",
+      "--setting", "greeting=hello"],
+     ("holdfast.apps.inventory:Inventory", "tables:Tables"), {"no_show_after_ms": 60000, "greeting": "hello"}),
+])
+def test_serve_hosts_the_built_in_services_and_the_apps_with_their_settings(argv, apps, settings):
+    args = cli._parser().parse_args(["serve", *argv])
+    assert cli._apps(args) == apps
+    assert dict(args.settings) == settings
+
+
+def test_a_malformed_setting_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exited:
+        cli._parser().parse_args(["serve", "--setting", "no equals"])
+    assert exited.value.code == 2
+    assert "expected NAME=VALUE" in capsys.readouterr().err

@@ -255,7 +255,7 @@ TABLES = Path(__file__).resolve().parents[1] / "examples" / "tables"
 
 async def test_a_fault_on_a_method_not_hosted_stops_the_start_naming_the_hosted_ones(tmp_path):
     config = Config(
-        listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db", services=("inventory",),
+        listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db", apps=("holdfast.apps.inventory:Inventory",),
         faults=str(fault_file(tmp_path, f'["{DISPATCH_GET}"]\nstatus = "ABORTED"\n')),
     )
     with pytest.raises(ValueError, match=f"unknown method '{DISPATCH_GET}'") as raised:
@@ -289,7 +289,7 @@ async def test_a_teams_methods_take_faults_when_its_app_is_hosted(tmp_path, monk
     monkeypatch.syspath_prepend(str(TABLES))
     get_booking = "restaurant.tables.v1.TableService/GetBooking"
     config = Config(
-        listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db", services=(), apps=("tables:Tables",),
+        listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db", apps=("tables:Tables",),
         faults=str(fault_file(tmp_path, f'["{get_booking}"]\nstatus = "UNAVAILABLE"\n')),
     )
     from holdfast.server import check

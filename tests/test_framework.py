@@ -20,7 +20,7 @@ PUBLIC = {
     "lease_held",
     "encode_data", "decode_data", "states_of", "text_violations", "invalid", "Call", "Contract", "current_call", "idempotency_key", "Engine", "Move", "Txn",
     "AppReason", "Refusal", "refusal", "Clock", "SystemClock", "ManualClock", "Config", "Running", "ServiceFactory", "start",
-    "serve",
+    "serve", "channel", "aio_channel",
 }
 
 # Each built-in app may import the public API, its own generated code and
@@ -28,7 +28,8 @@ PUBLIC = {
 # still live in the core's modules: holdfast.machine, holdfast.store).
 OWN_MODULES = {
     "service/apps/inventory.py": {"holdfast", "holdfast.inventory.v1", "holdfast.machine", "holdfast.store"},
-    "service/apps/fulfillment.py": {"holdfast", "holdfast.fulfillment.v1", "holdfast.apps.carrier"},
+    # Dispatch reads reservations through inventory's moves (Dispatch.from_settings).
+    "service/apps/fulfillment.py": {"holdfast", "holdfast.fulfillment.v1", "holdfast.apps.carrier", "holdfast.apps.inventory"},
 }
 
 

@@ -10,6 +10,8 @@ the slot starts is a NO_SHOW, fired by the server's reaper.
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import grpc
 
 from holdfast import (
@@ -81,6 +83,11 @@ class Tables(Service):
         super().__init__(engine)
         assert no_show_after_ms > 0, "a guest has some time to arrive"
         self.no_show_after_ms = no_show_after_ms
+
+    @classmethod
+    def from_settings(cls, engine: Engine, settings: Mapping[str, Any]) -> Tables:
+        """As `holdfast serve --app tables:Tables --setting no_show_after_ms=600000` makes it."""
+        return cls(engine, int(settings.get("no_show_after_ms", NO_SHOW_AFTER_MS)))
 
     # -- RPCs ------------------------------------------------------------------
 

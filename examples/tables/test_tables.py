@@ -196,3 +196,18 @@ async def test_the_journal_replays_every_call_and_the_no_show(holdfast_server, t
     assert kinds.count("timeout") == 1  # the reaper's NO_SHOW, between the polls of wait_for_state
     report = replay_journal(holdfast_server.journal)
     assert (report.calls, report.timeouts, report.identical) == (kinds.count("call"), 1, True)
+
+
+async def test_the_no_show_delay_is_a_setting(tmp_path):
+    """`holdfast serve --app tables:Tables --setting no_show_after_ms=60000` makes it so."""
+    from holdfast import Config, ManualClock, start
+
+    config = Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/tables.db", apps=("tables:Tables",),
+                    settings={"no_show_after_ms": 60_000})
+    running = await start(config, clock=ManualClock(NOW_MS))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            reply = await pb_grpc.TableServiceStub(channel).Book(BOOK)
+    finally:
+        await running.stop(0)
+    assert reply.no_show_at_ms == SLOT_MS + 60_000

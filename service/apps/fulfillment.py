@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import enum
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Mapping, Protocol
 
 from google.protobuf.message import Message
 
 from holdfast.fulfillment.v1 import fulfillment_pb2 as pb
 
-from holdfast.apps.carrier import Answer, Carrier, Parcel
+from holdfast.apps.carrier import Answer, Carrier, Parcel, SimulatedCarrier
 from holdfast import (
     Call,
     Change,
@@ -101,6 +101,19 @@ class Dispatch(Service):
         self.delay_ms = dispatch.retry.fixed_delay_ms
         self._running: set[bytes] = set()  # keys of the attempts running on this instance
         assert self.max_attempts >= 1 and dispatch.lock_ttl_ms > 0, "Dispatch's contract declares attempts and a lease"
+
+    @classmethod
+    def from_settings(cls, engine: Engine, settings: Mapping[str, Any]) -> Dispatch:
+        """Reads reservations through inventory's moves (on the same store,
+        whether or not inventory is hosted here) and hands waybills to the
+        simulated carrier: `carrier_failure_rate`, `carrier_latency_ms`
+        (`holdfast serve --carrier-failure-rate`, `--carrier-latency-ms`)."""
+        from holdfast.apps.inventory import Inventory
+
+        carrier = SimulatedCarrier(
+            float(settings.get("carrier_failure_rate", 0.0)), int(settings.get("carrier_latency_ms", 0))
+        )
+        return cls(engine, Inventory.from_settings(engine, settings), carrier)
 
     # -- RPCs ------------------------------------------------------------------
 

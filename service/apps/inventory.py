@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass, replace
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
@@ -50,6 +50,12 @@ class Holds:
         if not 0 < self.default_ms <= self.max_ms:
             raise ValueError(f"hold default must be within 1..{self.max_ms} ms, got {self.default_ms}")
 
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> Holds:
+        defaults = cls()
+        default_ms = int(settings.get("hold_default_ms", defaults.default_ms))
+        return cls(default_ms=default_ms, max_ms=max(default_ms, defaults.max_ms))
+
 
 def reservation_id(key: bytes) -> str:
     """Derived from the Reserve key, so every instance names the same hold the same."""
@@ -67,6 +73,12 @@ class Inventory(Service):
     def __init__(self, engine: Engine, holds: Holds = Holds()) -> None:
         super().__init__(engine)
         self.holds = holds
+
+    @classmethod
+    def from_settings(cls, engine: Engine, settings: Mapping[str, Any]) -> Inventory:
+        """`hold_default_ms` (`holdfast serve --hold-default-ms`): the hold a
+        Reserve asking for 0 gets; the longest allowed grows to it if needed."""
+        return cls(engine, Holds.from_settings(settings))
 
     # -- RPCs ------------------------------------------------------------------
 
