@@ -195,3 +195,19 @@ def test_the_teams_own_tests_pass_with_the_installed_plugin(venv, project):
     done = run(venv, "python", "-m", "pytest", "-q", "-p", "no:cacheprovider", cwd=project)
     assert done.returncode == 0, done.stdout + done.stderr
     assert " passed" in done.stdout and "failed" not in done.stdout
+
+
+def test_doctor_finds_a_changed_installed_module_and_says_reinstall(venv, tmp_path):
+    (site,) = (venv / "lib").glob("python3.*/site-packages")
+    module = site / "holdfast" / "inventory" / "v1" / "inventory_pb2.py"
+    original = module.read_bytes()
+    module.write_bytes(original + b"# edited in site-packages\n")
+    try:
+        done = run(venv, "holdfast", "doctor", "--store", f"sqlite:///{tmp_path}/doctor.db", "--snapshot", "memory://",
+                   cwd=tmp_path)
+    finally:
+        module.write_bytes(original)
+    assert done.returncode == 1
+    (row,) = [line for line in done.stdout.splitlines() if line.startswith("FAIL  generated code")]
+    assert f"{module}: changed since the last `holdfast codegen`" in row
+    assert row.endswith("fix: reinstall holdfast (pip install --force-reinstall --no-deps holdfast): the installed copy was changed")
