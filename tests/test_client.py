@@ -1,7 +1,8 @@
 """Client channels carry the contracts (service/client.py): the generated
 service config gives a call with no deadline the contract's deadline, and a
 retryable status its retries, against a real server whose fault file slows
-or fails the method.
+or fails the method; a team's own generated config (examples/tables) does
+the same through `holdfast.channel`, against a bare gRPC server.
 
 Every attempt is counted where it lands, on the server, by the fault
 interceptor's holdfast_faults_injected_total. Times are asserted loosely
@@ -25,11 +26,13 @@ import pytest
 from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
+import holdfast
 from holdfast.contracts import codegen, contract, service_config
 from holdfast import client
 from holdfast.apps.fulfillment import SERVICE as DISPATCH_SERVICE
 from holdfast.apps.inventory import SERVICE
 from holdfast.server import Config, Running, start
+from tests.process import ROOT
 from tests.support import failure_of
 
 # Every service the generated code holds, in the order codegen writes them (by proto file).
@@ -155,6 +158,157 @@ async def test_the_blocking_channel_applies_the_contracts_too(tmp_path):
 async def _guarded(call):
     """A bound on the test, far past anything the contracts allow."""
     return await asyncio.wait_for(call, OUTER_TIMEOUT_S)
+
+
+# -- a team's service config ------------------------------------------------------
+
+# What `holdfast codegen` wrote for the tutorial's TableService (a team's protos).
+TABLES_CONFIG = ROOT / "examples" / "tables" / "service_config.json"
+TABLES_SERVICE = "restaurant.tables.v1.TableService"
+BOOK = f"/{TABLES_SERVICE}/Book"
+
+
+def tables_entry(method: str) -> dict:
+    """The service config's entry of one TableService method, as written."""
+    for entry in json.loads(TABLES_CONFIG.read_text())["methodConfig"]:
+        if entry["name"] == [{"service": TABLES_SERVICE, "method": method}]:
+            return entry
+    raise AssertionError(f"{TABLES_CONFIG} has no entry for {method}")
+
+
+BOOK_TIMEOUT_S = float(tables_entry("Book")["timeout"].removesuffix("s"))
+BOOK_RETRY = tables_entry("Book")["retryPolicy"]
+
+
+@contextlib.asynccontextmanager
+async def bare_server(service: str, handlers: dict) -> AsyncIterator[str]:
+    """A plain grpc.aio server (no holdfast, no stubs: bytes in, bytes out)
+    answering `service`'s methods with `handlers`; yields its target."""
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        service, {method: grpc.unary_unary_rpc_method_handler(behaviour) for method, behaviour in handlers.items()},
+    ),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+async def test_a_teams_config_ends_a_slow_call_at_its_contract_deadline_not_early():
+    """grpcio fires a service config's own `timeout` a second or two early;
+    through holdfast.channel the call lasts the whole contract's timeout."""
+    async def slow(request: bytes, context) -> bytes:
+        await asyncio.sleep(BOOK_TIMEOUT_S * 10)
+        return b""
+
+    async with bare_server(TABLES_SERVICE, {"Book": slow}) as target:
+        async with holdfast.aio_channel(target, service_config=TABLES_CONFIG) as channel:
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await _guarded(channel.unary_unary(BOOK)(b""))  # no timeout= on purpose
+            elapsed = time.monotonic() - started
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert BOOK_TIMEOUT_S - 0.2 <= elapsed <= 3 * BOOK_TIMEOUT_S, f"{elapsed:.2f} s for a {BOOK_TIMEOUT_S} s contract"
+
+
+# One row per outcome: what the handler answers each attempt, then how many
+# attempts the server sees and what the caller gets.
+RETRIES = [
+    pytest.param(["UNAVAILABLE"] * 5, BOOK_RETRY["maxAttempts"], "UNAVAILABLE", id="retryable-every-time"),
+    pytest.param(["ABORTED", "ABORTED", "OK"], 3, "OK", id="retryable-then-answered"),
+    pytest.param(["FAILED_PRECONDITION", "OK"], 1, "FAILED_PRECONDITION", id="not-retryable"),
+]
+
+
+@pytest.mark.parametrize(("answers", "attempts", "code"), RETRIES)
+async def test_a_teams_retry_policy_retries_its_retryable_codes_only(answers, attempts, code):
+    assert BOOK_RETRY["maxAttempts"] == 3 and {"UNAVAILABLE", "ABORTED"} <= set(BOOK_RETRY["retryableStatusCodes"])
+    assert "FAILED_PRECONDITION" not in BOOK_RETRY["retryableStatusCodes"]
+    seen: list[str] = []
+
+    async def flaky(request: bytes, context) -> bytes:
+        answer = answers[len(seen)]
+        seen.append(answer)
+        if answer != "OK":
+            await context.abort(grpc.StatusCode[answer], f"attempt {len(seen)}")
+        return b"booked"
+
+    async with bare_server(TABLES_SERVICE, {"Book": flaky}) as target:
+        async with holdfast.aio_channel(target, service_config=str(TABLES_CONFIG)) as channel:
+            try:
+                reply, got = await _guarded(channel.unary_unary(BOOK)(b"")), "OK"
+            except grpc.aio.AioRpcError as error:
+                reply, got = None, error.code().name
+    assert (len(seen), got) == (attempts, code)
+    assert reply == (b"booked" if code == "OK" else None)
+
+
+async def test_a_service_wide_or_default_name_sets_the_deadline_of_every_method_it_covers():
+    """gRPC's own matching: the method's entry, else its service's, else the
+    default (a name with no service). Read server side, where the deadline lands."""
+    config = json.dumps({"methodConfig": [
+        {"name": [{"service": "pkg.Narrow", "method": "Exact"}], "timeout": "0.400000000s"},
+        {"name": [{"service": "pkg.Narrow"}], "timeout": "1.200000000s"},
+        {"name": [{}], "timeout": "3.000000000s"},
+    ]})
+
+    async def remaining(request: bytes, context) -> bytes:
+        return str(context.time_remaining()).encode()
+
+    async with bare_server("pkg.Narrow", {"Exact": remaining, "Other": remaining}) as narrow, \
+            bare_server("pkg.Wide", {"Any": remaining}) as wide:
+
+        # The blocking channel, on a thread: a blocking call would stall the servers' loop.
+        def left(target: str, method: str) -> float:
+            with holdfast.channel(target, service_config=config) as channel:
+                return float(channel.unary_unary(method)(b""))
+
+        found = {method: await asyncio.wait_for(asyncio.to_thread(left, target, method), OUTER_TIMEOUT_S)
+                 for target, method in ((narrow, "/pkg.Narrow/Exact"), (narrow, "/pkg.Narrow/Other"), (wide, "/pkg.Wide/Any"))}
+    # Loose: the wire rounds a deadline up, and the call took some of it.
+    assert 0 < found["/pkg.Narrow/Exact"] <= 0.5
+    assert 0.5 < found["/pkg.Narrow/Other"] <= 1.3
+    assert 1.3 < found["/pkg.Wide/Any"] <= 3.1
+
+
+def test_a_teams_config_reads_the_same_from_its_path_its_text_or_a_relative_path(monkeypatch):
+    monkeypatch.chdir(TABLES_CONFIG.parent)
+    expected = {f"/{TABLES_SERVICE}/{m}": float(tables_entry(m)["timeout"].removesuffix("s"))
+                for m in ("Book", "Seat", "Cancel", "GetBooking")}
+    for given in (TABLES_CONFIG, str(TABLES_CONFIG), TABLES_CONFIG.read_text(), "service_config.json"):
+        assert client.deadlines(given) == expected
+        assert client.service_config(given) == TABLES_CONFIG.read_text()
+
+
+def test_several_configs_merge_into_one_channels_deadlines_and_retries():
+    both = [client.SERVICE_CONFIG, TABLES_CONFIG]
+    assert client.deadlines(both) == {**client.deadlines(), **client.deadlines(TABLES_CONFIG)}
+    retries = json.loads(dict(client.options(service_config=both))["grpc.service_config"])["methodConfig"]
+    assert [e["name"] for e in retries] == [
+        e["name"] for path in both for e in json.loads(path.read_text())["methodConfig"]
+    ]
+    assert all("timeout" not in e and "retryPolicy" in e for e in retries)
+
+
+def test_a_method_in_two_merged_configs_is_refused_naming_it():
+    with pytest.raises(ValueError, match=f"{BOOK} is configured in {TABLES_CONFIG} already"):
+        client.deadlines([TABLES_CONFIG, TABLES_CONFIG.read_text()])
+
+
+@pytest.mark.parametrize(("text", "error", "words"), [
+    (None, OSError, "cannot read it"),
+    ("{not json", ValueError, "not a JSON service config"),
+    ('{"methodConfig": {}}', ValueError, "a `methodConfig` list"),
+    ('{"methodConfig": [{"name": [{"service": "s"}], "timeout": "500ms"}]}', ValueError, "'500ms'"),
+], ids=["missing", "not-json", "no-method-list", "bad-timeout"])
+def test_a_config_that_cannot_be_read_fails_the_channel_saying_why(tmp_path, text, error, words):
+    path = tmp_path / "service_config.json"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(error, match=words):
+        holdfast.channel("127.0.0.1:1", service_config=path)
 
 
 # -- the generated service config -------------------------------------------------

@@ -10,17 +10,19 @@ from pathlib import Path
 
 import grpc
 
+import holdfast
 from restaurant.tables.v1 import tables_pb2 as pb
 from restaurant.tables.v1 import tables_pb2_grpc as pb_grpc
 
-# The contracts' deadlines and retries, as `holdfast codegen` wrote them for gRPC.
+# The contracts' deadlines and retries, as `holdfast codegen` wrote them for
+# gRPC. holdfast.channel applies them; passed to grpcio as the raw
+# `grpc.service_config` option, the deadlines would fire a second or two early.
 SERVICE_CONFIG = Path(__file__).resolve().parent / "service_config.json"
 
 
 def main(argv: list[str] | None = None) -> int:
     target, table_id, slot_start_ms, party_size, guest = sys.argv[1:] if argv is None else argv
-    options = [("grpc.service_config", SERVICE_CONFIG.read_text())]
-    with grpc.insecure_channel(target, options=options) as channel:
+    with holdfast.channel(target, service_config=SERVICE_CONFIG) as channel:
         request = pb.BookRequest(table_id=table_id, slot_start_ms=int(slot_start_ms),
                                  party_size=int(party_size), guest=guest)
         try:
