@@ -11,7 +11,11 @@ code against a real holdfast server and for checking journals replay.
   hold expiry and timeout events happen when the test moves `.clock`, and a
   journal of every call and timed move at `.journal`. Also `.target`
   ("127.0.0.1:PORT") and `.port`.
-* `holdfast_channel` — a grpc.aio channel to it, to build your own stub on.
+* `holdfast_service_config` — the generated `service_config.json` (or
+  several) whose contract deadlines and retries `holdfast_channel` applies:
+  holdfast's own by default; override it to return yours.
+* `holdfast_channel` — a grpc.aio channel to it (`holdfast.aio_channel`,
+  with `holdfast_service_config`), to build your own stub on.
 * `holdfast_client` — an `InventoryServiceStub` on that channel.
 * `replay_journal` — `replay_journal(path)` replays a journal on a fresh
   instance hosting the same `holdfast_services`, and fails the test with
@@ -68,6 +72,16 @@ async def _started(folder: Path, services: Sequence[Callable[[Any], Any]] = ()) 
 
 
 @pytest.fixture
+def holdfast_service_config() -> Any:
+    """The service config(s) `holdfast_channel` applies (a path, JSON text,
+    or a list of them): holdfast's own by default. Override it to return
+    the `service_config.json` that `holdfast codegen --out` wrote for yours."""
+    from holdfast.client import SERVICE_CONFIG
+
+    return SERVICE_CONFIG
+
+
+@pytest.fixture
 def holdfast_services() -> Sequence[Callable[[Any], Any]]:
     """Your service factories (`ServiceFactory`: engine -> Service) for
     `holdfast_server` to host instead of holdfast's own; override this
@@ -88,11 +102,12 @@ if pytest_asyncio is not None:
         await server.running.stop(0)
 
     @pytest_asyncio.fixture
-    async def holdfast_channel(holdfast_server: HoldfastServer) -> AsyncIterator[Any]:
-        """A grpc.aio channel to `holdfast_server`, for your own stubs."""
-        import grpc
+    async def holdfast_channel(holdfast_server: HoldfastServer, holdfast_service_config: Any) -> AsyncIterator[Any]:
+        """A grpc.aio channel to `holdfast_server`, for your own stubs, with
+        the contracts' deadlines and retries of `holdfast_service_config`."""
+        from holdfast.client import aio_channel
 
-        async with grpc.aio.insecure_channel(holdfast_server.target) as channel:
+        async with aio_channel(holdfast_server.target, service_config=holdfast_service_config) as channel:
             yield channel
 
     @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import grpc
 import pytest
@@ -27,6 +28,12 @@ NO_SHOW_AT_MS = SLOT_MS + NO_SHOW_AFTER_MS
 def holdfast_services():
     """The plugin's server hosts TableService alone."""
     return [lambda engine: Tables(engine)]
+
+
+@pytest.fixture
+def holdfast_service_config() -> Path:
+    """The plugin's channel applies TableService's contracts (deadlines, retries)."""
+    return Path(__file__).resolve().parent / "service_config.json"
 
 
 @pytest.fixture
