@@ -6,43 +6,41 @@ can the auditor. So every idempotency key is in one of three conditions:
 
 * absent: no attempt committed (every answer so far said nothing changed);
 * pending: an attempt may have committed (its reply was lost, or the store
-  failed while committing); the key's reservation and SKU are *uncertain*
+  failed while committing); what the key's call may touch is *uncertain*
   until a retry answers;
 * recorded: an attempt committed; every later answer under the key must be
   the identical bytes, flagged as a replay.
 
-Effects are applied once, when a key becomes recorded. Reservation answers
-carry the absolute state and version, and stock follows from the states, so
-an effect learned late (a retry resolving a lost reply) lands in the right
-place: a version older than the one the model holds is simply already
-superseded. Uncertain entities are compared with the store again as soon as
-their keys resolve; everything else is compared exactly, after every step.
+That ledger is the same for every app and lives in `Auditor`. What an app's
+moves do is its own model: an app's auditor subclasses `Auditor` and fills
+in the hooks (`predict`, `apply`, `read`, `check`, `sweep`). Effects are
+applied once, when a key becomes recorded; uncertain rows are compared with
+the store again as soon as their keys resolve, everything else exactly,
+after every step.
+
+`EntityAuditor` is that model for a service built on the framework, whose
+entities are versioned rows of one machine's kind: it knows each entity's
+state and version from the replies, and checks what holds for any machine
+(versions move forward, terminal states are final, nothing appears that no
+answer made); an app adds its own invariants on top.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Any, Callable, ClassVar, Generic, Iterable, Mapping, Protocol, TypeVar
 
-from holdfast.inventory.v1 import inventory_pb2 as pb
+from google.protobuf.message import Message
 
-from holdfast.machine import INTENTS, State
-from holdfast.outcome import Outcome, Reason
-from holdfast.store import Reservation, Stock
+from holdfast.gateway import Call
+from holdfast.machine import Machine
+from holdfast.memory import Changes
+from holdfast.outcome import AnyReason, Outcome, Reason
+from holdfast.store import Entity, Reservation, Stock
 
 # Answers that say nothing about whether an earlier attempt committed.
 TRANSIENT = frozenset({Reason.DEPENDENCY_UNAVAILABLE, Reason.BUDGET_EXCEEDED})
-# The states a successful move of each kind may leave its reservation in
-# (recovery drives an intent forward or back: machine.RECOVERY).
-SETTLES_TO = {
-    "Reserve": {State.RESERVED},
-    "Confirm": {State.CONFIRMED},
-    "Release": {State.RELEASED},
-    "Expire": {State.RELEASED},
-    "Recover": {State.AVAILABLE, State.CONFIRMED, State.RELEASED},
-}
-READS = frozenset({"GetStock", "GetReservation"})
 
 
 class Violation(AssertionError):
@@ -59,29 +57,38 @@ def require(condition: bool, message: str | Callable[[], str]) -> None:
 @dataclass(frozen=True, slots=True)
 class Request:
     """One request as the client built it. `key` and `fingerprint` are the
-    gateway's; `sku` and `rid` name what the move may touch (None: nothing)."""
+    gateway's (`call` is the gateway's whole `Call`, None for a move made by
+    time); `touches` names the rows the move may change, so that they are
+    uncertain while its key is pending; `subject` is what a move made by
+    time was made for (so it can be made again), as its workload keeps it."""
 
     method: str
-    message: object
+    message: Message | None
     key: bytes
     fingerprint: bytes
-    sku: str | None = None
-    rid: str | None = None
-    hold: Reservation | None = None  # the reaper's input, for Expire
+    touches: tuple[str, ...] = ()
+    subject: Any = None
+    call: Call | None = field(default=None, compare=False)
 
     def wire(self) -> bytes:
         if self.message is None:
             return self.key
         return self.message.SerializeToString(deterministic=True)
 
+    def named(self) -> str:
+        """What the request is about, for a message."""
+        return self.touches[0] if self.touches else self.method
 
-class Truth(Protocol):
-    """The store's committed state, read without faults."""
+
+class Books(Protocol):
+    """The store's committed rows, read without faults."""
 
     def stock(self, sku_id: str) -> Stock | None: ...
     def reservation(self, reservation_id: str) -> Reservation | None: ...
+    def entity(self, entity_id: str) -> Entity | None: ...
     def all_stock(self) -> Iterable[Stock]: ...
     def all_reservations(self) -> Iterable[Reservation]: ...
+    def all_entities(self) -> Iterable[Entity]: ...
 
 
 class Kind(enum.Enum):
@@ -93,43 +100,20 @@ class Kind(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class _Recorded:
     fingerprint: bytes
-    reason: Reason | None
+    reason: AnyReason | None
     payload: bytes
-
-
-@dataclass(slots=True)
-class _Held:
-    """The model's reservation: its latest known state and version."""
-
-    sku_id: str
-    quantity: int
-    state: State
-    version: int
-    expires_at_ms: int
-    expired: bool  # released by the reaper, not the client
-
-
-@dataclass(slots=True)
-class _Sku:
-    total: int = 0
-    total_version: int = 0  # the stock version of the PutStock answer `total` came from
-    held: int = 0
-    sold: int = 0
 
 
 @dataclass
 class Auditor:
+    """The ledger of idempotency keys, and the hooks an app's model fills in."""
+
     records: dict[bytes, _Recorded] = field(default_factory=dict)
     pending: dict[bytes, Request] = field(default_factory=dict)
-    skus: dict[str, _Sku] = field(default_factory=dict)
-    holds: dict[str, _Held] = field(default_factory=dict)
-    # Highest version seen per entity: in fresh answers, and in the store.
-    fresh_versions: dict[str, int] = field(default_factory=dict)
-    store_versions: dict[str, int] = field(default_factory=dict)
-    stock_versions: dict[str, int] = field(default_factory=dict)
-    reserved: set[str] = field(default_factory=set)  # the model's RESERVED holds
     # Business time while the answers being read were made: a move's now_ms is within.
     now_window_ms: tuple[int, int] = (0, 0)
+    # Methods that only read: their answers are checked, never recorded.
+    READS: ClassVar[frozenset[str]] = frozenset()
 
     # -- answers ---------------------------------------------------------------------
 
@@ -140,8 +124,8 @@ class Auditor:
 
     def answered(self, request: Request, outcome: Outcome | None) -> None:
         """One answer, in the order the moves ran; None is a reply never seen."""
-        if request.method in READS:
-            self._read(request, outcome)
+        if request.method in self.READS:
+            self.read(request, outcome)
             return
         recorded = self.records.get(request.key)
         if outcome is None or outcome.reason in TRANSIENT:
@@ -157,59 +141,24 @@ class Auditor:
         else:
             self._first(request, outcome)
 
+    def uncertain(self) -> set[str]:
+        """The rows a pending key's call may have changed."""
+        return {row for r in self.pending.values() for row in r.touches}
+
     def _first(self, request: Request, outcome: Outcome) -> None:
         """The first answer under a key that no attempt is known to have committed."""
-        if request.key not in self.pending and request.sku not in self.uncertain_skus() and request.rid not in self.uncertain_rids():
-            allowed = self._predict(request)
+        if request.key not in self.pending and self.uncertain().isdisjoint(request.touches):
+            allowed = self.predict(request)
             require(
                 allowed is None or outcome.reason in allowed,
-                lambda: f"{request.method} of {request.rid or request.sku} answered {outcome.reason}, the model allows {allowed}",
+                lambda: f"{request.method} of {request.named()} answered {outcome.reason}, the model allows {allowed}",
             )
         if outcome.recorded:
             self._committed(request, outcome)
         else:
             # Checked after the record lookup, so no attempt ever committed.
             self.pending.pop(request.key, None)
-
-    def _predict(self, request: Request) -> set[Reason | None] | None:
-        """The answers a move may give, from the model alone (None: no opinion).
-        Refusing what the model says is there is as wrong as overselling."""
-        message = request.message
-        if request.method == "PutStock":
-            sku = self.skus.get(request.sku)
-            committed = 0 if sku is None else sku.held + sku.sold
-            return {None} if message.total >= committed else {Reason.STOCK_BELOW_COMMITTED}
-        if request.method == "Reserve":
-            if message.quantity <= 0:
-                return {Reason.INVALID_REQUEST}
-            sku = self.skus.get(request.sku)
-            if sku is None or sku.total_version == 0:
-                return {Reason.SKU_NOT_FOUND}
-            available = sku.total - sku.held - sku.sold
-            return {None} if available >= message.quantity else {Reason.INSUFFICIENT_STOCK}
-        if request.method in ("Confirm", "Release"):
-            held = self.holds.get(request.rid)
-            if held is None:
-                return {Reason.RESERVATION_NOT_FOUND}
-            # A snapshot behind the store (a commit that failed after applying)
-            # makes any move on the reservation compensate first.
-            return {Reason.VERSION_CONFLICT} | self._settles(request, held)
-        return None
-
-    def _settles(self, request: Request, held: _Held) -> set[Reason | None]:
-        if held.state is State.RELEASED and held.expired:
-            return {Reason.HOLD_EXPIRED}
-        if request.method == "Release":
-            return {None} if held.state is State.RESERVED else {Reason.INVALID_TRANSITION}
-        expected = request.message.expected_version
-        if expected and expected != held.version:
-            return {Reason.VERSION_CONFLICT}
-        if held.state is not State.RESERVED:
-            return {Reason.INVALID_TRANSITION}
-        earliest_ms, latest_ms = self.now_window_ms
-        if held.expires_at_ms <= earliest_ms:
-            return {Reason.HOLD_EXPIRED}
-        return {None} if held.expires_at_ms > latest_ms else {None, Reason.HOLD_EXPIRED}
+            self.refused(request, outcome)
 
     def _replayed(self, request: Request, recorded: _Recorded, outcome: Outcome) -> None:
         if request.fingerprint != recorded.fingerprint:
@@ -225,144 +174,234 @@ class Auditor:
         maybe_earlier = self.pending.pop(request.key, None) is not None
         require(not outcome.replayed or maybe_earlier, f"{request.method}: a replay of a key no attempt committed")
         self.records[request.key] = _Recorded(request.fingerprint, outcome.reason, outcome.payload)
-        if outcome.ok:
-            self._apply(request, outcome)
+        self.apply(request, outcome)
 
-    def _apply(self, request: Request, outcome: Outcome) -> None:
-        if request.method == "PutStock":
-            reply = pb.StockReply.FromString(outcome.payload)
-            _check_reply(reply)
-            require(reply.sku_id == request.sku and reply.total == request.message.total, f"PutStock answered {reply}")
-            sku = self.skus.setdefault(reply.sku_id, _Sku())
-            if reply.version > sku.total_version:
-                sku.total, sku.total_version = reply.total, reply.version
-            return
-        reply = pb.ReservationReply.FromString(outcome.payload)
-        state = State(reply.state)
-        require(reply.reservation_id == request.rid and reply.sku_id == request.sku, f"{request.method} answered for {reply.reservation_id}")
-        require(state in SETTLES_TO[request.method], f"{request.method} of {request.rid} left it {state.name}")
-        if not outcome.replayed:
-            last = self.fresh_versions.get(request.rid, 0)
-            require(reply.version > last, f"{request.rid}: version went from {last} to {reply.version}")
-            self.fresh_versions[request.rid] = reply.version
-        self._settle(request.rid, reply, request.method == "Expire")
+    # -- the app's model: what its moves may answer and what they change ------------------
 
-    def _settle(self, rid: str, reply: pb.ReservationReply, expired: bool) -> None:
-        """Moves the model's reservation to `state` unless it already knows a later version."""
-        held = self.holds.get(rid)
-        if held is not None and held.version >= reply.version:
-            return
-        state = State(reply.state)
-        sku = self.skus.setdefault(reply.sku_id, _Sku())
-        if held is not None:
-            _count(sku, held.state, -held.quantity)
-        _count(sku, state, reply.quantity)
-        self.holds[rid] = _Held(reply.sku_id, reply.quantity, state, reply.version, reply.expires_at_ms, expired)
-        (self.reserved.add if state is State.RESERVED else self.reserved.discard)(rid)
+    def predict(self, request: Request) -> set[AnyReason | None] | None:
+        """The answers a move may give, from the model alone (None: no opinion);
+        asked only when nothing it touches is uncertain. Refusing what the
+        model says is there is as wrong as overselling."""
+        return None
 
-    def _read(self, request: Request, outcome: Outcome | None) -> None:
-        if outcome is None or outcome.reason in TRANSIENT:
-            return
-        if request.method == "GetStock":
-            self._read_stock(request.sku, outcome)
-        elif request.rid not in self.uncertain_rids():
-            held = self.holds.get(request.rid)
-            if held is None:
-                require(outcome.reason is Reason.RESERVATION_NOT_FOUND, f"GetReservation of unknown {request.rid}: {outcome.reason}")
-            else:
-                require(outcome.ok, f"GetReservation of {request.rid} answered {outcome.reason}")
-                reply = pb.ReservationReply.FromString(outcome.payload)
-                require((State(reply.state), reply.version) == (held.state, held.version), f"GetReservation of {request.rid}: {reply} vs {held}")
+    def apply(self, request: Request, outcome: Outcome) -> None:
+        """A first answer recorded under its key (a success or a recorded
+        refusal); `outcome.replayed` when it was learned late, by a retry."""
 
-    def _read_stock(self, sku_id: str, outcome: Outcome) -> None:
-        if outcome.ok:
-            _check_reply(pb.StockReply.FromString(outcome.payload))
-        if sku_id in self.uncertain_skus():
-            return
-        sku = self.skus.get(sku_id)
-        if sku is None or sku.total_version == 0:
-            require(outcome.reason is Reason.SKU_NOT_FOUND, f"GetStock of unknown {sku_id}: {outcome.reason}")
-            return
-        require(outcome.ok, f"GetStock of {sku_id} answered {outcome.reason}")
-        reply = pb.StockReply.FromString(outcome.payload)
-        require((reply.total, reply.held, reply.sold) == (sku.total, sku.held, sku.sold), f"GetStock of {sku_id}: {reply} vs {sku}")
+    def refused(self, request: Request, outcome: Outcome) -> None:
+        """A first answer not recorded: a one-move call changed nothing."""
+
+    def read(self, request: Request, outcome: Outcome | None) -> None:
+        """An answer of a read-only method (one of READS)."""
 
     # -- the store ----------------------------------------------------------------------
 
-    def uncertain_skus(self) -> set[str]:
-        return {r.sku for r in self.pending.values() if r.sku is not None}
+    def check(self, books: Books, changes: Changes, requests: Iterable[Request]) -> None:
+        """Every invariant, for the rows a step's commits and requests touched."""
 
-    def uncertain_rids(self) -> set[str]:
-        return {r.rid for r in self.pending.values() if r.rid is not None}
+    def sweep(self, books: Books) -> None:
+        """Every invariant, for every row: every few hundred steps, and at the end."""
 
-    def check(self, truth: Truth, skus: Iterable[str], rids: Iterable[str]) -> None:
-        """Every invariant, for the entities a step touched."""
-        uncertain_skus, uncertain_rids = self.uncertain_skus(), self.uncertain_rids()
-        for sku_id in skus:
-            self._check_stock(truth.stock(sku_id), sku_id, exact=sku_id not in uncertain_skus)
-        for rid in rids:
-            self._check_reservation(truth.reservation(rid), rid, exact=rid not in uncertain_rids)
+    def reaped(self, books: Books, now_ms: int, limit: int) -> None:
+        """A reaper round as of `now_ms` read what was due (at most `limit`
+        rows per service) and made its moves; their answers have been read."""
 
-    def sweep(self, truth: Truth) -> None:
-        """Every invariant, for every entity, including the store's own sums
-        (held == RESERVED quantities, sold == CONFIRMED quantities)."""
-        held: dict[str, int] = {}
-        sold: dict[str, int] = {}
-        rids = set(self.holds)
-        for r in truth.all_reservations():
-            rids.add(r.reservation_id)
-            if r.state is State.RESERVED:
-                held[r.sku_id] = held.get(r.sku_id, 0) + r.quantity
-            elif r.state is State.CONFIRMED:
-                sold[r.sku_id] = sold.get(r.sku_id, 0) + r.quantity
-        skus = set(self.skus)
-        for s in truth.all_stock():
-            skus.add(s.sku_id)
-            require((s.held, s.sold) == (held.get(s.sku_id, 0), sold.get(s.sku_id, 0)), f"stock of {s.sku_id} disagrees with its reservations: {s}")
-        require(set(held) | set(sold) <= skus, "reservations hold stock of a SKU that has none")
-        self.check(truth, sorted(skus), sorted(rids))
 
-    def _check_stock(self, stock: Stock | None, sku_id: str, exact: bool) -> None:
-        if stock is not None:
-            require(stock.available + stock.held + stock.sold == stock.total, lambda: f"stock of {sku_id} does not add up: {stock}")
-            require(min(stock.available, stock.held, stock.sold) >= 0, lambda: f"negative stock (oversold) for {sku_id}: {stock}")
-            last = self.stock_versions.get(sku_id, 0)
-            require(stock.version >= last, lambda: f"stock version of {sku_id} went back from {last} to {stock.version}")
-            self.stock_versions[sku_id] = stock.version
-        if not exact:
+# -- services built on the framework ----------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Known:
+    """The model's entity: its latest known state and version. Not `exact`
+    when a move may have changed it without a reply saying how (a refusal
+    that writes, a call of several moves answered before its last): the
+    store then only has to be no older."""
+
+    state: int | None
+    version: int
+    exact: bool
+
+
+R = TypeVar("R", bound=Message)
+
+
+class EntityAuditor(Auditor, Generic[R]):
+    """The model of one framework service's entities, from its replies.
+
+    `reply` is the service's reply message, whose `id_field`, `state` and
+    `version` name the entity as stored; `settles` the states a success of
+    each method (and of each move made by time, named as its workload names
+    it) may leave. `not_found` is the service's refusal for an unknown id.
+
+    Checked, for every entity: its kind; its state one of the machine's,
+    never the initial one (no row is ever in it); the store's version never
+    goes back, and is never behind a version an answer showed; a terminal
+    state is final (the row never changes again); a fresh reply's version
+    is above every earlier one of the entity; nothing is in the store that
+    no answer made; where no key is pending, state and version equal the
+    model's. An app adds `answer` (a success's reply), `row` (one entity as
+    stored) and `rows` (all of them together).
+    """
+
+    def __init__(
+        self, machine: Machine, reply: type[R], id_field: str, settles: Mapping[str, Iterable[int]], not_found: AnyReason
+    ) -> None:
+        Auditor.__init__(self)
+        self.machine = machine
+        self.reply = reply
+        self.id_field = id_field
+        self.settles = {method: frozenset(states) for method, states in settles.items()}
+        self.not_found = not_found
+        self.known: dict[str, _Known] = {}
+        self.fresh_versions: dict[str, int] = {}
+        self.store_versions: dict[str, tuple[int, int]] = {}  # entity -> (version, state) as last read from the store
+        self.timed: dict[str, int] = {}  # entity -> its due_at_ms, as last read from the store
+        self._timeouts_refused: set[str] = set()  # entities whose timeout this round was answered with a refusal
+
+    def state(self, entity_id: str) -> int | None:
+        """The entity's state as the answers last showed it (None: not known),
+        what a workload's client picks its next call by."""
+        known = self.known.get(entity_id)
+        return None if known is None else known.state
+
+    # -- answers ---------------------------------------------------------------------
+
+    def apply(self, request: Request, outcome: Outcome) -> None:
+        if not outcome.ok:
+            self.changed_unseen(request.touches)
             return
-        model = self.skus.get(sku_id)
-        if model is None or model.total_version == 0:
-            require(stock is None, lambda: f"the store has stock of {sku_id} that no answer created: {stock}")
-            require(model is None or model.held == model.sold == 0, lambda: f"answers hold {sku_id} that was never stocked")
-            return
-        require(stock is not None, lambda: f"stock of {sku_id} vanished")
-        expected = (model.total, model.total - model.held - model.sold, model.held, model.sold)
-        require((stock.total, stock.available, stock.held, stock.sold) == expected, lambda: f"stock of {sku_id} is {stock}, answers say {expected}")
+        reply = self.reply.FromString(outcome.payload)
+        entity_id = getattr(reply, self.id_field)
+        require(entity_id in request.touches, lambda: f"{request.method} of {request.named()} answered for {entity_id}, another entity")
+        allowed = self.settles.get(request.method)
+        require(allowed is None or reply.state in allowed,
+                lambda: f"{request.method} of {entity_id} left it {self._name(reply.state)}")
+        if not outcome.replayed:
+            last = self.fresh_versions.get(entity_id, 0)
+            require(reply.version > last, lambda: f"{entity_id}: version went from {last} to {reply.version}")
+            self.fresh_versions[entity_id] = reply.version
+        self.learned(entity_id, reply.state, reply.version, fresh=not outcome.replayed)
+        self.answer(request, reply, outcome.replayed)
 
-    def _check_reservation(self, found: Reservation | None, rid: str, exact: bool) -> None:
+    def learned(self, entity_id: str, state: int, version: int, fresh: bool) -> None:
+        """An answer showed `entity_id` at (state, version). A fresh answer is
+        the latest word on it; one learned late (a replay) is news only if the
+        model knows no later version, and leaves it no more exact than it was."""
+        known = self.known.get(entity_id)
+        if known is None:
+            self.known[entity_id] = _Known(state, version, True)
+        elif version > known.version or (fresh and version == known.version):
+            self.known[entity_id] = _Known(state, version, fresh or known.exact)
+
+    def changed_unseen(self, entity_ids: Iterable[str]) -> None:
+        """The entities may have moved on with no reply saying how."""
+        for entity_id in entity_ids:
+            known = self.known.get(entity_id)
+            if known is None:
+                self.known[entity_id] = _Known(None, 0, False)
+            else:
+                known.exact = False
+
+    def refused(self, request: Request, outcome: Outcome) -> None:
+        if request.call is None:  # a timeout that did not fire (the entity moved on, or the snapshot was behind)
+            self._timeouts_refused.update(request.touches)
+
+    def read(self, request: Request, outcome: Outcome | None) -> None:
+        if outcome is None or outcome.reason in TRANSIENT or not request.touches:
+            return
+        entity_id = request.touches[0]
+        known = self.known.get(entity_id)
+        certain = entity_id not in self.uncertain()
+        if outcome.ok:
+            reply = self.reply.FromString(outcome.payload)
+            require(getattr(reply, self.id_field) == entity_id, lambda: f"a read of {entity_id} answered {reply}")
+            require(known is not None or not certain, lambda: f"a read found {entity_id}, which no answer created")
+            if known is None:
+                return
+            require(reply.version >= known.version, lambda: f"a read of {entity_id} found version {reply.version}, answers showed {known.version}")
+            if certain and known.exact:
+                require((reply.state, reply.version) == (known.state, known.version),
+                        lambda: f"a read of {entity_id} found {self._name(reply.state)} v{reply.version}, answers say {self._name(known.state)} v{known.version}")
+            elif certain:
+                self.known[entity_id] = _Known(reply.state, reply.version, True)  # the store's word, nothing pending
+        elif outcome.reason is self.not_found and certain:
+            require(known is None or known.state is None, lambda: f"{entity_id} vanished: a read answered {outcome.reason}")
+
+    # -- the store ----------------------------------------------------------------------
+
+    def check(self, books: Books, changes: Changes, requests: Iterable[Request]) -> None:
+        ids = set(changes.entities)
+        for request in requests:
+            ids.update(request.touches)
+        uncertain = self.uncertain()
+        for entity_id in sorted(ids):
+            self._check(books.entity(entity_id), entity_id, exact=entity_id not in uncertain)
+
+    def reaped(self, books: Books, now_ms: int, limit: int) -> None:
+        """Timeouts fire: after a round, no entity is still due by the round's
+        time, unless its timeout's answer is not known yet or said it did not
+        fire (another move got there first)."""
+        refused, self._timeouts_refused = self._timeouts_refused, set()
+        due = sorted(entity_id for entity_id, due_at_ms in self.timed.items() if due_at_ms <= now_ms)
+        if len(due) > limit:
+            return  # more than one round's worth: the next rounds take the rest
+        excused = self.uncertain() | refused
+        for entity_id in due:
+            found = books.entity(entity_id)
+            still_due = found is not None and 0 < found.due_at_ms <= now_ms and entity_id not in excused
+            require(not still_due, lambda: f"{entity_id}'s timeout was due at {found.due_at_ms}; the reaper's round at {now_ms} did not fire it")
+
+    def sweep(self, books: Books) -> None:
+        mine = [e for e in books.all_entities() if e.kind == self.machine.name]
+        uncertain = self.uncertain()
+        for entity_id in sorted({e.entity_id for e in mine} | set(self.known)):
+            self._check(books.entity(entity_id), entity_id, exact=entity_id not in uncertain)
+        self.rows(sorted(mine, key=lambda e: e.entity_id))
+
+    def _check(self, found: Entity | None, entity_id: str, exact: bool) -> None:
         if found is not None:
-            require(found.state not in INTENTS, lambda: f"{rid} rests in intent {found.state.name}")
-            last = self.store_versions.get(rid, 0)
-            require(found.version >= last, lambda: f"{rid}: the store's version went back from {last} to {found.version}")
-            self.store_versions[rid] = found.version
+            require(found.kind == self.machine.name, lambda: f"{entity_id} is a {found.kind} entity, not {self.machine.name}")
+            states = {int(s) for s in self.machine.states}
+            require(found.state in states and found.state != self.machine.initial,
+                    lambda: f"{entity_id} rests in state {found.state}, which is no state a {self.machine.name} entity rests in")
+            last_version, last_state = self.store_versions.get(entity_id, (0, 0))
+            require(found.version >= last_version, lambda: f"{entity_id}: the store's version went back from {last_version} to {found.version}")
+            if last_version and self.machine.states(last_state) in self.machine.terminal:
+                require((found.state, found.version) == (last_state, last_version),
+                        lambda: f"{entity_id} left terminal {self._name(last_state)} for {self._name(found.state)} v{found.version}")
+            answered = self.fresh_versions.get(entity_id, 0)
+            require(found.version >= answered, lambda: f"{entity_id}: the store has version {found.version}, an answer showed {answered}")
+            self.store_versions[entity_id] = (found.version, found.state)
+            if found.due_at_ms > 0:
+                self.timed[entity_id] = found.due_at_ms
+            else:
+                self.timed.pop(entity_id, None)
+            self.row(found)
+        else:
+            self.timed.pop(entity_id, None)
         if not exact:
             return
-        held = self.holds.get(rid)
-        if held is None:
-            require(found is None, lambda: f"the store has reservation {rid} that no answer created")
+        known = self.known.get(entity_id)
+        if known is None:
+            require(found is None, lambda: f"the store has {entity_id}, which no answer created")
             return
-        require(found is not None, lambda: f"reservation {rid} vanished")
-        actual = (found.sku_id, found.quantity, found.state, found.version)
-        require(actual == (held.sku_id, held.quantity, held.state, held.version), lambda: f"{rid} is {actual}, answers say {held}")
+        if known.state is None:
+            return
+        require(found is not None, lambda: f"{entity_id} vanished")
+        if known.exact:
+            require((found.state, found.version) == (known.state, known.version),
+                    lambda: f"{entity_id} is {self._name(found.state)} v{found.version}, answers say {self._name(known.state)} v{known.version}")
 
+    def _name(self, state: int | None) -> str:
+        return "unknown" if state is None else self.machine.states(state).name
 
-def _count(sku: _Sku, state: State, quantity: int) -> None:
-    if state is State.RESERVED:
-        sku.held += quantity
-    elif state is State.CONFIRMED:
-        sku.sold += quantity
+    # -- what an app adds -----------------------------------------------------------------
 
+    def answer(self, request: Request, reply: R, replayed: bool) -> None:
+        """A success's reply, after the generic checks."""
 
-def _check_reply(reply: pb.StockReply) -> None:
-    require(reply.available + reply.held + reply.sold == reply.total, f"a StockReply that does not add up: {reply}")
+    def row(self, entity: Entity) -> None:
+        """One entity as stored, whenever it is checked."""
+
+    def rows(self, entities: list[Entity]) -> None:
+        """Every entity of the machine together, in id order (a sweep)."""

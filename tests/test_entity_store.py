@@ -1,4 +1,5 @@
-"""Generic entity rows in the store of record, on SQLite and PostgreSQL.
+"""Generic entity rows in the store of record, on SQLite, PostgreSQL and
+the in-memory store `holdfast simulate` runs on (holdfast.memory).
 
 A service built on the framework (the waybills of fulfillment, a user's
 table bookings) keeps each of its state machines' entities as one versioned
@@ -9,7 +10,8 @@ These tests pin that contract through the public API (`Store.transact`, the
 statement per table) and, when a move fails in a way memory cannot undo, a
 savepoint per move. Batches are formed as tests/test_group_commit.py forms
 them. Reading or writing the database from outside the store is done only to
-show what another client sees, or to build a database an older holdfast left.
+show what another client sees, or to build a database an older holdfast left;
+those tests, and the schema's, are the SQL stores' alone.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import psycopg
 import pytest
 
 from holdfast.machine import State
+from holdfast.memory import MemoryStore, RowRefused
 from holdfast.sqlite import SqliteStore
 from holdfast.store import (
     SCHEMA_VERSION,
@@ -43,9 +46,17 @@ KIND = "fulfillment"
 DATA = b"\x00waybill caf\xc3\xa9 \xff\xfe"
 
 
-@pytest.fixture
-async def store(store_url):
-    opened = CountingStore(open_store(store_url))
+@pytest.fixture(params=["sqlite", "postgresql", "memory"])
+async def store(request: pytest.FixtureRequest, tmp_path):
+    """Each store of record in turn (the SQL ones as tests/conftest.py's
+    `store_url` opens them), counting what it is handed."""
+    if request.param == "memory":
+        inner = MemoryStore()
+    elif request.param == "sqlite":
+        inner = open_store(f"sqlite:///{tmp_path}/store.db")
+    else:
+        inner = open_store(request.getfixturevalue("postgres_url"))
+    opened = CountingStore(inner)
     await opened.open()
     yield opened
     await opened.close()
@@ -235,7 +246,8 @@ async def test_an_entity_changed_in_place_by_a_failing_move_is_read_unchanged_by
 async def test_an_entity_write_the_database_refuses_fails_that_move_alone(store):
     """A NOT NULL the flush breaks aborts the buffered batch; the batch runs
     again with a savepoint per move, where the refused insert undoes its
-    move alone and its batch-mates commit once."""
+    move alone and its batch-mates commit once. (The in-memory store refuses
+    the row as the schema would, with RowRefused.)"""
     await _seed(store, _waybill("wb_a"))
 
     def refused(txn: Txn) -> None:
@@ -246,7 +258,7 @@ async def test_an_entity_write_the_database_refuses_fails_that_move_alone(store)
     results = await in_one_batch([store], [store.transact(w) for w in works])
 
     assert results[0] == 2 and results[2] is None
-    assert isinstance(results[1], (sqlite3.IntegrityError, psycopg.errors.NotNullViolation)), results[1]
+    assert isinstance(results[1], (sqlite3.IntegrityError, psycopg.errors.NotNullViolation, RowRefused)), results[1]
     found = await store.transact(lambda txn: {eid: txn.entity(eid) for eid in ("wb_a", "wb_b", "wb_c", "wb_kindless")})
     assert found == {"wb_a": _waybill("wb_a", version=2, state=2), "wb_b": _waybill("wb_b"), "wb_c": None, "wb_kindless": None}
 

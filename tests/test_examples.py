@@ -28,7 +28,9 @@ TUTORIAL = ROOT / "docs" / "build-a-service.md"
 TABLES = EXAMPLES / "tables"
 # What an example may import of holdfast: the public API, and holdfast's
 # contract option (which a team's generated modules import).
-PUBLIC = frozenset({"holdfast", "holdfast.contract.v1"})
+# holdfast.workload is the simulation's public module (`holdfast simulate --app`),
+# as the pytest plugin is the tests': a team's workload imports it.
+PUBLIC = frozenset({"holdfast", "holdfast.contract.v1", "holdfast.workload"})
 HOLDFAST_PACKAGES = frozenset({"holdfast", "tests"})
 # A fenced block quoted from a file: the line `<!-- from PATH -->`, then the block.
 QUOTE = re.compile(r"^<!-- from (?P<path>\S+) -->\n```[\w-]*\n(?P<text>.*?)^```$", re.MULTILINE | re.DOTALL)

@@ -26,7 +26,8 @@ from tests.process import ROOT, STOP_TIMEOUT_S, free_port
 
 TABLES = ROOT / "examples" / "tables"
 # What a team writes; what holdfast generates is made again in the project.
-SOURCES = ("protos", "sla.toml", "tables.py", "book.py", "test_tables.py", "pyproject.toml")
+SOURCES = ("protos", "sla.toml", "tables.py", "book.py", "test_tables.py", "workload.py", "test_workload.py",
+           "pyproject.toml")
 INSTALL_TIMEOUT_S = 600  # a fresh venv takes every dependency from the package index
 RUN_TIMEOUT_S = 120
 
