@@ -22,6 +22,7 @@ test: $(STAMP)
 	bash tests/ensure-packages.sh
 	$(VENV)/bin/holdfast lint --format github protos
 	$(VENV)/bin/holdfast doctor --store "sqlite:///$$(mktemp -d)/doctor.db" --snapshot memory://
+	$(VENV)/bin/python -m tests.typecheck
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 codegen: $(STAMP)

@@ -10,13 +10,10 @@ keys; additions never do. Without --against they report nothing.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
-from holdfast.contracts.lint import Tree, field_type
+from holdfast.contracts.context import Context
 from holdfast.contracts.rules import Report, Rule
-
-if TYPE_CHECKING:
-    from holdfast.contracts.lint import Context, Rpc
+from holdfast.contracts.tree import Rpc, Tree, field_type
 
 
 def _pairs(context: Context) -> Iterator[tuple[Rpc, Rpc | None]]:

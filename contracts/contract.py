@@ -8,6 +8,7 @@ the gateway enforces exactly what the linter checked.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf import descriptor, descriptor_pb2
 
@@ -43,6 +44,11 @@ class Contract:
         return self.timeout_ms / 1000
 
 
+# protoc's .pyi types the extension as a plain FieldDescriptor, where
+# types-protobuf wants its own extension descriptor type: read through Any.
+_OPTION: Any = contract_pb2.contract
+
+
 def method_path(method: descriptor.MethodDescriptor) -> str:
     return f"/{method.containing_service.full_name}/{method.name}"
 
@@ -50,9 +56,9 @@ def method_path(method: descriptor.MethodDescriptor) -> str:
 def of_method(method: descriptor.MethodDescriptor) -> Contract | None:
     """The method's contract, or None when it declares none."""
     options = method.GetOptions()
-    if not options.HasExtension(contract_pb2.contract):
+    if not options.HasExtension(_OPTION):
         return None
-    raw = options.Extensions[contract_pb2.contract]
+    raw: contract_pb2.Contract = options.Extensions[_OPTION]
     no_side_effects = descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS
     return Contract(
         method=method_path(method),

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from holdfast.contracts import lint
+from holdfast.contracts import lint, tree
 
 RPC = """\
   rpc {name}({name}Request) returns (Reply) {{
@@ -67,7 +67,7 @@ def protoc_alone(root: Path, out: Path) -> Callable[[], None]:
 
     files = sorted(str(p) for p in root.rglob("*.proto"))
     well_known = Path(protoc.__file__).parent / "_proto"
-    args = ["protoc", f"-I{root}", f"-I{lint._contract_include()}", f"-I{well_known}", "--include_source_info",
+    args = ["protoc", f"-I{root}", f"-I{tree.contract_include()}", f"-I{well_known}", "--include_source_info",
             "--include_imports", f"--descriptor_set_out={out}", *files]
 
     def run() -> None:

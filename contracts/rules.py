@@ -1,7 +1,7 @@
 """The lint rules, as data: an ID (subject then property), a category, a
 one-sentence purpose and a handler.
 
-A handler reads a `lint.Context` and yields `(Site, message)` pairs; the run
+A handler reads a `context.Context` and yields `(Site, message)` pairs; the run
 adds the rule's ID, drops what an ignore comment or the config waives, and
 sorts. Handlers never report a problem another rule already owns (a missing
 contract, a zero timeout, an unknown SLA), so one mistake is one finding.
@@ -12,12 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from holdfast.contracts.lint import CONTRACT_OPTION, Site, field_type, is_repeated, is_scalar
-
-if TYPE_CHECKING:
-    from holdfast.contracts.lint import Context, ContractOption, Rpc, Sla
+from holdfast.contracts.context import Context, Sla
+from holdfast.contracts.tree import CONTRACT_OPTION, ContractOption, Rpc, Site, field_type, is_repeated, is_scalar
 
 Report = Iterator[tuple[Site, str]]
 

@@ -15,7 +15,7 @@ could not express is refused here, at codegen time, with the method named.
 from __future__ import annotations
 
 import json
-from typing import Iterable
+from typing import Any, Iterable
 
 import grpc
 from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
@@ -26,15 +26,17 @@ from holdfast.contracts.contract import Contract, of_service
 # promise retries the channel never makes.
 MAX_ATTEMPTS_CAP = 5
 _STATUS_NAMES = frozenset(code.name for code in grpc.StatusCode) - {"OK"}
+# A JSON object of the service config, as json.dumps takes it.
+JSON = dict[str, Any]
 
 
-def method_config(contract: Contract) -> dict:
+def method_config(contract: Contract) -> JSON:
     """One `methodConfig` entry: the contract's deadline and, when it allows
     any retry, its fixed-delay retry policy."""
     service, _, method = contract.method.lstrip("/").partition("/")
     if contract.timeout_ms <= 0:
         raise ValueError(f"{contract.method}: timeout_ms must be positive to become a client deadline")
-    entry: dict = {"name": [{"service": service, "method": method}], "timeout": duration(contract.timeout_ms)}
+    entry: JSON = {"name": [{"service": service, "method": method}], "timeout": duration(contract.timeout_ms)}
     retry = contract.retry
     # A retryPolicy needs maxAttempts >= 2; one attempt simply means no policy.
     if retry.max_attempts < 2:
@@ -76,14 +78,14 @@ def duration(ms: int) -> str:
     return f"{seconds}.{millis:03d}000000s"
 
 
-def build(services: Iterable[descriptor.ServiceDescriptor]) -> dict:
+def build(services: Iterable[descriptor.ServiceDescriptor]) -> JSON:
     """The service config of `services`, methods in declaration order."""
     return {
         "methodConfig": [method_config(found) for service in services for found in of_service(service).values()]
     }
 
 
-def from_descriptor_set(data: bytes, files: Iterable[str]) -> dict:
+def from_descriptor_set(data: bytes, files: Iterable[str]) -> JSON:
     """The service config of every service declared in `files` (proto paths
     as protoc names them), read from a serialized `FileDescriptorSet` made
     with `--include_imports`.
@@ -100,6 +102,6 @@ def from_descriptor_set(data: bytes, files: Iterable[str]) -> dict:
     return build(file.services_by_name[name] for file in wanted for name in sorted(file.services_by_name))
 
 
-def dumps(config: dict) -> str:
+def dumps(config: JSON) -> str:
     """Stable text (the stamp hashes it): two-space indent, trailing newline."""
     return json.dumps(config, indent=2) + "\n"

@@ -33,6 +33,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from holdfast.call import Call, current_call, idempotency_key
     from holdfast.client import aio_channel, channel
     from holdfast.clock import Clock, ManualClock, SystemClock
     from holdfast.contracts.contract import Contract
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
         states_of,
         text_violations,
     )
-    from holdfast.gateway import Call, current_call, idempotency_key
     from holdfast.machine import Machine
     from holdfast.outcome import AppReason, Outcome, Reason, failure, success
     from holdfast.refusal import Refusal, refusal
@@ -78,10 +78,10 @@ _HOMES = {
     "text_violations": "holdfast.framework",
     "invalid": "holdfast.framework",
     # what a call carries (set by the gateway from the contract in the .proto)
-    "Call": "holdfast.gateway",
+    "Call": "holdfast.call",
     "Contract": "holdfast.contracts.contract",
-    "current_call": "holdfast.gateway",
-    "idempotency_key": "holdfast.gateway",
+    "current_call": "holdfast.call",
+    "idempotency_key": "holdfast.call",
     # lower level: moves over the store's transaction
     "Engine": "holdfast.engine",
     "Move": "holdfast.engine",

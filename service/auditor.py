@@ -33,7 +33,7 @@ from typing import Any, Callable, ClassVar, Generic, Iterable, Mapping, Protocol
 
 from google.protobuf.message import Message
 
-from holdfast.gateway import Call
+from holdfast.call import Call
 from holdfast.machine import Machine
 from holdfast.memory import Changes
 from holdfast.outcome import AnyReason, Outcome, Reason

@@ -52,6 +52,7 @@ from holdfast.store import (
     JobResult,
     Record,
     Reservation,
+    Row,
     SqlTxn,
     Stock,
     StoreUnavailable,
@@ -79,7 +80,7 @@ class Changes:
             self.outcomes or self.inserted or self.updated or self.stocks or self.inserted_entities or self.updated_entities
         )
 
-    def row_sets(self) -> list[tuple[str, list[tuple]]]:
+    def row_sets(self) -> list[tuple[str, list[Row]]]:
         """The changes as one list of rows per statement a backend sends, in
         column order: `outcomes` (key, fingerprint, reason, payload,
         recorded_at_ms), `inserted` (RESERVATION_COLUMNS), `updated`
@@ -146,19 +147,19 @@ class Rows:
             self._stored_versions[row.reservation_id] = row.version
         for row, _ in changes.updated:
             self._stored_versions[row.reservation_id] = row.version
-        for row in changes.inserted_entities:
-            self._stored_entity_versions[row.entity_id] = row.version
-        for row, _ in changes.updated_entities:
-            self._stored_entity_versions[row.entity_id] = row.version
-        for row in changes.stocks:
-            self._stored_stocks[row.sku_id] = row
+        for entity in changes.inserted_entities:
+            self._stored_entity_versions[entity.entity_id] = entity.version
+        for entity, _ in changes.updated_entities:
+            self._stored_entity_versions[entity.entity_id] = entity.version
+        for written in changes.stocks:
+            self._stored_stocks[written.sku_id] = written
 
 
-def _versioned_changes(rows: dict[str, Any], stored_versions: dict[str, int]) -> tuple[list, list[tuple[Any, int]]]:
+def _versioned_changes(rows: dict[str, Any], stored_versions: dict[str, int]) -> tuple[list[Any], list[tuple[Any, int]]]:
     """Of versioned rows (reservations, entities) by id: those to insert (the
     database holds none) and those to update, each with the version the
     database holds, which the update compares and sets."""
-    inserted: list = []
+    inserted: list[Any] = []
     updated: list[tuple[Any, int]] = []
     for row_id, row in rows.items():
         stored = stored_versions[row_id]
@@ -186,7 +187,7 @@ class BatchTxn:
         self._rows = rows
         self._db = db
         self._flush = flush
-        self._undo: list[tuple[dict, Any, Any]] = []
+        self._undo: list[tuple[dict[Any, Any], Any, Any]] = []
         self.written: dict[str, int] = {}
 
     def undo(self) -> None:
@@ -199,7 +200,7 @@ class BatchTxn:
         self._undo.clear()
         self.written.clear()
 
-    def _set(self, rows: dict, key: Any, value: Any) -> None:
+    def _set(self, rows: dict[Any, Any], key: Any, value: Any) -> None:
         self._undo.append((rows, key, rows.get(key, _MISSING)))
         rows[key] = value
 
@@ -300,7 +301,7 @@ class BatchTxn:
         self._before_range_query()
         return self._db.versions(after, limit)
 
-    def _execute(self, sql: str, params: tuple = ()) -> Any:
+    def _execute(self, sql: str, params: Row = ()) -> Any:
         """Raw SQL, as `SqlTxn` offers it to tools and tests that inspect
         the database: it sees the batch's writes, like a range query."""
         self._before_range_query()
@@ -405,12 +406,12 @@ class BufferedStore(GroupCommitStore):
             if not self._claim(job):
                 results.append((job.future, None, BudgetSpent()))
                 continue
-            value, error = run_move(
+            value, failed = run_move(
                 rows, db, flush, job.work, self.CONTENDED_RERUNS,
                 fails_batch=lambda e: self._is_unavailable(e) or self._is_retryable(e),
                 aborts_transaction=lambda e: isinstance(e, self.DATABASE_ERROR),
             )
-            results.append((job.future, value, error))
+            results.append((job.future, value, failed))
         try:
             committed = self._commit(connection, rows.changes())
         except self.DATABASE_ERROR as error:

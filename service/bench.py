@@ -117,7 +117,8 @@ import grpc
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
 from holdfast import loop as event_loop
-from holdfast.gateway import REPLAYED, idempotency_key
+from holdfast.call import idempotency_key
+from holdfast.gateway import REPLAYED
 from holdfast.apps.inventory import reservation_id
 from holdfast.metrics import UNDETERMINED_REASONS
 

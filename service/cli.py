@@ -252,7 +252,7 @@ def _apps(args: argparse.Namespace) -> tuple[str, ...]:
 def _serve(args: argparse.Namespace) -> int:
     from holdfast.loop import run
     from holdfast.limits import Limits
-    from holdfast.security import scrub
+    from holdfast.redaction import scrub
     from holdfast.server import Config, check, secrets, serve
     from holdfast.store import StoreUnavailable
 

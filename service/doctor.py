@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from holdfast.contracts import codegen
-from holdfast.store import SCHEMA_VERSION, open_store
+from holdfast.backends import open_store
+from holdfast.store import SCHEMA_VERSION
 
 GRPC_PACKAGES = ("grpcio", "grpcio-tools", "grpcio-status", "grpcio-health-checking", "grpcio-reflection")
 PROBE_TIMEOUT_S = 5.0  # a dependency that takes longer than this to answer is down, for a preflight
@@ -182,7 +183,8 @@ def check_store(url: str) -> Row:
 
 def check_snapshot(url: str) -> Row:
     """The snapshot answers, with Redis' version (every node of a cluster)."""
-    from holdfast.snapshot import MemorySnapshot, open_snapshot
+    from holdfast.backends import open_snapshot
+    from holdfast.memory_snapshot import MemorySnapshot
 
     try:
         snapshot = open_snapshot(url)

@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 
 from holdfast.contracts.contract import Contract, of_service
 from holdfast.engine import Engine, Move
-from holdfast.gateway import Call, current_call, idempotency_key
+from holdfast.call import Call, current_call, idempotency_key
 from holdfast.machine import Machine
 from holdfast.outcome import Outcome, Reason, failure, success
 from holdfast.store import Entity, Txn

@@ -13,19 +13,19 @@ context id, and hands one `Call` to the servicer. It turns the servicer's
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import hashlib
-import json
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeAlias, cast
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from holdfast.contracts.contract import Contract
 from holdfast import metrics
+from holdfast.call import Call, idempotency_key, serving
+from holdfast.contracts.contract import Contract
 from holdfast.outcome import Outcome, Reason, failure
 
 CONTEXT_ID = "holdfast-context-id"
@@ -33,18 +33,6 @@ REPLAYED = "holdfast-replayed"
 STATUS_DETAILS = "grpc-status-details-bin"
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
-    """What the gateway knows about one call; the servicer's only input besides the request."""
-
-    contract: Contract
-    key: bytes
-    fingerprint: bytes
-    context_id: str
-    deadline: float  # time.monotonic() seconds
-
-
-_current: contextvars.ContextVar[Call] = contextvars.ContextVar("holdfast_call")
 # When the call reached this server, if an outer interceptor saw it first
 # (holdfast.faults): the contract's budget is the server's time from arrival,
 # so time an outer layer spent is spent from the budget too.
@@ -56,34 +44,6 @@ def mark_arrival() -> None:
     _arrived.set(time.monotonic())
 
 
-def current_call() -> Call:
-    """The call being served by this task; set by the gateway."""
-    return _current.get()
-
-
-@contextlib.contextmanager
-def serving(call: Call) -> Iterator[None]:
-    """Makes `call` the current call for the block: how the gateway hands a
-    call to the servicer, and how a simulation drives the servicer without gRPC."""
-    token = _current.set(call)
-    try:
-        yield
-    finally:
-        _current.reset(token)
-
-
-# json.dumps(..., ensure_ascii=False) builds a new encoder on every call;
-# this one encodes exactly the same, once built.
-_KEY_ENCODER = json.JSONEncoder(ensure_ascii=False)
-
-
-def idempotency_key(method: str, values: tuple[object, ...]) -> bytes:
-    """Method-scoped, so Confirm and Release of one reservation never collide;
-    JSON-encoded, so no choice of field values can make two keys collide.
-    Stored keys and reservation ids derive from it: it never changes."""
-    return hashlib.sha256(_KEY_ENCODER.encode([method, *values]).encode()).digest()
-
-
 @dataclass(frozen=True, slots=True)
 class _Malformed:
     """A request body that did not parse; answered, never raised."""
@@ -91,42 +51,54 @@ class _Malformed:
     error: str
 
 
-Behavior = Callable[[Message, grpc.aio.ServicerContext], Awaitable[Outcome]]
+# grpcio's stubs type a method handler's behavior as the sync server's; the
+# servicers here are grpc.aio's, coroutine functions over an aio context.
+# Interceptors (holdfast.limits, holdfast.security, holdfast.faults) read
+# and wrap them through these names.
+# (Strings: grpcio's classes are generic in its stubs alone.)
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
+AioBehavior: TypeAlias = "Callable[[Any, Context], Awaitable[Any]]"
+Behavior: TypeAlias = "Callable[[Message, Context], Awaitable[Outcome]]"
+Guarded: TypeAlias = "Callable[[Message | _Malformed, Context], Awaitable[bytes]]"
 
 
 class Gateway:
     def __init__(self, contracts: Mapping[str, Contract]) -> None:
         self._contracts = dict(contracts)
 
-    def guard(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> dict[str, grpc.RpcMethodHandler]:
+    def guard(self, service: str, handlers: Mapping[str, Handler]) -> dict[str, Handler]:
         """`service`'s method handlers by name, each wrapped with its contract;
         register them with `add_registered_method_handlers`. Every method
         must have a contract: the linter sees to that, this asserts it."""
-        guarded = {}
+        guarded: dict[str, Handler] = {}
         for name, handler in handlers.items():
             contract = self._contracts.get(f"/{service}/{name}")
             assert contract is not None, f"{service}/{name} has no contract"
             assert handler.unary_unary is not None, f"{service}/{name} is not unary"
+            assert handler.request_deserializer is not None, f"{service}/{name} parses no request"
             guarded[name] = grpc.unary_unary_rpc_method_handler(
-                self._guard(contract, handler.unary_unary),
+                self._guard(contract, cast(Behavior, handler.unary_unary)),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return guarded
 
-    def _guard(self, contract: Contract, behavior: Behavior):
+    def _guard(self, contract: Contract, behavior: Behavior) -> Guarded:
         latency = metrics.LATENCY.labels(contract.method)  # a labelled child, looked up once
         # Every method's answer and fallback counters exist from the start, at
         # 0: rate() sees a series' first increment only after a sample without it.
         metrics.TIMEOUT_FALLBACKS.labels(contract.method)
         _outcome_counters[contract.method, "OK"] = metrics.OUTCOMES.labels(contract.method, "OK")
 
-        async def guarded(request, context: grpc.aio.ServicerContext) -> bytes:
+        async def guarded(request: Message | _Malformed, context: Context) -> bytes:
             started = time.monotonic()
             call, rejected = _admit(contract, request, context, _arrived.get(started), started)
             if rejected is not None:
                 outcome = rejected
             else:
+                assert call is not None and not isinstance(request, _Malformed), "_admit admits a parsed call"
                 with serving(call):
                     outcome = await behavior(request, context)
             latency.observe(time.monotonic() - started)
@@ -135,7 +107,9 @@ class Gateway:
         return guarded
 
 
-def _admit(contract: Contract, request, context, arrived: float, now: float) -> tuple[Call | None, Outcome | None]:
+def _admit(
+    contract: Contract, request: Message | _Malformed, context: Context, arrived: float, now: float
+) -> tuple[Call | None, Outcome | None]:
     """The call's `Call`, or the outcome that refuses it before any servicer runs."""
     if isinstance(request, _Malformed):
         return None, failure(Reason.INVALID_REQUEST, f"the request could not be decoded: {request.error}")
@@ -159,7 +133,7 @@ def _admit(contract: Contract, request, context, arrived: float, now: float) -> 
     return call, failure(Reason.CONTRACT_VIOLATION, message, violations)
 
 
-async def _answer(context, contract: Contract, outcome: Outcome, call: Call | None) -> bytes:
+async def _answer(context: Context, contract: Contract, outcome: Outcome, call: Call | None) -> bytes:
     reason = "OK" if outcome.reason is None else outcome.reason.name
     counter = _outcome_counters.get((contract.method, reason))
     if counter is None:
@@ -167,7 +141,7 @@ async def _answer(context, contract: Contract, outcome: Outcome, call: Call | No
     counter.inc()
     if outcome.reason is Reason.BUDGET_EXCEEDED:  # moves and reads alike: every timeout fallback answered
         metrics.TIMEOUT_FALLBACKS.labels(contract.method).inc()
-    trailing = [(REPLAYED, "true" if outcome.replayed else "false")]
+    trailing: list[tuple[str, str | bytes]] = [(REPLAYED, "true" if outcome.replayed else "false")]
     if call is not None:
         trailing.append((CONTEXT_ID, call.context_id))
     if outcome.ok:
@@ -182,8 +156,8 @@ async def _answer(context, contract: Contract, outcome: Outcome, call: Call | No
 _outcome_counters: dict[tuple[str, str], Any] = {}
 
 
-def _tolerant(deserializer):
-    def deserialize(data: bytes):
+def _tolerant(deserializer: Callable[[bytes], Message]) -> Callable[[bytes], Message | _Malformed]:
+    def deserialize(data: bytes) -> Message | _Malformed:
         try:
             return deserializer(data)
         except (DecodeError, ValueError, UnicodeDecodeError) as error:

@@ -46,14 +46,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Collection
+from typing import Any, Collection, cast
 
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
 from holdfast import metrics
-from holdfast.gateway import STATUS_DETAILS
+from holdfast.gateway import STATUS_DETAILS, AioBehavior, Context, Continuation, Handler
 from holdfast.outcome import Reason, failure
 
 PUSHBACK = "grpc-retry-pushback-ms"
@@ -112,9 +112,11 @@ class Admission(grpc.aio.ServerInterceptor):
         # The wrapped handler of each method, made again only when the inner
         # handler changes (fault injection and the journal make one per call;
         # without them grpc hands out the same registered handler every time).
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
-    async def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or handler.unary_unary is None or method not in self._methods:
@@ -122,7 +124,7 @@ class Admission(grpc.aio.ServerInterceptor):
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = grpc.unary_unary_rpc_method_handler(
+        wrapped: Handler = grpc.unary_unary_rpc_method_handler(
             self._admitting(method, handler),
             request_deserializer=None,  # parsed only once admitted
             response_serializer=handler.response_serializer,
@@ -130,11 +132,11 @@ class Admission(grpc.aio.ServerInterceptor):
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _admitting(self, method: str, handler: grpc.RpcMethodHandler):
-        behavior, deserialize = handler.unary_unary, handler.request_deserializer
+    def _admitting(self, method: str, handler: Handler) -> AioBehavior:
+        behavior, deserialize = cast(AioBehavior, handler.unary_unary), handler.request_deserializer
         bound = self.limits.max_concurrent_rpcs
 
-        async def admitting(raw: bytes, context: grpc.aio.ServicerContext):
+        async def admitting(raw: bytes, context: Context) -> Any:
             if self.in_flight >= bound:
                 await self._refuse(method, context)
             self.in_flight += 1
@@ -149,7 +151,7 @@ class Admission(grpc.aio.ServerInterceptor):
         base = self.limits.retry_pushback_ms
         return max(1, round(base * (0.5 + self._random.random())))
 
-    async def _refuse(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    async def _refuse(self, method: str, context: Context) -> None:
         self.refused += 1
         metrics.OUTCOMES.labels(method, Reason.OVERLOADED.name).inc()
         pushback_ms = self.pushback_ms()

@@ -14,19 +14,21 @@ state; a deadlock between two batches reruns the losing batch.
 from __future__ import annotations
 
 import json
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import psycopg
 from psycopg import errors
 
 from holdfast.batch import BufferedStore, Changes, Named, Rows
-from holdfast.security import redact_url, scrub, secrets_of
+from holdfast.redaction import redact_url, scrub, secrets_of
 from holdfast.store import (
     ENTITY_COLUMNS,
     RESERVATION_COLUMNS,
     Entity,
     Record,
     Reservation,
+    Row,
     SqlTxn,
     Stock,
     entity_of_row,
@@ -158,11 +160,11 @@ FLUSH = {
 }
 
 
-def _json(rows: list[tuple]) -> str:
+def _json(rows: list[Row]) -> str:
     return json.dumps([[v.hex() if isinstance(v, bytes) else v for v in row] for row in rows], ensure_ascii=False)
 
 
-def _ids(names: set[str]) -> list[str]:
+def _ids(names: AbstractSet[str]) -> list[str]:
     # PostgreSQL text cannot hold NUL: such an id names no row (PostgresTxn).
     return sorted(name for name in names if "\x00" not in name)
 

@@ -40,70 +40,24 @@ import ssl
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Iterable, Mapping
-from urllib.parse import quote, unquote
+from typing import Any, Collection, Iterable, Mapping, cast
+from urllib.parse import quote
 
 import grpc
 
 from holdfast import metrics
-from holdfast.gateway import STATUS_DETAILS
+from holdfast.gateway import STATUS_DETAILS, AioBehavior, Context, Continuation, Handler
 from holdfast.outcome import Reason, failure
-
-REDACTED = "***"
+# The server reads redact_url and secrets_of through this module (`as`: re-exported).
+from holdfast.redaction import redact_url as redact_url
+from holdfast.redaction import scrub, url_password, userinfo
+from holdfast.redaction import secrets_of as secrets_of
 
 # -- 1. redaction ------------------------------------------------------------------------
-
-
-def _userinfo(url: str) -> tuple[int, int] | None:
-    """Where the `user[:password]` of `url` lies, as (start, end) indices,
-    found by hand: a malformed URL (the one a driver quotes whole in its
-    error) must be redacted too, and urllib refuses to parse some of those."""
-    scheme_end = url.find("://")
-    if scheme_end < 0:
-        return None
-    start = scheme_end + 3
-    end = len(url)
-    for stop in "/?#":
-        found = url.find(stop, start)
-        if found >= 0:
-            end = min(end, found)
-    at = url.rfind("@", start, end)
-    return None if at < 0 else (start, at)
-
-
-def url_password(url: str) -> str | None:
-    """The password of `url` as written (percent-encoded), or None."""
-    span = _userinfo(url)
-    if span is None:
-        return None
-    user, colon, password = url[span[0] : span[1]].partition(":")
-    return password if colon and password else None
-
-
-def secrets_of(url: str) -> tuple[str, ...]:
-    """The strings that give `url`'s password away: as written and decoded."""
-    password = url_password(url)
-    if password is None:
-        return ()
-    return tuple(dict.fromkeys(s for s in (password, unquote(password)) if s))
-
-
-def redact_url(url: str) -> str:
-    """`url` with its password replaced by `***` (user, host and the rest kept)."""
-    span = _userinfo(url)
-    if span is None or url_password(url) is None:
-        return url
-    user = url[span[0] : span[1]].partition(":")[0]
-    return f"{url[: span[0]]}{user}:{REDACTED}{url[span[1] :]}"
-
-
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every secret in it replaced by `***`, longest first (so a
-    secret that contains another goes whole)."""
-    for secret in sorted(set(secrets), key=len, reverse=True):
-        if secret:
-            text = text.replace(secret, REDACTED)
-    return text
+#
+# The text functions are core (holdfast.redaction): the stores and snapshots
+# below this layer scrub their own errors. They are named here too, as the
+# redaction half of what `holdfast serve` does with secrets.
 
 
 class RedactingFilter(logging.Filter):
@@ -179,7 +133,7 @@ def with_password(url: str, password: str) -> str:
     if scheme_end < 0:
         raise ValueError(f"cannot add a password to {redact_url(url)!r}: it is not a URL (scheme://host...)")
     start = scheme_end + 3
-    span = _userinfo(url)
+    span = userinfo(url)
     user = "" if span is None else url[span[0] : span[1]]
     rest = url[start:] if span is None else url[span[1] + 1 :]
     return f"{url[:start]}{user}:{quote(password, safe='')}@{rest}"
@@ -359,7 +313,9 @@ class Authenticator(grpc.aio.ServerInterceptor):
         # any other path a caller makes up is not, so labels stay few.
         self._counted = frozenset(counted)
 
-    async def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         method = handler_call_details.method
         if method.startswith(OPEN_PREFIXES):
             return await continuation(handler_call_details)
@@ -372,12 +328,12 @@ class Authenticator(grpc.aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None:
             return handler
         return grpc.unary_unary_rpc_method_handler(
-            _token_hidden(handler.unary_unary),
+            _token_hidden(cast(AioBehavior, handler.unary_unary)),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
-    def check(self, method: str, metadata: Iterable[tuple[str, str | bytes]]) -> tuple[Reason, str, dict] | None:
+    def check(self, method: str, metadata: Iterable[tuple[str, str | bytes]]) -> tuple[Reason, str, dict[str, str]] | None:
         """None when the call may go on, else the refusal's reason, message and ErrorInfo metadata."""
         headers = [value for key, value in metadata if key == AUTHORIZATION]
         if not headers:
@@ -405,19 +361,20 @@ class Authenticator(grpc.aio.ServerInterceptor):
         return found
 
 
-def _refuse(reason: Reason, message: str, info: Mapping[str, str]):
+def _refuse(reason: Reason, message: str, info: Mapping[str, str]) -> AioBehavior:
     outcome = failure(reason, message, metadata=info)
 
-    async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> None:
+    async def refuse(request: bytes, context: Context) -> None:
         await context.abort(outcome.code, message, trailing_metadata=((STATUS_DETAILS, outcome.payload),))
         raise AssertionError("abort returns only by raising")
 
     return refuse
 
 
-def _token_hidden(behavior):
-    async def hidden(request, context: grpc.aio.ServicerContext):
-        return await behavior(request, _WithoutToken(context))
+def _token_hidden(behavior: AioBehavior) -> AioBehavior:
+    async def hidden(request: Any, context: Context) -> Any:
+        # Duck-typed: the context's own, less the token (_WithoutToken).
+        return await behavior(request, cast(Context, _WithoutToken(context)))
 
     return hidden
 
@@ -428,11 +385,11 @@ class _WithoutToken:
 
     __slots__ = ("_context",)
 
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, context: Context) -> None:
         self._context = context
 
-    def invocation_metadata(self):
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return tuple((k, v) for k, v in self._context.invocation_metadata() or () if k != AUTHORIZATION)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)

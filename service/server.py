@@ -29,8 +29,8 @@ from holdfast.gateway import Gateway
 from holdfast.framework import Service
 from holdfast.limits import Admission, Limits
 from holdfast.reaper import Reaper
-from holdfast.snapshot import open_snapshot
-from holdfast.store import open_store, version_pages
+from holdfast.backends import open_snapshot, open_store
+from holdfast.store import version_pages
 
 log = logging.getLogger("holdfast")
 

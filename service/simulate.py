@@ -40,7 +40,7 @@ from holdfast.memory import Changes, MemTxn, Rows, attempt
 from holdfast.outcome import Outcome
 from holdfast.reaper import Reaper
 from holdfast.server import load_attribute  # the one loader of a team's `MODULE:ATTR`
-from holdfast.snapshot import MemorySnapshot
+from holdfast.memory_snapshot import MemorySnapshot
 from holdfast.store import Entity, Prefetch, Reservation, Stock, StoreUnavailable, Txn
 from holdfast.workload import Workload, WorkloadFactory
 

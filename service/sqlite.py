@@ -14,13 +14,14 @@ file's write lock, so every row read stays what the batch read.
 from __future__ import annotations
 
 import sqlite3
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from holdfast.batch import BufferedStore, Changes, Named, Rows
 from holdfast.store import (
     ENTITY_COLUMNS,
     RESERVATION_COLUMNS,
     Record,
+    Row,
     SqlTxn,
     Stock,
     entity_of_row,
@@ -40,7 +41,7 @@ class SqliteTxn(SqlTxn):
     PLACEHOLDER = "?"
 
 
-def _in(names: frozenset) -> tuple[str, tuple]:
+def _in(names: frozenset[Any]) -> tuple[str, Row]:
     """`IN (?, ?, ...)` for `names`, and its parameters."""
     return "(" + ", ".join("?" * len(names)) + ")", tuple(names)
 
@@ -84,13 +85,13 @@ WRITE = {
 }
 
 
-def _many(sql: str, rows: list[tuple]) -> tuple[str, tuple]:
+def _many(sql: str, rows: list[Row]) -> tuple[str, Row]:
     """`sql` with a `(?, ...)` group per row, and the rows' values in order."""
     group = "(" + ", ".join("?" * len(rows[0])) + ")"
     return sql.format(values=", ".join([group] * len(rows))), tuple(value for row in rows for value in row)
 
 
-def _wrote(connection: sqlite3.Connection, sql: str, params: tuple) -> int:
+def _wrote(connection: sqlite3.Connection, sql: str, params: Row) -> int:
     """The rows `sql` inserted or updated. Not `cursor.rowcount`: Python
     before 3.12 reports -1 for a statement that starts with WITH (the
     updates do), which would send every batch that updates a row to the
@@ -155,7 +156,7 @@ class SqliteStore(BufferedStore):
             " UNION ALL SELECT 's', sku_id, total, available, held, sold, version, NULL, NULL, NULL FROM stock"
             f" WHERE sku_id IN {skus} OR sku_id IN (SELECT sku_id FROM reservation WHERE reservation_id IN {rids})"
         )
-        found: dict[str, dict] = {"o": {}, "r": {}, "e": {}, "s": {}}
+        found: dict[str, dict[Any, list[Any]]] = {"o": {}, "r": {}, "e": {}, "s": {}}
         params = (*key_params, *rid_params, *eid_params, *sku_params, *rid_params)
         for kind, *row in connection.execute(sql, params):
             found[kind][row[0]] = row

@@ -22,12 +22,15 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, ClassVar, Protocol, TypeVar
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from holdfast.machine import INTENTS, State
-from holdfast.security import redact_url, scrub
+from holdfast.redaction import scrub
 
 T = TypeVar("T")
+# A row as a DB-API driver hands it over, or as a statement takes it.
+Row = tuple[Any, ...]
 log = logging.getLogger("holdfast.store")
 
 
@@ -214,25 +217,25 @@ def schema(integer: str, blob: str) -> str:
 RESERVATION_COLUMNS = "reservation_id, order_id, sku_id, quantity, state, version, expires_at_ms, retry_count, release_reason"
 
 
-def row_of_reservation(r: Reservation) -> tuple:
+def row_of_reservation(r: Reservation) -> Row:
     """A reservation as RESERVATION_COLUMNS lists them."""
     return (r.reservation_id, r.order_id, r.sku_id, r.quantity, int(r.state), r.version, r.expires_at_ms,
             r.retry_count, r.release_reason)
 
 
-def reservation_of_row(row: tuple) -> Reservation:
+def reservation_of_row(row: Row) -> Reservation:
     return Reservation(row[0], row[1], row[2], row[3], State(row[4]), *row[5:])
 
 
 ENTITY_COLUMNS = "entity_id, kind, state, version, data, lease_owner, lease_until_ms, due_at_ms"
 
 
-def row_of_entity(e: Entity) -> tuple:
+def row_of_entity(e: Entity) -> Row:
     """An entity as ENTITY_COLUMNS lists them."""
     return (e.entity_id, e.kind, e.state, e.version, e.data, e.lease_owner, e.lease_until_ms, e.due_at_ms)
 
 
-def entity_of_row(row: tuple | list) -> Entity:
+def entity_of_row(row: Sequence[Any]) -> Entity:
     """The inverse of `row_of_entity`; drivers may hand `data` back as a buffer, not bytes."""
     return Entity(row[0], row[1], row[2], row[3], bytes(row[4]), row[5], row[6], row[7])
 
@@ -263,7 +266,7 @@ class SqlTxn:
         self._reservations: dict[str, Reservation | None] = {}
         self._entities: dict[str, Entity | None] = {}
 
-    def _execute(self, sql: str, params: tuple = ()) -> Any:
+    def _execute(self, sql: str, params: Row = ()) -> Any:
         text = self._translated.get(sql)
         if text is None:
             text = self._translated[sql] = sql.replace("%s", self.PLACEHOLDER)
@@ -306,7 +309,8 @@ class SqlTxn:
             " WHERE sku_id = %s AND available >= %s",
             (quantity, quantity, sku_id, quantity),
         )
-        return cursor.rowcount == 1
+        taken: bool = cursor.rowcount == 1
+        return taken
 
     def settle_stock(self, sku_id: str, quantity: int, sold: bool) -> None:
         column = "sold" if sold else "available"
@@ -428,7 +432,7 @@ class SqlTxn:
 class Job:
     work: Callable[[Txn], object]
     deadline: float | None
-    future: asyncio.Future
+    future: asyncio.Future[Any]
     prefetch: Prefetch | None
     # Decided once, under the store's claim lock: the worker starts the job,
     # or its caller (out of budget) abandons it. Never both.
@@ -436,7 +440,7 @@ class Job:
     abandoned: bool = False
 
 
-JobResult = tuple[asyncio.Future, object, BaseException | None]
+JobResult = tuple[asyncio.Future[Any], object, BaseException | None]
 
 
 class GroupCommitStore:
@@ -451,7 +455,7 @@ class GroupCommitStore:
     CONTENDED_RERUNS: ClassVar[int] = 3  # a move rerun this often against new winners gives up
     BATCH_RETRIES: ClassVar[int] = 3  # a whole batch retried after a deadlock
     # What would give the connection's password away in a driver's error
-    # text (holdfast.security.secrets_of): a backend with one sets it.
+    # text (holdfast.redaction.secrets_of): a backend with one sets it.
     secrets: tuple[str, ...] = ()
 
     def __init__(self, workers: int = 1, batch_max: int = 256) -> None:
@@ -517,7 +521,7 @@ class GroupCommitStore:
         assert self._loop is not None, "store not open"
         if deadline is not None and time.monotonic() >= deadline:
             raise BudgetSpent()
-        future = self._loop.create_future()
+        future: asyncio.Future[T] = self._loop.create_future()
         job = Job(work, deadline, future, prefetch)
         self._jobs.put(job)
         if deadline is None:
@@ -580,10 +584,12 @@ class GroupCommitStore:
     # -- the worker -------------------------------------------------------------------
 
     def _serve(self, connection: Any) -> None:
+        loop = self._loop
+        assert loop is not None, "workers start in open(), which sets the loop"
         try:
             while (batch := self._next_batch()) is not None:
                 connection, results = self._run_batch(connection, batch)
-                self._loop.call_soon_threadsafe(_deliver, results)
+                loop.call_soon_threadsafe(_deliver, results)
         finally:
             if connection is not None:
                 connection.close()
@@ -703,7 +709,7 @@ class GroupCommitStore:
         return None, StoreUnavailable("the move lost every rerun to concurrent writers")
 
 
-def _settle(future: asyncio.Future, value: object, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future[Any], value: object, error: BaseException | None) -> None:
     if future.done():  # the caller went away (cancelled); the outcome stays recorded
         return
     if error is None:
@@ -721,20 +727,10 @@ async def version_pages(store: Store, page: int = 1000) -> AsyncIterator[dict[st
     """Every reservation's and entity's version, a page per transaction: what
     a snapshot is rebuilt from after it lost writes."""
     after = ""
-    while rows := await store.transact(lambda txn, after=after: txn.versions(after, page)):
+    while rows := await store.transact(_versions_after(after, page)):
         yield dict(rows)
         after = rows[-1][0]
 
 
-def open_store(url: str, pool_size: int = 1) -> Store:
-    """A store for `url`: `sqlite:///relative.db`, `sqlite:////absolute.db`,
-    or `postgresql://user@host:port/database` with `pool_size` connections."""
-    if url.startswith("sqlite://"):
-        from holdfast.sqlite import SqliteStore
-
-        return SqliteStore.from_url(url)
-    if url.startswith(("postgresql://", "postgres://")):
-        from holdfast.postgres import PostgresStore
-
-        return PostgresStore(url, workers=pool_size)
-    raise ValueError(f"unsupported store URL {redact_url(url)!r} (expected sqlite:///PATH or postgresql://...)")
+def _versions_after(after: str, page: int) -> Callable[[Txn], list[tuple[str, int]]]:
+    return lambda txn: txn.versions(after, page)

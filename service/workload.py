@@ -38,7 +38,7 @@ from holdfast.clock import ManualClock
 from holdfast.contracts.contract import Contract, of_service
 from holdfast.engine import Engine
 from holdfast.framework import Service
-from holdfast.gateway import Call, idempotency_key, serving
+from holdfast.call import Call, idempotency_key, serving
 from holdfast.memory import Changes, Rows
 from holdfast.outcome import Outcome
 

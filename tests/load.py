@@ -31,7 +31,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
-from holdfast.snapshot import snapshot_key
+from holdfast.redis_snapshot import snapshot_key
 from tests.process import ServerProcess, free_port, start_server
 
 SERVICE = "/holdfast.inventory.v1.InventoryService/"

@@ -16,7 +16,8 @@ import psycopg
 import pytest
 
 from holdfast.machine import State
-from holdfast.store import Prefetch, Record, Reservation, Stock, open_store
+from holdfast.backends import open_store
+from holdfast.store import Prefetch, Record, Reservation, Stock
 
 KEY = b"k" * 32
 THEIRS = Record(b"their fingerprint", None, b"their reply")

@@ -19,7 +19,8 @@ from holdfast.engine import Move
 from holdfast.machine import State
 from holdfast.outcome import Reason, failure, success
 from holdfast.server import start
-from holdfast.store import Reservation, Stock, open_store
+from holdfast.backends import open_store
+from holdfast.store import Reservation, Stock
 from tests.support import failure_of
 
 

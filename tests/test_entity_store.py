@@ -24,6 +24,7 @@ from dataclasses import replace
 import psycopg
 import pytest
 
+from holdfast.backends import open_store
 from holdfast.machine import State
 from holdfast.memory import MemoryStore, RowRefused
 from holdfast.sqlite import SqliteStore
@@ -36,7 +37,6 @@ from holdfast.store import (
     SchemaTooNew,
     StoreUnavailable,
     Txn,
-    open_store,
     version_pages,
 )
 from tests.test_group_commit import CountingStore, in_one_batch, read_outside

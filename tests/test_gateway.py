@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from holdfast.gateway import idempotency_key
+from holdfast.call import idempotency_key
 from holdfast.apps.inventory import reservation_id
 
 INVENTORY = "/holdfast.inventory.v1.InventoryService/"

@@ -45,9 +45,9 @@ from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.clock import ManualClock
 from holdfast.engine import Engine, Move
 from holdfast.apps.inventory import reservation_id
+from holdfast.backends import open_snapshot, open_store
 from holdfast.machine import State
 from holdfast.outcome import Outcome, Reason, failure, success
-from holdfast.snapshot import open_snapshot
 from holdfast.sqlite import SqliteStore
 from holdfast.store import (
     Contended,
@@ -57,7 +57,6 @@ from holdfast.store import (
     Store,
     StoreUnavailable,
     Txn,
-    open_store,
     version_pages,
 )
 from tests.load import Answer, invoke

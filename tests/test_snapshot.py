@@ -14,7 +14,10 @@ import pytest
 from prometheus_client import REGISTRY
 from redis.crc import key_slot
 
-from holdfast.snapshot import MemorySnapshot, RedisSnapshot, Snapshot, open_snapshot, snapshot_key
+from holdfast.backends import open_snapshot
+from holdfast.memory_snapshot import MemorySnapshot
+from holdfast.redis_snapshot import RedisSnapshot, snapshot_key
+from holdfast.snapshot import Snapshot
 from tests.process import free_port
 
 RECOVERY_TIMEOUT_S = 30.0

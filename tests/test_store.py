@@ -13,7 +13,8 @@ import time
 import pytest
 
 from holdfast.machine import State
-from holdfast.store import SCHEMA_VERSION, BudgetSpent, Contended, Record, Reservation, SchemaTooNew, Stock, open_store
+from holdfast.backends import open_store
+from holdfast.store import SCHEMA_VERSION, BudgetSpent, Contended, Record, Reservation, SchemaTooNew, Stock
 
 @pytest.fixture
 async def store(store_url):

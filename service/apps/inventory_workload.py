@@ -24,7 +24,7 @@ from holdfast.apps.inventory import REAPER_METHOD, RECOVERY_METHOD, Holds, Inven
 from holdfast.auditor import TRANSIENT, Auditor, Books, Kind, Request, require
 from holdfast.engine import Engine
 from holdfast.framework import Service
-from holdfast.gateway import idempotency_key, serving
+from holdfast.call import idempotency_key, serving
 from holdfast.machine import INTENTS, State
 from holdfast.memory import Changes, MemTxn, Rows
 from holdfast.outcome import Outcome, Reason
