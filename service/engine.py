@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 from holdfast import metrics
 from holdfast.clock import Clock
@@ -24,6 +24,7 @@ from holdfast.snapshot import Snapshot
 from holdfast.store import BudgetSpent, Prefetch, Record, Store, StoreUnavailable, Txn
 
 Apply = Callable[[Txn, int], Outcome]
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +73,7 @@ class Engine:
         finally:
             self._in_flight.discard(move.key)
 
-    async def read(self, work: Callable[[Txn, int], Outcome], deadline: float | None = None) -> Outcome:
+    async def read(self, work: Callable[[Txn, int], R], deadline: float | None = None) -> R | Outcome:
         """A read-only step: same transaction path, nothing recorded."""
         try:
             return await self.store.transact(lambda txn: work(txn, self.clock.now_ms()), deadline)

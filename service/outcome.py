@@ -11,10 +11,11 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping
+from typing import ClassVar, Iterable, Mapping
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
 DOMAIN = "holdfast"
@@ -104,6 +105,7 @@ class AppReason(enum.Enum):
 
     code: grpc.StatusCode
     recorded: bool
+    _domain_: ClassVar[str]
 
     def __new__(cls, code: grpc.StatusCode, recorded: bool) -> AppReason:
         if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
@@ -217,7 +219,7 @@ def failure(
     return Outcome(reason, status.SerializeToString(deterministic=True))
 
 
-def _pack(message) -> any_pb2.Any:
+def _pack(message: Message) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message, deterministic=True)
     return packed

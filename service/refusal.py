@@ -35,8 +35,10 @@ class Refusal:
 def refusal(error: grpc.RpcError) -> Refusal:
     """The refusal a failed call (sync or grpc.aio) answered with."""
     code = error.code()
-    status = rpc_status.from_call(error)
-    domain, reason, metadata, violations = "", "", {}, []
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]  # a failed call is both an RpcError and a Call
+    domain, reason = "", ""
+    metadata: dict[str, str] = {}
+    violations: list[tuple[str, str]] = []
     for detail in () if status is None else status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()

@@ -131,7 +131,7 @@ class Running:
     port: int
     engine: Engine
     services: dict[str, Service]  # by full proto name
-    reaper_task: asyncio.Task
+    reaper_task: asyncio.Task[None]
     health: health.aio.HealthServicer
     journal: journal.JournalWriter | None = None  # closed after the last call has answered
     admission: Admission | None = None  # the bound on calls in flight: its `in_flight` and `refused` counts
