@@ -344,10 +344,9 @@ def _machine(name: str, known: dict) -> object:
 
 
 def _importable_from_here() -> None:
-    """A team's modules (`--app tables:Tables`, `graph tables:BOOKING`)
-    import from the folder it stands in, as with `python -m`."""
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    from holdfast.server import importable_from_here
+
+    importable_from_here()
 
 
 def _put_stock(args: argparse.Namespace) -> int:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import threading
@@ -381,8 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         help="host this app instead of those the journal names (repeatable); imported from the current folder",
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if os.getcwd() not in sys.path:  # the journal's apps import from here, as with `holdfast serve --app`
-        sys.path.insert(0, os.getcwd())
+    from holdfast.server import importable_from_here
+
+    importable_from_here()  # the journal's apps, as `holdfast serve --app` imports them
     try:
         report = replay(args.journal, args.target, progress=sys.stdout, apps=args.apps)
     except (JournalError, OSError) as error:

@@ -48,10 +48,7 @@ import grpc
 from holdfast import metrics
 from holdfast.gateway import STATUS_DETAILS, AioBehavior, Context, Continuation, Handler
 from holdfast.outcome import Reason, failure
-# The server reads redact_url and secrets_of through this module (`as`: re-exported).
-from holdfast.redaction import redact_url as redact_url
-from holdfast.redaction import scrub, url_password, userinfo
-from holdfast.redaction import secrets_of as secrets_of
+from holdfast.redaction import redact_url, scrub, url_password, userinfo
 
 # -- 1. redaction ------------------------------------------------------------------------
 #

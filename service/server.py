@@ -8,7 +8,9 @@ import contextlib
 import gc
 import importlib
 import logging
+import os
 import signal
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from holdfast.contracts import contract
-from holdfast import journal, security
+from holdfast import journal, redaction, security
 from holdfast.clock import Clock, SystemClock
 from holdfast.engine import Engine
 from holdfast.faults import FaultInjector, FaultPlan
@@ -102,6 +104,14 @@ class _Made:
 
     def __call__(self, engine: Engine) -> Service:
         return self.service.from_settings(engine, self.settings)
+
+
+def importable_from_here() -> None:
+    """A team's modules (`--app tables:Tables`, `graph tables:BOOKING`, a
+    journal's or a workload's app) import from the folder the command runs
+    in, as with `python -m`; console scripts do not put it on sys.path."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def load_attribute(spec: str) -> object:
@@ -279,7 +289,7 @@ def backend_urls(config: Config) -> tuple[str, str]:
 def secrets(config: Config) -> tuple[str, ...]:
     """Every string that would give a backend's password away, as far as it
     can be known (an unreadable password file gives none)."""
-    found = [*security.secrets_of(config.store), *security.secrets_of(config.snapshot)]
+    found = [*redaction.secrets_of(config.store), *redaction.secrets_of(config.snapshot)]
     found += [config.store_password, config.snapshot_password]
     for path in (config.store_password_file, config.snapshot_password_file):
         if path:

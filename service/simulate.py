@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import os
 import random
 import sys
 from collections import Counter
@@ -39,7 +38,7 @@ from holdfast.engine import Engine
 from holdfast.memory import Changes, MemTxn, Rows, attempt
 from holdfast.outcome import Outcome
 from holdfast.reaper import Reaper
-from holdfast.server import load_attribute  # the one loader of a team's `MODULE:ATTR`
+from holdfast.server import importable_from_here, load_attribute  # the one loader of a team's `MODULE:ATTR`
 from holdfast.memory_snapshot import MemorySnapshot
 from holdfast.store import Entity, Prefetch, Reservation, Stock, StoreUnavailable, Txn
 from holdfast.workload import Workload, WorkloadFactory
@@ -356,8 +355,7 @@ def load_workload(app: str) -> WorkloadFactory:
         spec = BUILT_IN[app]
     elif ":" in app:
         spec = app
-        if os.getcwd() not in sys.path:  # as holdfast.cli does for serve and graph
-            sys.path.insert(0, os.getcwd())
+        importable_from_here()
     else:
         raise ValueError(f"--app {app}: expected {' or '.join(BUILT_IN)}, or MODULE:ATTR naming a workload class")
     try:

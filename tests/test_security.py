@@ -24,7 +24,7 @@ from holdfast.fulfillment.v1 import fulfillment_pb2_grpc as fpb_grpc
 from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
-from holdfast import client, security
+from holdfast import client, redaction, security
 from holdfast.outcome import DOMAIN, Reason
 from holdfast.server import Config, start
 from tests.process import ServerProcess, free_port, run_holdfast, start_server
@@ -300,8 +300,8 @@ def test_a_bad_token_file_is_refused_naming_what_is_wrong(text, words):
     ],
 )
 def test_urls_are_redacted_however_they_are_written(url, redacted, secrets):
-    assert security.redact_url(url) == redacted
-    assert security.secrets_of(url) == secrets
+    assert redaction.redact_url(url) == redacted
+    assert redaction.secrets_of(url) == secrets
 
 
 @pytest.mark.parametrize(
