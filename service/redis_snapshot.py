@@ -111,6 +111,16 @@ REBUILD_CHUNK = 500
 _REDIS_FAILURES = (RedisError, RedisClusterException, OSError)
 
 
+def _outage(error: BaseException) -> bool:
+    """Whether an error is Redis (or its socket) failing, not a bug. On
+    uvloop a write to a connection Redis has just closed raises RuntimeError
+    ("... the handler is closed") where asyncio raises ConnectionError
+    (MagicStack/uvloop#506); redis-py reconnects on the next call either way."""
+    if isinstance(error, _REDIS_FAILURES):
+        return True
+    return isinstance(error, RuntimeError) and "the handler is closed" in str(error)
+
+
 class RedisSnapshot:
     """The shared snapshot in Redis or Redis Cluster. See the module docstring
     for keys, round trips, degradation and recovery."""
@@ -193,7 +203,9 @@ class RedisSnapshot:
             await self.client.script_load(ADVANCE_LUA)
             self._reachable = True
             await self._rebuild()
-        except _REDIS_FAILURES as error:
+        except Exception as error:
+            if not _outage(error):
+                raise
             self._fail(error)
         else:
             self._trust()
@@ -249,7 +261,9 @@ class RedisSnapshot:
             return
         try:
             await self.client.set(snapshot_key(entity), version)
-        except _REDIS_FAILURES as error:
+        except Exception as error:
+            if not _outage(error):
+                raise
             self._fail(error)
             metrics.SNAPSHOT_DEGRADATIONS.inc()
 
@@ -278,14 +292,15 @@ class RedisSnapshot:
                 values = await self.client.mget_nonatomic(keys)
             else:
                 values = await self.client.mget(keys)
-        except _REDIS_FAILURES as error:
-            self._fail(error)
-            done.set_result(None)
         except asyncio.CancelledError:
             done.cancel()
             raise
-        except Exception as error:  # a bug, not an outage: every caller sees it
-            done.set_exception(error)
+        except Exception as error:
+            if _outage(error):
+                self._fail(error)
+                done.set_result(None)
+            else:  # a bug, not an outage: every caller sees it
+                done.set_exception(error)
         else:
             done.set_result(dict(zip(order, values)))
 
@@ -302,15 +317,15 @@ class RedisSnapshot:
         self._batch, self._batch_done = None, None
         try:
             await self._advance_all(versions)
-        except _REDIS_FAILURES as error:  # an outage: every caller's write is dropped
-            self._fail(error)
-            metrics.SNAPSHOT_DEGRADATIONS.inc(callers)
         except asyncio.CancelledError:
             done.cancel()
             raise
-        except Exception as error:  # a bug, not an outage: every caller sees it
-            done.set_exception(error)
-            return
+        except Exception as error:
+            if not _outage(error):  # a bug: every caller sees it
+                done.set_exception(error)
+                return
+            self._fail(error)  # an outage: every caller's write is dropped
+            metrics.SNAPSHOT_DEGRADATIONS.inc(callers)
         done.set_result(None)
 
     async def _advance_all(self, versions: Mapping[str, int]) -> list[int]:
@@ -376,17 +391,19 @@ class RedisSnapshot:
             await asyncio.sleep(PROBE_INTERVAL_S)
             try:
                 await self.client.ping()
-            except _REDIS_FAILURES:
+            except Exception as error:
+                if not _outage(error):
+                    raise
                 continue
             failures = self._failures
             self._reachable = True
             try:
                 await self._rebuild()
-            except _REDIS_FAILURES as error:
-                self._fail(error)
-                continue
-            except Exception:  # the store failed to page; Redis is fine, try again later
-                log.exception("snapshot %s rebuild could not read the store", self.describe())
+            except Exception as error:
+                if _outage(error):
+                    self._fail(error)
+                else:  # the store failed to page; Redis is fine, try again later
+                    log.exception("snapshot %s rebuild could not read the store", self.describe())
                 continue
             if self._failures == failures:
                 self._trust()

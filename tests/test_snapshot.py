@@ -281,6 +281,32 @@ async def test_a_hung_redis_costs_one_socket_timeout(private_redis, opened):
         os.kill(private_redis.proc.pid, signal.SIGCONT)
 
 
+def test_a_closed_connection_on_uvloop_degrades_instead_of_failing(redis_url):
+    """holdfast serves on uvloop, where a write to a connection Redis has just
+    dropped raises RuntimeError, not ConnectionError: still an outage, never
+    an error answered to the caller (a Redis SIGKILL mid-load showed it)."""
+    import uvloop
+
+    async def scenario() -> tuple[int | None, int | None, bool]:
+        snapshot = open_snapshot(redis_url)
+        await snapshot.open(pages_of({}))
+        try:
+            await snapshot.advance({"uv1": 3})
+            for connection in snapshot.client.connection_pool._available_connections:
+                connection._writer.transport.close()  # what a reset by the peer leaves
+            await asyncio.sleep(0)
+            during = await snapshot.version("uv1")
+            degraded = snapshot.degraded
+            await wait_trusted(snapshot)
+            return during, await snapshot.version("uv1"), degraded
+        finally:
+            await snapshot.close()
+
+    during, after, degraded = uvloop.run(scenario())
+    assert (during, degraded) == (None, True)
+    assert after == 3
+
+
 class Outage:
     """One Redis to take down and bring back: a private server, or one master
     of a private cluster (it rejoins with its slots, keys lost)."""
