@@ -22,9 +22,11 @@ DOMAIN = "holdfast"
 
 
 class Reason(enum.Enum):
-    """Error reasons of DESIGN.md, in the order they are checked: the first that
-    applies wins (the gateway's checks, then validation, then the engine's,
-    then the move's own).
+    """The framework's error reasons of DESIGN.md, in the order they are
+    checked: the first that applies wins (the gateway's checks, then
+    validation, then the engine's, then the move's own). The built-in apps'
+    reasons (INSUFFICIENT_STOCK, CARRIER_REFUSED, …) are in the same domain
+    `holdfast` but declared by their apps, as `AppReason`s.
 
     Each value is (rank, gRPC status, recorded under the idempotency key); the
     rank keeps reasons that share a status distinct members. Recorded
@@ -40,30 +42,18 @@ class Reason(enum.Enum):
     DEPENDENCY_UNAVAILABLE = (5, grpc.StatusCode.UNAVAILABLE, False)
     IDEMPOTENCY_KEY_REUSED = (6, grpc.StatusCode.ALREADY_EXISTS, False)
     VERSION_CONFLICT = (7, grpc.StatusCode.ABORTED, False)
-    SKU_NOT_FOUND = (8, grpc.StatusCode.NOT_FOUND, False)
-    RESERVATION_NOT_FOUND = (9, grpc.StatusCode.NOT_FOUND, False)
+    # The gaps in the ranks (8, 9, 12, 13, 15, 19-21) are the built-in apps'
+    # reasons, declared in their apps now; no member's value changed.
     HOLD_EXPIRED = (10, grpc.StatusCode.FAILED_PRECONDITION, True)
     INVALID_TRANSITION = (11, grpc.StatusCode.FAILED_PRECONDITION, True)
-    INSUFFICIENT_STOCK = (12, grpc.StatusCode.FAILED_PRECONDITION, True)
-    STOCK_BELOW_COMMITTED = (13, grpc.StatusCode.FAILED_PRECONDITION, True)
-    # Services built on the framework (holdfast.framework), fulfillment first.
+    # Services built on the framework (holdfast.framework).
     ENTITY_NOT_FOUND = (14, grpc.StatusCode.NOT_FOUND, False)
-    WAYBILL_NOT_FOUND = (15, grpc.StatusCode.NOT_FOUND, False)
     # Another holder's lease on the entity has not run out: retry after it.
     LEASE_HELD = (16, grpc.StatusCode.ABORTED, False)
     # This caller's lease ran out and another move took the entity over.
     LEASE_LOST = (17, grpc.StatusCode.ABORTED, True)
     # The contract's fixed delay since the previous attempt has not passed.
     RETRY_TOO_SOON = (18, grpc.StatusCode.FAILED_PRECONDITION, False)
-    # It may be confirmed later, so the answer is not recorded.
-    RESERVATION_NOT_CONFIRMED = (19, grpc.StatusCode.FAILED_PRECONDITION, False)
-    # A carrier refused the attempt (or did not answer within the lease);
-    # the next attempt, with the next number, may succeed.
-    CARRIER_REFUSED = (20, grpc.StatusCode.ABORTED, True)
-    # An acknowledgement that came before its dispatch had committed (a
-    # carrier's callback racing the settlement): not recorded, so the same
-    # call succeeds once the waybill is DISPATCHED.
-    WAYBILL_NOT_DISPATCHED = (21, grpc.StatusCode.FAILED_PRECONDITION, False)
     # Refused before the call reaches the gateway (service/security.py,
     # service/limits.py), so checked before every reason above, in this
     # order; nothing ran, so nothing is recorded. Ranked after the others
@@ -100,7 +90,15 @@ class AppReason(enum.Enum):
 
     A recorded one is stored under the call's key by (domain, name), and a
     replay finds it again by the same pair (`reason_named`), so two apps may
-    each have a reason of one name. The domain `holdfast` is holdfast's own.
+    each have a reason of one name.
+
+    The domain `holdfast` is holdfast's own: only a class declared in a module
+    of holdfast's own apps package (`holdfast.apps.…`, as
+    `InventoryReason` in holdfast.apps.inventory) may take it, so a team's app,
+    even one copied from a built-in app, is told so rather than answering in
+    holdfast's name. Several such classes share the domain, so a name of
+    theirs is unique across `Reason` and all of them, and they are stored by
+    bare name, as they were when `Reason` held them.
     """
 
     code: grpc.StatusCode
@@ -124,12 +122,13 @@ class AppReason(enum.Enum):
             raise TypeError(f"{cls.__name__}: declare the reasons' ErrorInfo domain, as `domain=\"your.service\"`"
                             f" (a DNS-like name), got {domain!r}")
         if domain == DOMAIN:
-            raise TypeError(f"{cls.__name__}: the domain {DOMAIN!r} is holdfast's own")
-        claimed = _APP_DOMAINS.get(domain)
-        if claimed is not None and claimed.__qualname__ != cls.__qualname__:
-            raise TypeError(f"{cls.__name__}: the domain {domain!r} is {claimed.__qualname__}'s")
+            _declare_holdfasts_own(cls)
+        else:
+            claimed = _APP_DOMAINS.get(domain)
+            if claimed is not None and claimed.__qualname__ != cls.__qualname__:
+                raise TypeError(f"{cls.__name__}: the domain {domain!r} is {claimed.__qualname__}'s")
+            _APP_DOMAINS[domain] = cls
         cls._domain_ = domain
-        _APP_DOMAINS[domain] = cls
 
     @property
     def domain(self) -> str:
@@ -138,13 +137,45 @@ class AppReason(enum.Enum):
 
 _DOMAIN_SHAPE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
 _APP_DOMAINS: dict[str, type[AppReason]] = {}
+# Where holdfast's own apps live: the one place a class may take the domain
+# `holdfast`. A module's name is not something an app sets by accident.
+_OWN_APPS_PACKAGE = "holdfast.apps."
+# The reasons of holdfast's own apps by name: their domain is `holdfast`, so
+# they are stored, and found again, by name alone.
+_OWN_REASONS: dict[str, AppReason] = {}
 AnyReason = Reason | AppReason
 
 
+def _declaration(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _declare_holdfasts_own(cls: type[AppReason]) -> None:
+    """Registers the reasons of one of holdfast's own apps in the domain
+    `holdfast`, whose names must not collide: a stored bare name has to mean
+    one reason. Declaring the same class again (a module imported anew)
+    replaces its reasons."""
+    if not cls.__module__.startswith(_OWN_APPS_PACKAGE):
+        raise TypeError(f"{cls.__name__}: the domain {DOMAIN!r} is holdfast's own")
+    here = _declaration(cls)
+    for name in cls._member_names_:
+        if name in Reason.__members__:
+            raise TypeError(f"{cls.__name__}: the reason {name} of the domain {DOMAIN!r} is Reason.{name}")
+        taken = _OWN_REASONS.get(name)
+        if taken is not None and _declaration(type(taken)) != here:
+            raise TypeError(f"{cls.__name__}: the reason {name} of the domain {DOMAIN!r} is"
+                            f" {_declaration(type(taken))}.{name}")
+    for name in [name for name, member in _OWN_REASONS.items() if _declaration(type(member)) == here]:
+        del _OWN_REASONS[name]
+    for name in cls._member_names_:
+        _OWN_REASONS[name] = cls[name]
+
+
 def reason_key(reason: AnyReason) -> str:
-    """How a recorded reason is stored under its key: holdfast's by name (as
-    every store written so far holds them), an app's as `domain/NAME`."""
-    return reason.name if isinstance(reason, Reason) else f"{reason.domain}/{reason.name}"
+    """How a recorded reason is stored under its key: one of the domain
+    `holdfast` by name (as every store written so far holds them), an app's
+    as `domain/NAME`."""
+    return reason.name if reason.domain == DOMAIN else f"{reason.domain}/{reason.name}"
 
 
 def reason_named(key: str) -> AnyReason:
@@ -152,7 +183,14 @@ def reason_named(key: str) -> AnyReason:
     (the app that recorded it is not hosted)."""
     domain, slash, name = key.rpartition("/")
     if not slash:
-        return Reason[name]
+        found: AnyReason | None = Reason.__members__.get(name)
+        if found is None:
+            found = _OWN_REASONS.get(name)
+        if found is None:
+            loaded = sorted({type(member).__module__ for member in _OWN_REASONS.values()})
+            raise KeyError(f"no hosted app declares the reason {name!r} in the domain {DOMAIN!r}: the one of holdfast's"
+                           f" own apps ({_OWN_APPS_PACKAGE}…) that does is not loaded (loaded: {', '.join(loaded) or 'none'})")
+        return found
     declared = _APP_DOMAINS.get(domain)
     if declared is None:
         raise KeyError(f"no hosted app declares reasons in the domain {domain!r} (recorded {key!r})")

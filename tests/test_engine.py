@@ -14,6 +14,7 @@ from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
 from holdfast import metrics
+from holdfast.apps.inventory import InventoryReason
 from holdfast.clock import ManualClock
 from holdfast.engine import Move
 from holdfast.machine import State
@@ -31,7 +32,7 @@ def _move(key: bytes, apply, entity: str | None = None, fingerprint: bytes = b"f
 def _take(quantity: int):
     def apply(txn, now_ms):
         if not txn.take_stock("sku", quantity):
-            return failure(Reason.INSUFFICIENT_STOCK, "short")
+            return failure(InventoryReason.INSUFFICIENT_STOCK, "short")
         return success(b"took %d" % quantity)
 
     return apply
@@ -72,8 +73,8 @@ async def test_same_key_running_now_is_refused_as_in_flight(server):
 
 async def test_unrecorded_failure_lets_a_retry_succeed(server):
     engine = server.engine
-    missing = await engine.move(_move(b"k", lambda txn, now: failure(Reason.SKU_NOT_FOUND, "no sku")))
-    assert missing.reason is Reason.SKU_NOT_FOUND
+    missing = await engine.move(_move(b"k", lambda txn, now: failure(InventoryReason.SKU_NOT_FOUND, "no sku")))
+    assert missing.reason is InventoryReason.SKU_NOT_FOUND
     await _stocked(engine)
     assert (await engine.move(_move(b"k", _take(2)))).ok
 

@@ -111,7 +111,7 @@ def test_a_change_answers_with_a_reply_or_a_recorded_refusal():
     unrecorded = failure(Reason.LEASE_HELD, "held")
     with pytest.raises(AssertionError, match="recorded"):
         Change(("CLOSE",), b"{}", refusal=unrecorded)
-    Change(("CLOSE",), b"{}", refusal=failure(Reason.CARRIER_REFUSED, "no"))
+    Change(("CLOSE",), b"{}", refusal=failure(Reason.LEASE_LOST, "lost"))
 
 
 def test_ids_derive_from_the_key_alone():

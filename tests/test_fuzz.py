@@ -42,7 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
-from holdfast.outcome import DOMAIN, Reason
+from holdfast.outcome import DOMAIN, Reason, reason_named
 from holdfast.server import Config, Running
 from tests.support import failure_of
 
@@ -246,9 +246,12 @@ class Fuzzer:
         except AssertionError:
             return f"{code.name} without google.rpc.Status details (a client timeout is a hang): {error.details()!r}"
         self.answers[failure.reason] = self.answers.get(failure.reason, 0) + 1
-        if failure.domain != DOMAIN or failure.reason not in Reason.__members__:
+        try:
+            reason = reason_named(failure.reason) if failure.domain == DOMAIN else None
+        except KeyError:
+            reason = None
+        if reason is None:
             return f"{code.name} with ErrorInfo {failure.domain!r}/{failure.reason!r}, not a holdfast reason"
-        reason = Reason[failure.reason]
         if reason.code != code:
             return f"reason {reason.name} answered as {code.name}, the table says {reason.code.name}"
         undecodable = reason is Reason.INVALID_REQUEST and UNDECODABLE in failure.message

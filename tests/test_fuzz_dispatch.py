@@ -53,8 +53,8 @@ from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 from holdfast.contracts.contract import of_service
 from holdfast import decode_data
 from holdfast.apps.fulfillment import SERVICE as DISPATCH_SERVICE
-from holdfast.apps.fulfillment import WAYBILL, Waybill
-from holdfast.outcome import DOMAIN, Reason
+from holdfast.apps.fulfillment import WAYBILL, DispatchReason, Waybill
+from holdfast.outcome import DOMAIN, AnyReason, Reason, reason_named
 from holdfast.server import Running
 from holdfast.store import ENTITY_COLUMNS, entity_of_row
 from tests.support import failure_of
@@ -247,11 +247,11 @@ class DispatchFuzzer(Fuzzer):
             return problem
         if replayed:
             return _unchanged(before, after, outcomes_may_grow=False)
-        if reason is Reason.CARRIER_REFUSED:
+        if reason is DispatchReason.CARRIER_REFUSED:
             return _attempt_refused(request, before, after)
         return _unchanged(before, after, outcomes_may_grow=reason.recorded)
 
-    def _refusal(self, method, request, error, trailing) -> tuple[str | None, Reason | None]:
+    def _refusal(self, method, request, error, trailing) -> tuple[str | None, AnyReason | None]:
         """Whether an error answer is a defined one: test_fuzz's rules."""
         code = error.code()
         if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
@@ -263,9 +263,12 @@ class DispatchFuzzer(Fuzzer):
         except ValueError as mismatch:  # the status details say another code than the call's
             return f"{code.name} carrying other status details ({mismatch}): {error.details()[:300]!r}", None
         self.answers[failure.reason] = self.answers.get(failure.reason, 0) + 1
-        if failure.domain != DOMAIN or failure.reason not in Reason.__members__:
+        try:
+            reason = reason_named(failure.reason) if failure.domain == DOMAIN else None
+        except KeyError:
+            reason = None
+        if reason is None:
             return f"{code.name} with ErrorInfo {failure.domain!r}/{failure.reason!r}, not a holdfast reason", None
-        reason = Reason[failure.reason]
         if reason.code != code:
             return f"reason {reason.name} answered as {code.name}, the table says {reason.code.name}", None
         undecodable = reason is Reason.INVALID_REQUEST and UNDECODABLE in failure.message

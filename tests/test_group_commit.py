@@ -44,10 +44,10 @@ from holdfast.inventory.v1 import inventory_pb2 as pb
 
 from holdfast.clock import ManualClock
 from holdfast.engine import Engine, Move
-from holdfast.apps.inventory import reservation_id
+from holdfast.apps.inventory import InventoryReason, reservation_id
 from holdfast.backends import open_snapshot, open_store
 from holdfast.machine import State
-from holdfast.outcome import Outcome, Reason, failure, success
+from holdfast.outcome import AnyReason, Outcome, Reason, failure, success
 from holdfast.sqlite import SqliteStore
 from holdfast.store import (
     Contended,
@@ -486,7 +486,7 @@ def reserve(name: str, quantity: int = 1) -> Move:
 
     def apply(txn: Txn, now_ms: int) -> Outcome:
         if not txn.take_stock(SKU, quantity):
-            return failure(Reason.INSUFFICIENT_STOCK, f"{SKU} has fewer than {quantity} units available")
+            return failure(InventoryReason.INSUFFICIENT_STOCK, f"{SKU} has fewer than {quantity} units available")
         txn.save_reservation(Reservation(rid, name, SKU, quantity, State.RESERVED, 1, now_ms + HOLD_MS), 0)
         return success(f"{rid} holds {quantity} until {now_ms + HOLD_MS}".encode())
 
@@ -530,7 +530,7 @@ def _stale_move() -> Move:
 @dataclass(frozen=True)
 class Failing:
     move: Callable[[], Move]
-    answer: Reason | type[Exception]
+    answer: AnyReason | type[Exception]
     recorded: bool  # its outcome is recorded under its key
     snapshot_ahead: bool = False  # HELD's snapshot entry set past the store's version first
 
@@ -540,7 +540,7 @@ FAILING_MOVES = {
     "version-conflict-snapshot-ahead": Failing(lambda: settle(HELD, sold=True), Reason.VERSION_CONFLICT, False, True),
     "raises-in-its-work": Failing(_raising_move, RuntimeError, False),
     "loses-every-compare-and-set": Failing(_stale_move, Reason.DEPENDENCY_UNAVAILABLE, False),
-    "insufficient-stock": Failing(lambda: reserve("greedy", TOTAL * 10), Reason.INSUFFICIENT_STOCK, True),
+    "insufficient-stock": Failing(lambda: reserve("greedy", TOTAL * 10), InventoryReason.INSUFFICIENT_STOCK, True),
 }
 
 
@@ -562,7 +562,7 @@ async def test_batch_with_one_failing_engine_move_commits_the_others(engine, row
     outcomes = await in_one_batch([engine.store], [engine.move(m) for m in [*good[:3], bad, *good[3:]]])
     answer = outcomes.pop(3)
 
-    if isinstance(row.answer, Reason):
+    if isinstance(row.answer, AnyReason):
         assert answer.reason is row.answer, answer
     else:
         assert isinstance(answer, row.answer), answer

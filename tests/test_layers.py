@@ -228,12 +228,6 @@ KNOWN_NOUNS: dict[str, frozenset[str]] = {
     # STOCK_RETURNED) and the INVENTORY machine beside the generic Machine:
     # they move to apps/inventory.py, as fulfillment's WAYBILL lives in its app.
     "holdfast.machine": frozenset({"STOCK_RETURNED", "STOCK_SHORT"}),
-    # outcome.py's Reason enum holds the apps' reasons: each app declares
-    # them as AppReasons in domain "holdfast" (names, statuses and bytes kept).
-    "holdfast.outcome": frozenset({
-        "CARRIER_REFUSED", "INSUFFICIENT_STOCK", "RESERVATION_NOT_CONFIRMED", "RESERVATION_NOT_FOUND", "SKU_NOT_FOUND",
-        "STOCK_BELOW_COMMITTED", "WAYBILL_NOT_DISPATCHED", "WAYBILL_NOT_FOUND",
-    }),
     # security.py's ADMIN_METHODS names "/holdfast.inventory.v1.InventoryService/PutStock":
     # the admin-only methods should come from the hosted apps (a Service
     # attribute, or a role in the method's contract) through server.py.

@@ -26,7 +26,7 @@ from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
 from holdfast.contracts.contract import of_service
-from holdfast.apps.inventory import SERVICE
+from holdfast.apps.inventory import SERVICE, InventoryReason
 from holdfast.limits import MiB, PUSHBACK, Limits
 from holdfast.outcome import DOMAIN, Reason
 from holdfast.server import Config, start
@@ -211,7 +211,7 @@ async def test_the_default_size_limit_takes_the_fuzzers_megabyte_and_refuses_mor
             stub = pb_grpc.InventoryServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as unknown:
                 await stub.GetStock(pb.GetStockRequest(sku_id="x" * 1_000_000), timeout=10)
-            assert failure_of(unknown.value).reason == Reason.SKU_NOT_FOUND.name
+            assert failure_of(unknown.value).reason == InventoryReason.SKU_NOT_FOUND.name
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.GetStock(pb.GetStockRequest(sku_id="x" * (MiB + 1)), timeout=10)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

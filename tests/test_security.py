@@ -25,6 +25,7 @@ from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
 from holdfast import client, redaction, security
+from holdfast.apps.inventory import InventoryReason
 from holdfast.outcome import DOMAIN, Reason
 from holdfast.server import Config, start
 from tests.process import ServerProcess, free_port, run_holdfast, start_server
@@ -145,7 +146,7 @@ async def test_mutual_tls_refuses_no_certificate_and_an_untrusted_one_and_accept
         async with grpc.aio.secure_channel(target, _ssl(pki, cert="client.pem", key="client.key")) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as unknown:
                 await _stock(channel)  # through: the SKU is simply unknown
-            assert failure_of(unknown.value).reason == Reason.SKU_NOT_FOUND.name
+            assert failure_of(unknown.value).reason == InventoryReason.SKU_NOT_FOUND.name
     finally:
         await running.stop(0)
 

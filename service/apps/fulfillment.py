@@ -16,12 +16,14 @@ import enum
 from dataclasses import replace
 from typing import Any, Mapping, Protocol
 
+import grpc
 from google.protobuf.message import Message
 
 from holdfast.fulfillment.v1 import fulfillment_pb2 as pb
 
 from holdfast.apps.carrier import Answer, Carrier, Parcel, SimulatedCarrier
 from holdfast import (
+    AppReason,
     Call,
     Change,
     Engine,
@@ -42,6 +44,21 @@ from holdfast import (
 
 SERVICE = pb.DESCRIPTOR.services_by_name["DispatchService"]
 ID_LENGTH_MAX = 128
+
+
+class DispatchReason(AppReason, domain="holdfast"):
+    """Dispatch's refusals, holdfast's own so in the domain `holdfast`; their
+    names, statuses and bytes are those they had as members of `Reason`, and
+    a recorded one is stored by its bare name, as before."""
+
+    WAYBILL_NOT_FOUND = (grpc.StatusCode.NOT_FOUND, False)
+    # A carrier refused the attempt (or did not answer within the lease);
+    # the next attempt, with the next number, may succeed.
+    CARRIER_REFUSED = (grpc.StatusCode.ABORTED, True)
+    # An acknowledgement that came before its dispatch had committed (a
+    # carrier's callback racing the settlement): not recorded, so the same
+    # call succeeds once the waybill is DISPATCHED.
+    WAYBILL_NOT_DISPATCHED = (grpc.StatusCode.FAILED_PRECONDITION, False)
 
 
 class Waybill(enum.IntEnum):
@@ -168,7 +185,7 @@ class Dispatch(Service):
             if entity.state in (Waybill.CREATED, Waybill.DISPATCHING):
                 # Not yet, rather than never: the key is the waybill's alone,
                 # so a recorded refusal would refuse the real acknowledgement.
-                return failure(Reason.WAYBILL_NOT_DISPATCHED,
+                return failure(DispatchReason.WAYBILL_NOT_DISPATCHED,
                                f"waybill {request.waybill_id} is {Waybill(entity.state).name}, not yet DISPATCHED",
                                metadata={"waybill_id": request.waybill_id, "state": Waybill(entity.state).name})
             return Change(("CARRIER_ACKNOWLEDGED",), entity.data, reply=_reply)
@@ -291,7 +308,7 @@ class Dispatch(Service):
             if last:
                 fields["failure_reason"] = f"{max_attempts} attempts refused"
             refusal = failure(
-                Reason.CARRIER_REFUSED,
+                DispatchReason.CARRIER_REFUSED,
                 f"attempt {attempt} of {max_attempts} refused: {answer.detail}",
                 metadata={"attempt": str(attempt), "attempts_left": str(max_attempts - attempt)},
             )
@@ -336,7 +353,7 @@ def _step(call: Call, step: str) -> Call:
 
 def _not_found(waybill_id: str) -> Outcome:
     shown = shown_id(waybill_id)
-    return failure(Reason.WAYBILL_NOT_FOUND, f"no waybill {shown!r}", metadata={"waybill_id": shown})
+    return failure(DispatchReason.WAYBILL_NOT_FOUND, f"no waybill {shown!r}", metadata={"waybill_id": shown})
 
 
 def _invalid(violations: list[tuple[str, str]]) -> Outcome:

@@ -33,9 +33,10 @@ from typing import Sequence
 
 from holdfast.fulfillment.v1 import fulfillment_pb2 as pb
 
-from holdfast import Engine, Entity, Outcome, Reason, Service, decode_data, derive_id, failure
+from holdfast import AppReason, Engine, Entity, Outcome, Reason, Service, decode_data, derive_id, failure
 from holdfast.apps.carrier import Answer, Parcel, SimulatedCarrier
-from holdfast.apps.fulfillment import WAYBILL, Dispatch, Waybill
+from holdfast.apps.fulfillment import WAYBILL, Dispatch, DispatchReason, Waybill
+from holdfast.apps.inventory import InventoryReason
 from holdfast.workload import (
     AppWorkload,
     Client,
@@ -75,8 +76,8 @@ class Reservations:
             if reservation_id.startswith(CONFIRMED):
                 return None
             if reservation_id.startswith(HELD):
-                return failure(Reason.RESERVATION_NOT_CONFIRMED, f"reservation {reservation_id} is RESERVED, not CONFIRMED")
-            return failure(Reason.RESERVATION_NOT_FOUND, f"no reservation {reservation_id!r}")
+                return failure(InventoryReason.RESERVATION_NOT_CONFIRMED, f"reservation {reservation_id} is RESERVED, not CONFIRMED")
+            return failure(InventoryReason.RESERVATION_NOT_FOUND, f"no reservation {reservation_id!r}")
 
         return await self.engine.read(read, deadline)
 
@@ -112,42 +113,42 @@ class WaybillAuditor(EntityAuditor[pb.WaybillReply]):
             "Fail": {Waybill.FAILED},
             timeout_method(Dispatch): {Waybill.CREATED, Waybill.FAILED},
         }
-        super().__init__(WAYBILL, pb.WaybillReply, "waybill_id", settles, Reason.WAYBILL_NOT_FOUND)
+        super().__init__(WAYBILL, pb.WaybillReply, "waybill_id", settles, DispatchReason.WAYBILL_NOT_FOUND)
         self.carrier = carrier
         self.tried: dict[str, int] = {}  # waybill -> the highest attempt an answer showed
         self.created: dict[str, str] = {}  # waybill -> its reservation, from CreateWaybill's answers
 
     # -- answers ---------------------------------------------------------------------
 
-    def predict(self, request: Request) -> set[Reason | None] | None:
+    def predict(self, request: Request) -> set[Reason | AppReason | None] | None:
         message = request.message
         if request.method == "Dispatch" and message.attempt > MAX_ATTEMPTS:
             return {Reason.CONTRACT_VIOLATION}
         if request.method == "CreateWaybill":
             if message.reservation_id.startswith(CONFIRMED):
                 return {None}
-            return {Reason.RESERVATION_NOT_CONFIRMED if message.reservation_id.startswith(HELD) else Reason.RESERVATION_NOT_FOUND}
+            return {InventoryReason.RESERVATION_NOT_CONFIRMED if message.reservation_id.startswith(HELD) else InventoryReason.RESERVATION_NOT_FOUND}
         if request.method not in ("Dispatch", "Acknowledge", "Fail"):
             return None  # a timeout: its own checks are in `answer`
         known = self.known.get(request.touches[0])
         if known is None:
-            return {Reason.WAYBILL_NOT_FOUND}
+            return {DispatchReason.WAYBILL_NOT_FOUND}
         if not known.exact or request.method not in ("Acknowledge", "Fail"):
             return None
         # Each answer below may also be VERSION_CONFLICT: a snapshot behind the
         # store (a commit that failed after applying) makes any move compensate first.
         state = Waybill(known.state)
         if state is Waybill.DISPATCHING:  # leased, unless the lease ran out and nobody has taken over yet
-            then = Reason.WAYBILL_NOT_DISPATCHED if request.method == "Acknowledge" else Reason.INVALID_TRANSITION
+            then = DispatchReason.WAYBILL_NOT_DISPATCHED if request.method == "Acknowledge" else Reason.INVALID_TRANSITION
             return {Reason.VERSION_CONFLICT, Reason.LEASE_HELD, then}
         if request.method == "Acknowledge":
-            answers = {Waybill.DISPATCHED: None, Waybill.CREATED: Reason.WAYBILL_NOT_DISPATCHED}
+            answers = {Waybill.DISPATCHED: None, Waybill.CREATED: DispatchReason.WAYBILL_NOT_DISPATCHED}
             return {Reason.VERSION_CONFLICT, answers.get(state, Reason.INVALID_TRANSITION)}
         return {Reason.VERSION_CONFLICT, None if state is Waybill.CREATED else Reason.INVALID_TRANSITION}
 
     def apply(self, request: Request, outcome: Outcome) -> None:
         super().apply(request, outcome)
-        if request.method == "Dispatch" and outcome.reason in (Reason.CARRIER_REFUSED, Reason.LEASE_LOST):
+        if request.method == "Dispatch" and outcome.reason in (DispatchReason.CARRIER_REFUSED, Reason.LEASE_LOST):
             self._tried(request.touches[0], request.message.attempt)
 
     def refused(self, request: Request, outcome: Outcome) -> None:

@@ -11,9 +11,11 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 
+import grpc
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
 from holdfast import (
+    AppReason,
     Call,
     Engine,
     Move,
@@ -37,6 +39,20 @@ REASON_LENGTH_MAX = 512
 EXPIRED = "hold expired"
 REAPER_METHOD = "holdfast.reaper/HoldExpiry"
 RECOVERY_METHOD = "holdfast.recovery/Intent"
+
+
+class InventoryReason(AppReason, domain="holdfast"):
+    """Inventory's refusals (DESIGN.md's table), holdfast's own so in the domain
+    `holdfast`; their names, statuses and bytes are those they had as members
+    of `Reason`, and a recorded one is stored by its bare name, as before."""
+
+    SKU_NOT_FOUND = (grpc.StatusCode.NOT_FOUND, False)
+    RESERVATION_NOT_FOUND = (grpc.StatusCode.NOT_FOUND, False)
+    INSUFFICIENT_STOCK = (grpc.StatusCode.FAILED_PRECONDITION, True)
+    STOCK_BELOW_COMMITTED = (grpc.StatusCode.FAILED_PRECONDITION, True)
+    # What fulfillment asks of a reservation before it creates a waybill; it
+    # may be confirmed later, so the answer is not recorded.
+    RESERVATION_NOT_CONFIRMED = (grpc.StatusCode.FAILED_PRECONDITION, False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +223,7 @@ class Inventory(Service):
                 return _reservation_not_found(reservation_id)
             if found.state != State.CONFIRMED:
                 return failure(
-                    Reason.RESERVATION_NOT_CONFIRMED,
+                    InventoryReason.RESERVATION_NOT_CONFIRMED,
                     f"reservation {reservation_id} is {found.state.name}, not CONFIRMED",
                     metadata={"reservation_id": reservation_id, "state": found.state.name},
                 )
@@ -231,7 +247,7 @@ def _put_stock(txn: Txn, sku_id: str, total: int) -> Outcome:
         committed = stock.held + stock.sold
         if total < committed:
             return failure(
-                Reason.STOCK_BELOW_COMMITTED,
+                InventoryReason.STOCK_BELOW_COMMITTED,
                 f"total {total} is below the {committed} units held or sold for {sku_id}",
                 metadata={"sku_id": sku_id, "committed": str(committed)},
             )
@@ -252,7 +268,7 @@ def _reserve(txn: Txn, rid: str, order_id: str, sku_id: str, quantity: int, expi
         if txn.stock(sku_id) is None:
             return _sku_not_found(sku_id)
         return failure(
-            Reason.INSUFFICIENT_STOCK,
+            InventoryReason.INSUFFICIENT_STOCK,
             f"{sku_id} has fewer than {quantity} units available",
             metadata={"sku_id": sku_id, "quantity": str(quantity)},
         )
@@ -368,12 +384,12 @@ def _id_violations(request, *names: str) -> Iterable[tuple[str, str]]:
 
 def _sku_not_found(sku_id: str) -> Outcome:
     shown = shown_id(sku_id)
-    return failure(Reason.SKU_NOT_FOUND, f"no stock is recorded for SKU {shown!r}", metadata={"sku_id": shown})
+    return failure(InventoryReason.SKU_NOT_FOUND, f"no stock is recorded for SKU {shown!r}", metadata={"sku_id": shown})
 
 
 def _reservation_not_found(rid: str) -> Outcome:
     shown = shown_id(rid)
-    return failure(Reason.RESERVATION_NOT_FOUND, f"no reservation {shown!r}", metadata={"reservation_id": shown})
+    return failure(InventoryReason.RESERVATION_NOT_FOUND, f"no reservation {shown!r}", metadata={"reservation_id": shown})
 
 
 def _invalid_transition(rid: str, state: State, what: str) -> Outcome:

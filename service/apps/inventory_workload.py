@@ -20,14 +20,14 @@ from typing import Callable, Iterable, Sequence
 
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
-from holdfast.apps.inventory import REAPER_METHOD, RECOVERY_METHOD, Holds, Inventory, reservation_id
+from holdfast.apps.inventory import REAPER_METHOD, RECOVERY_METHOD, Holds, Inventory, InventoryReason, reservation_id
 from holdfast.auditor import TRANSIENT, Auditor, Books, Kind, Request, require
 from holdfast.engine import Engine
 from holdfast.framework import Service
 from holdfast.call import idempotency_key, serving
 from holdfast.machine import INTENTS, State
 from holdfast.memory import Changes, MemTxn, Rows
-from holdfast.outcome import Outcome, Reason
+from holdfast.outcome import AnyReason, Outcome, Reason
 from holdfast.store import Reservation, Stock
 from holdfast.workload import Client, Seen, call_of, contracts_of
 
@@ -263,30 +263,30 @@ class StockAuditor(Auditor):
 
     # -- answers ---------------------------------------------------------------------
 
-    def predict(self, request: StockRequest) -> set[Reason | None] | None:
+    def predict(self, request: StockRequest) -> set[AnyReason | None] | None:
         message = request.message
         if request.method == "PutStock":
             sku = self.skus.get(request.sku)
             committed = 0 if sku is None else sku.held + sku.sold
-            return {None} if message.total >= committed else {Reason.STOCK_BELOW_COMMITTED}
+            return {None} if message.total >= committed else {InventoryReason.STOCK_BELOW_COMMITTED}
         if request.method == "Reserve":
             if message.quantity <= 0:
                 return {Reason.INVALID_REQUEST}
             sku = self.skus.get(request.sku)
             if sku is None or sku.total_version == 0:
-                return {Reason.SKU_NOT_FOUND}
+                return {InventoryReason.SKU_NOT_FOUND}
             available = sku.total - sku.held - sku.sold
-            return {None} if available >= message.quantity else {Reason.INSUFFICIENT_STOCK}
+            return {None} if available >= message.quantity else {InventoryReason.INSUFFICIENT_STOCK}
         if request.method in ("Confirm", "Release"):
             held = self.holds.get(request.rid)
             if held is None:
-                return {Reason.RESERVATION_NOT_FOUND}
+                return {InventoryReason.RESERVATION_NOT_FOUND}
             # A snapshot behind the store (a commit that failed after applying)
             # makes any move on the reservation compensate first.
             return {Reason.VERSION_CONFLICT} | self._settles(request, held)
         return None
 
-    def _settles(self, request: StockRequest, held: _Held) -> set[Reason | None]:
+    def _settles(self, request: StockRequest, held: _Held) -> set[AnyReason | None]:
         if held.state is State.RELEASED and held.expired:
             return {Reason.HOLD_EXPIRED}
         if request.method == "Release":
@@ -343,7 +343,7 @@ class StockAuditor(Auditor):
         elif request.rid not in self.uncertain_rids():
             held = self.holds.get(request.rid)
             if held is None:
-                require(outcome.reason is Reason.RESERVATION_NOT_FOUND, f"GetReservation of unknown {request.rid}: {outcome.reason}")
+                require(outcome.reason is InventoryReason.RESERVATION_NOT_FOUND, f"GetReservation of unknown {request.rid}: {outcome.reason}")
             else:
                 require(outcome.ok, f"GetReservation of {request.rid} answered {outcome.reason}")
                 reply = pb.ReservationReply.FromString(outcome.payload)
@@ -356,7 +356,7 @@ class StockAuditor(Auditor):
             return
         sku = self.skus.get(sku_id)
         if sku is None or sku.total_version == 0:
-            require(outcome.reason is Reason.SKU_NOT_FOUND, f"GetStock of unknown {sku_id}: {outcome.reason}")
+            require(outcome.reason is InventoryReason.SKU_NOT_FOUND, f"GetStock of unknown {sku_id}: {outcome.reason}")
             return
         require(outcome.ok, f"GetStock of {sku_id} answered {outcome.reason}")
         reply = pb.StockReply.FromString(outcome.payload)
