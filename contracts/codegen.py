@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 
 def _package_folder(name: str) -> Path:
@@ -87,7 +87,7 @@ def outputs(protos: Path) -> list[str]:
     `a/b/c.proto` gives `a/b/c_pb2.py`, its `.pyi` and `a/b/c_pb2_grpc.py`.
     Named from the sources, never found by walking the output folder, which
     for a team is often its project root (its own code, its virtualenv)."""
-    names = []
+    names: list[str] = []
     for source in proto_sources(protos):
         stem = source.relative_to(protos).with_suffix("").as_posix()
         names.extend(stem + suffix for suffix in _OUTPUT_SUFFIXES)
@@ -195,7 +195,7 @@ def _write_packages(out: Path, modules: list[Path]) -> list[Path]:
     return sorted(set(made))
 
 
-def _stamp(protos: Path, out: Path, code: Path, recorded: Iterable[str] = ()) -> dict:
+def _stamp(protos: Path, out: Path, code: Path, recorded: Iterable[str] = ()) -> dict[str, Any]:
     generated = {name: _sha256(code / name) for name in _modules(protos, code, recorded)}
     if (out / SERVICE_CONFIG_NAME).is_file():
         generated[SERVICE_CONFIG_NAME] = _sha256(out / SERVICE_CONFIG_NAME)

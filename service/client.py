@@ -33,10 +33,10 @@ import functools
 import json
 import os
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -53,6 +53,13 @@ Options = Sequence[tuple[str, Any]]
 ServiceConfigSource = str | os.PathLike[str]
 # What `service_config=` takes: one, or several to merge for one channel.
 ServiceConfig = ServiceConfigSource | Sequence[ServiceConfigSource]
+
+# What the interceptors handle: a blocking channel's call details or an
+# asyncio one's (unrelated classes, in grpc and in its stubs), and whatever
+# request and call or response they pass through untouched.
+_Details = TypeVar("_Details", grpc.ClientCallDetails, grpc.aio.ClientCallDetails)
+_Request = TypeVar("_Request")
+_Response = TypeVar("_Response")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +139,7 @@ def _read_json(path: str) -> str:
         raise OSError(f"service config {path}: cannot read it: {error.strerror or error}") from None
 
 
-def _parse(text: str, where: str) -> dict:
+def _parse(text: str, where: str) -> dict[str, Any]:
     try:
         config = json.loads(text)
     except ValueError as error:
@@ -142,11 +149,11 @@ def _parse(text: str, where: str) -> dict:
     return config
 
 
-def _merge(parsed: list[tuple[dict, str]]) -> dict:
+def _merge(parsed: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
     """One service config of several: their `methodConfig` entries in order.
     gRPC rejects a whole config that names a method twice, so a method in two
     of them is an error here, naming both; any other key must agree."""
-    merged: dict = {"methodConfig": []}
+    merged: dict[str, Any] = {"methodConfig": []}
     named: dict[str, str] = {}
     for config, where in parsed:
         for entry in config.get("methodConfig", ()):
@@ -252,16 +259,27 @@ def aio_channel(
     return grpc.aio.secure_channel(target, credentials, **kwargs)
 
 
-def _with_deadline(details, deadlines: Mapping[str, float]):
+def _replaced(details: _Details, **changes: object) -> _Details:
+    """`details` with `changes`: grpc hands interceptors namedtuples (a
+    ClientCallDetails subclass each), so `_replace` keeps the class."""
+    # types-grpcio declares grpc.ClientCallDetails and grpc.aio.ClientCallDetails
+    # as plain abstract classes, without the namedtuple's `_replace`.
+    replaced: _Details = details._replace(**changes)  # type: ignore[attr-defined]
+    return replaced
+
+
+def _with_deadline(details: _Details, deadlines: Mapping[str, float]) -> _Details:
     """`details` with the contract's deadline when the caller set none: the
     method's own, else its service's, else the config's default (gRPC's order)."""
     if details.timeout is not None:
         return details
-    method = details.method.decode() if isinstance(details.method, bytes) else details.method
+    # bytes on an asyncio channel, though types-grpcio says str for both.
+    named: str | bytes = details.method
+    method = named.decode() if isinstance(named, bytes) else named
     timeout = deadlines.get(method)
     if timeout is None:
         timeout = deadlines.get(method[: method.rfind("/") + 1], deadlines.get("/"))
-    return details if timeout is None else details._replace(timeout=timeout)
+    return details if timeout is None else _replaced(details, timeout=timeout)
 
 
 class _Deadlines(grpc.UnaryUnaryClientInterceptor):
@@ -269,7 +287,12 @@ class _Deadlines(grpc.UnaryUnaryClientInterceptor):
     def __init__(self, deadlines: Mapping[str, float]) -> None:
         self._deadlines = deadlines
 
-    def intercept_unary_unary(self, continuation, client_call_details, request):
+    def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, _Request], _Response],
+        client_call_details: grpc.ClientCallDetails,
+        request: _Request,
+    ) -> _Response:
         return continuation(_with_deadline(client_call_details, self._deadlines), request)
 
 
@@ -277,22 +300,32 @@ class _AioDeadlines(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, deadlines: Mapping[str, float]) -> None:
         self._deadlines = deadlines
 
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, _Request], Awaitable[_Response]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: _Request,
+    ) -> _Response:
         return await continuation(_with_deadline(client_call_details, self._deadlines), request)
 
 
-def _with_token(details, token: str, aio: bool = False):
+def _with_token(details: _Details, token: str, aio: bool = False) -> _Details:
     """`details` with `authorization: Bearer TOKEN` added to its metadata
     (a grpc.aio.Metadata on an asyncio channel, pairs on a blocking one)."""
     pairs = [*(details.metadata or ()), ("authorization", f"Bearer {token}")]
-    return details._replace(metadata=grpc.aio.Metadata(*pairs) if aio else pairs)
+    return _replaced(details, metadata=grpc.aio.Metadata(*pairs) if aio else pairs)
 
 
 class _Token(grpc.UnaryUnaryClientInterceptor):
     def __init__(self, token: str) -> None:
         self._token = token
 
-    def intercept_unary_unary(self, continuation, client_call_details, request):
+    def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.ClientCallDetails, _Request], _Response],
+        client_call_details: grpc.ClientCallDetails,
+        request: _Request,
+    ) -> _Response:
         return continuation(_with_token(client_call_details, self._token), request)
 
 
@@ -300,5 +333,10 @@ class _AioToken(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, token: str) -> None:
         self._token = token
 
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, _Request], Awaitable[_Response]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: _Request,
+    ) -> _Response:
         return await continuation(_with_token(client_call_details, self._token, aio=True), request)

@@ -28,12 +28,12 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Mapping
+from typing import Any, Collection, Mapping, NoReturn, cast, overload
 
 import grpc
 
 from holdfast import metrics
-from holdfast.gateway import STATUS_DETAILS, mark_arrival
+from holdfast.gateway import STATUS_DETAILS, AioBehavior, Context, Continuation, Handler, mark_arrival
 from holdfast.outcome import Reason, failure
 
 KEYS = frozenset({"delay_ms", "status", "probability", "seed"})
@@ -136,7 +136,11 @@ def _fault(source: str, name: str, table: object, methods: Collection[str] | Non
     return Fault(method, delay_ms, status, float(probability), seed)
 
 
-def _integer(where: str, table: dict, key: str, default: int | None) -> int | None:
+@overload
+def _integer(where: str, table: dict[str, object], key: str, default: int) -> int: ...
+@overload
+def _integer(where: str, table: dict[str, object], key: str, default: None) -> int | None: ...
+def _integer(where: str, table: dict[str, object], key: str, default: int | None) -> int | None:
     if key not in table:
         return default
     value = table[key]
@@ -145,7 +149,7 @@ def _integer(where: str, table: dict, key: str, default: int | None) -> int | No
     return value
 
 
-def _status(where: str, table: dict) -> grpc.StatusCode | None:
+def _status(where: str, table: dict[str, object]) -> grpc.StatusCode | None:
     if "status" not in table:
         return None
     name = table["status"]
@@ -187,22 +191,24 @@ class FaultInjector(grpc.aio.ServerInterceptor):
         self.plan = plan
         self._deciders = {method: Decider(fault) for method, fault in plan.faults.items()}
 
-    async def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         decider = self._deciders.get(handler_call_details.method)
         if handler is None or decider is None or handler.unary_unary is None:
             return handler
         return grpc.unary_unary_rpc_method_handler(
-            _faulty(decider, handler.unary_unary),
+            _faulty(decider, cast(AioBehavior, handler.unary_unary)),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
 
-def _faulty(decider: Decider, behavior):
+def _faulty(decider: Decider, behavior: AioBehavior) -> AioBehavior:
     fault = decider.fault
 
-    async def faulty(request, context: grpc.aio.ServicerContext):
+    async def faulty(request: Any, context: Context) -> Any:
         mark_arrival()  # an injected delay is server time: it spends the call's budget
         # Decided before sleeping, so the sequence follows arrival order.
         if not decider.draw():
@@ -217,11 +223,13 @@ def _faulty(decider: Decider, behavior):
     return faulty
 
 
-async def _abort(context: grpc.aio.ServicerContext, fault: Fault) -> None:
-    message = f"fault injected on {fault.method}: {fault.status.name}"
-    reason = REASONS.get(fault.status)
+async def _abort(context: Context, fault: Fault) -> NoReturn:
+    status = fault.status
+    assert status is not None, "only a fault with a status aborts its calls"
+    message = f"fault injected on {fault.method}: {status.name}"
+    reason = REASONS.get(status)
     if reason is None:
-        await context.abort(fault.status, message)
+        await context.abort(status, message)
     else:
         outcome = failure(reason, message, metadata={"fault": "injected"})
         await context.abort(outcome.code, message, trailing_metadata=((STATUS_DETAILS, outcome.payload),))

@@ -62,6 +62,9 @@ import time
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for
+from multiprocessing.context import SpawnContext
+from types import FrameType
+from typing import TypedDict
 
 from holdfast.loop import run
 from holdfast.server import Config, Running, serve
@@ -168,12 +171,21 @@ def _probe(host: str, port: int) -> int:
 # -- the supervisor ---------------------------------------------------------------
 
 
+class _Ready(TypedDict):
+    """The message a worker sends its supervisor once it serves."""
+
+    pid: int
+    store: str
+    snapshot: str
+    services: list[str]
+
+
 @dataclass(slots=True)
 class _Worker:
     index: int  # 1..N
     process: multiprocessing.process.BaseProcess
     reports: Connection  # the worker sends one message once it serves
-    ready: dict | None = None
+    ready: _Ready | None = None
     gone: bool = False  # its exit has been seen by the supervisor
 
 
@@ -191,12 +203,14 @@ class _Group:
     def stop(self) -> None:
         """SIGTERM to every worker still running: each drains its calls and stops."""
         for worker in self.alive():
+            pid = worker.process.pid
+            assert pid is not None, "a worker joins the group started (_spawn)"
             try:
-                os.kill(worker.process.pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
 
-    def on_signal(self, signum: int, frame) -> None:
+    def on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stop_requested = True
         self.stop()
 
@@ -255,7 +269,7 @@ def _worker_config(config: Config, host: str, port: int, index: int) -> Config:
     return replace(config, listen=f"{host}:{port}", so_reuseport=True, metrics_listen=metrics)
 
 
-def _spawn(context, config: Config, index: int) -> _Worker:
+def _spawn(context: SpawnContext, config: Config, index: int) -> _Worker:
     reports, report = context.Pipe(duplex=False)
     process = context.Process(
         target=work, args=(config, index, os.getpid(), report), name=f"holdfast-worker-{index}", daemon=True
@@ -329,9 +343,10 @@ def _exit_text(code: int | None) -> str:
 
 
 def _startup_line(config: Config, host: str, port: int, group: _Group) -> str:
-    first = group.workers[0].ready
-    assert first is not None and all(w.ready is not None for w in group.workers)
-    pids = ", ".join(str(w.ready["pid"]) for w in group.workers)
+    ready = [w.ready for w in group.workers if w.ready is not None]
+    assert len(ready) == len(group.workers), "the line is printed once every worker serves"
+    first = ready[0]
+    pids = ", ".join(str(r["pid"]) for r in ready)
     metrics = ""
     if config.metrics_listen:
         metrics_host, metrics_port = _split(config.metrics_listen)
@@ -353,8 +368,9 @@ def work(config: Config, index: int, supervisor_pid: int, report: Connection) ->
 
     def ready(running: Running) -> None:
         engine = running.engine
-        report.send({"pid": os.getpid(), "store": engine.store.describe(), "snapshot": engine.snapshot.describe(),
-                     "services": list(running.services)})
+        message: _Ready = {"pid": os.getpid(), "store": engine.store.describe(), "snapshot": engine.snapshot.describe(),
+                           "services": list(running.services)}
+        report.send(message)
         report.close()
 
     try:
