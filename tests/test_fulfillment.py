@@ -18,9 +18,11 @@ from holdfast.fulfillment.v1 import fulfillment_pb2_grpc as fpb_grpc
 from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
+from holdfast.call import current_call
 from holdfast.contracts.contract import of_service
 from holdfast.apps.carrier import SimulatedCarrier
 from holdfast.apps.fulfillment import SERVICE, Waybill
+from holdfast.store import StoreUnavailable
 from tests.support import failure_of
 
 DISPATCH = of_service(SERVICE)[f"/{SERVICE.full_name}/Dispatch"]
@@ -302,6 +304,97 @@ async def test_the_reaper_fails_a_waybill_whose_last_attempt_vanished(channel, d
         fpb.ATTEMPT_RESULT_LEASE_EXPIRED]
     assert failed.failure_reason == f"{MAX_ATTEMPTS} attempts, the last one's lease ran out"
     assert failed.attempts[-1].ended_at_ms == failed.attempts[-1].started_at_ms + LEASE_MS
+
+
+def _settlements_fail(monkeypatch, server) -> SimulatedCarrier:
+    """The server's carrier, accepting every attempt, with a store that fails
+    the transaction that follows each acceptance in the same call (the
+    attempt's settlement) before it runs: the carrier has the parcel, the
+    books still say RUNNING."""
+    service = server.services[SERVICE.full_name]
+    store, answered = service.engine.store, set()
+    transact = store.transact
+
+    class Accepting(SimulatedCarrier):
+        async def dispatch(self, parcel):
+            answer = await super().dispatch(parcel)
+            answered.add(current_call().key)  # the call's context reaches the carrier, and its settlement
+            return answer
+
+    async def failing(*args, **kwargs):
+        try:
+            key = current_call().key
+        except LookupError:  # the reaper's transactions serve no call
+            key = None
+        if key in answered:
+            answered.discard(key)
+            raise StoreUnavailable("injected: the store did not answer the settlement")
+        return await transact(*args, **kwargs)
+
+    monkeypatch.setattr(store, "transact", failing)
+    service.carrier = Accepting()
+    return service.carrier
+
+
+# `config` (the reaper on, or off for an hour), and who ends the attempt the carrier accepted
+AFTER_A_FAILED_SETTLEMENT = [
+    ("by the reaper", "the reaper"),
+    ("by the next attempt", "its own retry"),
+    ("by the next attempt", "the next attempt"),
+]
+
+
+@pytest.mark.parametrize(("config", "ended_by"), AFTER_A_FAILED_SETTLEMENT, indirect=["config"],
+                         ids=[ended_by for _, ended_by in AFTER_A_FAILED_SETTLEMENT])
+async def test_a_parcel_the_carrier_accepted_is_not_handed_over_again_when_the_settlement_failed(
+    channel, dispatch, server, monkeypatch, ended_by
+):
+    """The carrier accepts attempt 1 and the store then fails its settlement:
+    the dispatcher hears UNAVAILABLE, and the waybill is left DISPATCHING
+    with an attempt whose end only the carrier knows. Whoever ends it after
+    its lease (the reaper, the dispatcher's retry, the next attempt) asks the
+    carrier what it answered, and records the attempt ACCEPTED with the
+    carrier's tracking id: no attempt hands the parcel over again."""
+    used = _settlements_fail(monkeypatch, server)
+    waybill = await new_waybill(channel, dispatch)
+    wid = waybill.waybill_id
+    first = fpb.DispatchRequest(waybill_id=wid, dispatcher_id="d1", attempt=1)
+    second = fpb.DispatchRequest(waybill_id=wid, dispatcher_id="d2", attempt=2)
+    with pytest.raises(grpc.aio.AioRpcError) as unavailable:
+        await dispatch.Dispatch(first)
+    assert (unavailable.value.code(), failure_of(unavailable.value).reason) == (
+        grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE")
+    stranded = await dispatch.GetWaybill(fpb.GetWaybillRequest(waybill_id=wid))
+    assert (stranded.state, [a.result for a in stranded.attempts]) == (
+        fpb.WAYBILL_STATE_DISPATCHING, [fpb.ATTEMPT_RESULT_RUNNING])
+
+    if ended_by == "the reaper":
+        shipped = await _until_state(dispatch, wid, fpb.WAYBILL_STATE_DISPATCHED, timeout_s=LEASE_MS / 1000 + 5)
+        with pytest.raises(grpc.aio.AioRpcError) as lost:  # the dispatcher's retry, after the lease
+            await dispatch.Dispatch(first)
+        assert (lost.value.code(), failure_of(lost.value).reason) == (grpc.StatusCode.ABORTED, "LEASE_LOST")
+        assert "the carrier's acceptance of it is recorded already" in failure_of(lost.value).message
+    elif ended_by == "its own retry":
+        await asyncio.sleep(LEASE_MS / 1000 + 0.05)
+        shipped = await dispatch.Dispatch(first)
+        assert await dispatch.Dispatch(first) == shipped  # and replays
+    else:
+        await asyncio.sleep((LEASE_MS + DELAY_MS) / 1000 + 0.1)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await dispatch.Dispatch(second)
+        assert (refused.value.code(), failure_of(refused.value).reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION, "INVALID_TRANSITION")
+        shipped = await dispatch.GetWaybill(fpb.GetWaybillRequest(waybill_id=wid))
+    assert shipped.state == fpb.WAYBILL_STATE_DISPATCHED
+    assert [(a.attempt, a.dispatcher_id, a.result) for a in shipped.attempts] == [(1, "d1", fpb.ATTEMPT_RESULT_ACCEPTED)]
+    assert shipped.tracking_id == used.decided[(wid, 1)].tracking_id != ""
+
+    await asyncio.sleep(DELAY_MS / 1000)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await dispatch.Dispatch(second)
+    assert failure_of(refused.value).reason == "INVALID_TRANSITION"
+    assert [p.attempt for p in used.parcels] == [1] and used.handed_over() == [(wid, 1)]
+    assert await dispatch.GetWaybill(fpb.GetWaybillRequest(waybill_id=wid)) == shipped
 
 
 async def test_every_dispatch_move_replays_identically(channel, dispatch, carrier):

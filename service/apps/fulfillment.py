@@ -32,6 +32,7 @@ from holdfast import (
     Outcome,
     Reason,
     Service,
+    Txn,
     current_call,
     decode_data,
     derive_id,
@@ -105,8 +106,11 @@ class Dispatch(Service):
     DESCRIPTOR = SERVICE
     MACHINE = WAYBILL
     ID_PREFIX = "wb"
+    workload = "holdfast.apps.fulfillment_workload:DispatchWorkload"
     # A dispatcher that claims and vanishes: when its lease runs out, the
-    # reaper ends the attempt (and the waybill, after the last attempt).
+    # reaper ends the attempt (and the waybill, after the last attempt), as
+    # the carrier answered it: the dispatcher may have vanished after the
+    # carrier took the parcel (`timeout`).
     TIMEOUTS = {Waybill.DISPATCHING: "LEASE_EXPIRED"}
 
     def __init__(self, engine: Engine, reservations: Reservations, carrier: Carrier) -> None:
@@ -116,7 +120,14 @@ class Dispatch(Service):
         dispatch = self.contract("Dispatch")
         self.max_attempts = dispatch.retry.max_attempts
         self.delay_ms = dispatch.retry.fixed_delay_ms
+        # The carrier gets the lease less a quarter, which is kept for the
+        # settlement: settled at the lease's very end, the attempt would race
+        # the reaper's LEASE_EXPIRED timeout for the same waybill.
+        self.carrier_ms = dispatch.lock_ttl_ms - dispatch.lock_ttl_ms // 4
         self._running: set[bytes] = set()  # keys of the attempts running on this instance
+        self._timing: set[tuple[str, int]] = set()  # (waybill, version) of the timeouts running here
+        # What the carrier answered the attempt each of them ends, once asked: for `on_timeout`.
+        self._recalled: dict[tuple[str, int], Answer | None] = {}
         assert self.max_attempts >= 1 and dispatch.lock_ttl_ms > 0, "Dispatch's contract declares attempts and a lease"
 
     @classmethod
@@ -217,10 +228,48 @@ class Dispatch(Service):
     def render(self, entity: Entity) -> pb.WaybillReply:
         return _reply(entity)
 
+    async def timeout(self, entity_id: str, version: int) -> Outcome:
+        """The framework's timeout move, made once the carrier has said what
+        it answered the attempt whose lease ran out: its dispatcher may have
+        had the carrier's acceptance and then failed to record it (the store
+        unavailable, the process gone). Recorded expired, that attempt would
+        send the next one to hand the parcel over again. The carrier is asked
+        what it answered, never asked again (holdfast.apps.carrier)."""
+        key = (entity_id, version)
+        if key in self._timing:
+            # The answer waits here for the move's `on_timeout`; a second run
+            # of the same move would take it away from the first.
+            return failure(Reason.REQUEST_IN_FLIGHT, "this timeout is being made now; retry shortly")
+        self._timing.add(key)
+        try:
+            parcel = await self._expired_attempt(entity_id, version)
+            if isinstance(parcel, Outcome):
+                return parcel
+            if parcel is not None:
+                recalled = await self._recall(parcel)
+                if isinstance(recalled, Outcome):
+                    return recalled
+                self._recalled[key] = recalled
+            return await super().timeout(entity_id, version)
+        finally:
+            self._timing.discard(key)
+            self._recalled.pop(key, None)
+
     def on_timeout(self, entity: Entity, event: str, now_ms: int) -> Change | Outcome:
-        """The lease of a running attempt ran out with nobody settling it."""
+        """The lease of a running attempt ran out with nobody settling it: the
+        attempt ends as the carrier answered it (asked by `timeout`). Accepted,
+        it is settled as its dispatcher would have; otherwise it expired."""
         assert event == "LEASE_EXPIRED"
+        key = (entity.entity_id, entity.version)
+        if key not in self._recalled:  # the lease had not run out when `timeout` read the waybill
+            return failure(Reason.VERSION_CONFLICT, f"{entity.entity_id} was not due when its carrier could be asked")
         fields = decode_data(entity.data)
+        answer = self._recalled[key]
+        if answer is not None and answer.accepted:
+            # It ended when the carrier answered, within the lease: by its end,
+            # whoever settles it and whenever, so the record is the same.
+            dispatcher = fields["attempts"][-1]["dispatcher_id"]
+            return _accept(fields, answer, entity.lease_until_ms, f"accepted; settled after the lease of {dispatcher} ran out")
         _expire_attempt(fields["attempts"], entity)
         if len(fields["attempts"]) >= self.max_attempts:
             fields["failure_reason"] = f"{self.max_attempts} attempts, the last one's lease ran out"
@@ -237,52 +286,103 @@ class Dispatch(Service):
         if not claimed.ok:
             return claimed
         claim = pb.WaybillReply.FromString(claimed.payload)
-        # The carrier gets the lease less a quarter, which is kept for the
-        # settlement: settled at the lease's very end, the attempt would race
-        # the reaper's LEASE_EXPIRED timeout for the same waybill.
-        lease_ms = call.contract.lock_ttl_ms
-        left_ms = claim.attempts[-1].started_at_ms + lease_ms - lease_ms // 4 - self.engine.clock.now_ms()
-        answer = await self._ask_carrier(claim, request.attempt, max(0, left_ms))
+        parcel = Parcel(claim.waybill_id, request.attempt, claim.carrier, claim.address)
+        left_ms = claim.attempts[-1].started_at_ms + self.carrier_ms - self.engine.clock.now_ms()
+        if left_ms > 0:
+            answer = await self._ask_carrier(parcel, left_ms)
+        else:
+            # The carrier's share of the lease is spent: this is a retry whose
+            # settlement failed, or the claim stalled. The carrier may have
+            # answered the first try, and asking it now could hand the parcel
+            # over after the lease, so it is only asked what it answered.
+            recalled = await self._recall(parcel)
+            if isinstance(recalled, Outcome):
+                return recalled
+            answer = recalled or _unanswered(parcel)
         return await self._settle(call, request, answer)
 
     async def _claim(self, call: Call, request: pb.DispatchRequest) -> Outcome:
         """Takes the lease and records the attempt as RUNNING, under a key of
-        its own: a retry after a crash finds the claim made and goes on."""
+        its own: a retry after a crash finds the claim made and goes on. An
+        attempt before it that outlived its lease unsettled is ended first,
+        by its timeout, which asks the carrier how it ended."""
         attempt, dispatcher = request.attempt, request.dispatcher_id
         max_attempts, delay_ms, lease_ms = self.max_attempts, self.delay_ms, call.contract.lock_ttl_ms
+        unsettled: list[int] = []  # the version at which the attempt before this one outlived its lease
 
         def decide(entity: Entity | None, now_ms: int) -> Change | Outcome:
+            unsettled.clear()
             if entity is None:
                 return _not_found(request.waybill_id)
             fields = decode_data(entity.data)
             attempts = fields["attempts"]
-            events: tuple[str, ...] = ()
-            if entity.state == Waybill.DISPATCHING and not lease_held(entity, now_ms):
-                # The holder's lease ran out before it settled (and before the
-                # reaper's timeout): the attempt is over, and this one takes over.
-                _expire_attempt(attempts, entity)
-                events = ("LEASE_EXPIRED",)
+            outlived = entity.state == Waybill.DISPATCHING and not lease_held(entity, now_ms)
             if attempt != len(attempts) + 1:
                 return _invalid([("attempt", f"the next attempt of {request.waybill_id} is {len(attempts) + 1}")])
-            if attempts and now_ms < attempts[-1]["ended_at_ms"] + delay_ms:
-                wait_ms = attempts[-1]["ended_at_ms"] + delay_ms - now_ms
+            # An attempt that outlived its lease was over when the lease ran out, however its timeout records it.
+            ended_ms = entity.lease_until_ms if outlived else attempts[-1]["ended_at_ms"] if attempts else 0
+            if attempts and now_ms < ended_ms + delay_ms:
+                wait_ms = ended_ms + delay_ms - now_ms
                 return failure(Reason.RETRY_TOO_SOON,
                                f"attempt {attempt} may start {delay_ms} ms after attempt {attempt - 1} ended;"
                                f" retry in {wait_ms} ms", metadata={"retry_after_ms": str(wait_ms)})
+            if outlived:
+                # Its holder never settled it, and only the carrier knows how
+                # it ended: the timeout asks, and ends it, before this claim.
+                unsettled.append(entity.version)
+                return failure(Reason.LEASE_HELD,
+                               f"attempt {attempt - 1} on {request.waybill_id} outlived its lease unsettled; retry shortly",
+                               metadata={"lease_owner": entity.lease_owner, "lease_until_ms": str(entity.lease_until_ms)})
             assert attempt <= max_attempts
             attempts.append({"attempt": attempt, "dispatcher_id": dispatcher, "started_at_ms": now_ms,
                              "ended_at_ms": 0, "result": RESULT[pb.ATTEMPT_RESULT_RUNNING], "detail": ""})
-            return Change((*events, "DISPATCH_START"), encode_data(fields), reply=_reply, lease_owner=dispatcher,
+            return Change(("DISPATCH_START",), encode_data(fields), reply=_reply, lease_owner=dispatcher,
                           due_at_ms=now_ms + lease_ms)
 
-        return await self.move(request.waybill_id, decide, owner=dispatcher, call=_step(call, "claim"))
+        step = _step(call, "claim")
+        claimed = await self.move(request.waybill_id, decide, owner=dispatcher, call=step)
+        if not unsettled:
+            return claimed
+        ended = await self.timeout(request.waybill_id, unsettled[0])
+        if ended.reason in (Reason.DEPENDENCY_UNAVAILABLE, Reason.BUDGET_EXCEEDED):
+            return ended  # it may have ended the attempt: this call is retried to learn
+        claimed = await self.move(request.waybill_id, decide, owner=dispatcher, call=step)
+        # Still unsettled: the timeout did not fire (nothing changed), and says why.
+        return ended if unsettled and not ended.ok else claimed
 
-    async def _ask_carrier(self, claim: pb.WaybillReply, attempt: int, within_ms: int) -> Answer:
-        parcel = Parcel(claim.waybill_id, attempt, claim.carrier, claim.address)
+    async def _ask_carrier(self, parcel: Parcel, within_ms: int) -> Answer:
         try:
             return await asyncio.wait_for(self.carrier.dispatch(parcel), within_ms / 1000)
         except asyncio.TimeoutError:
-            return Answer(False, detail=f"{claim.carrier} did not answer within the lease")
+            return _unanswered(parcel)
+
+    async def _recall(self, parcel: Parcel) -> Answer | None | Outcome:
+        """What the carrier answered `parcel`'s attempt (None: it never
+        decided it), or why it could not say: then nobody may end the
+        attempt, and the caller retries."""
+        try:
+            return await asyncio.wait_for(self.carrier.answered(parcel), self.carrier_ms / 1000)
+        except asyncio.TimeoutError:
+            return failure(Reason.DEPENDENCY_UNAVAILABLE,
+                           f"{parcel.carrier} did not say what it answered attempt {parcel.attempt} of"
+                           f" {parcel.waybill_id}; retry shortly")
+
+    async def _expired_attempt(self, entity_id: str, version: int) -> Parcel | None | Outcome:
+        """The parcel of the attempt running on the waybill at `version` if
+        its lease has run out, so that the carrier cannot be asked for it any
+        more; None when there is none (the timeout then does not fire)."""
+
+        def read(txn: Txn, now_ms: int) -> Entity | None:
+            found = txn.entity(entity_id)
+            expired = (found is not None and found.kind == WAYBILL.name and found.version == version
+                       and found.state == Waybill.DISPATCHING and not lease_held(found, now_ms))
+            return found if expired else None
+
+        found = await self.engine.read(read)
+        if found is None or isinstance(found, Outcome):
+            return found
+        fields = decode_data(found.data)
+        return Parcel(entity_id, fields["attempts"][-1]["attempt"], fields["carrier"], fields["address"])
 
     async def _settle(self, call: Call, request: pb.DispatchRequest, answer: Answer) -> Outcome:
         """Records the carrier's answer and answers the call, if the lease is
@@ -296,14 +396,16 @@ class Dispatch(Service):
             mine = (entity.state == Waybill.DISPATCHING and entity.lease_owner == dispatcher
                     and len(attempts) == attempt)
             if not mine:
-                return failure(Reason.LEASE_LOST,
-                               f"attempt {attempt} on {request.waybill_id} lost its lease to another attempt;"
-                               " the carrier's answer is dropped", metadata={"attempt": str(attempt)})
-            result = pb.ATTEMPT_RESULT_ACCEPTED if answer.accepted else pb.ATTEMPT_RESULT_REFUSED
-            attempts[-1].update(result=RESULT[result], ended_at_ms=now_ms, detail=answer.detail)
+                ended = attempts[attempt - 1]["result"] if len(attempts) >= attempt else ""
+                if ended == RESULT[pb.ATTEMPT_RESULT_ACCEPTED]:  # by its timeout, which asked the carrier
+                    why = "ran out of lease; the carrier's acceptance of it is recorded already"
+                else:
+                    why = "lost its lease to another attempt; the carrier's answer is dropped"
+                return failure(Reason.LEASE_LOST, f"attempt {attempt} on {request.waybill_id} {why}",
+                               metadata={"attempt": str(attempt)})
             if answer.accepted:
-                fields["tracking_id"] = answer.tracking_id
-                return Change(("CARRIER_ACCEPTED",), encode_data(fields), reply=_reply)
+                return _accept(fields, answer, now_ms, answer.detail)
+            attempts[-1].update(result=RESULT[pb.ATTEMPT_RESULT_REFUSED], ended_at_ms=now_ms, detail=answer.detail)
             last = attempt >= max_attempts
             if last:
                 fields["failure_reason"] = f"{max_attempts} attempts refused"
@@ -336,6 +438,18 @@ def _reply(entity: Entity) -> pb.WaybillReply:
         address=fields["address"], state=entity.state, version=entity.version, attempts=attempts,
         tracking_id=fields["tracking_id"], failure_reason=fields["failure_reason"],
     )
+
+
+def _accept(fields: dict, answer: Answer, ended_at_ms: int, detail: str) -> Change:
+    """The running attempt ends accepted: the carrier has the parcel."""
+    fields["attempts"][-1].update(result=RESULT[pb.ATTEMPT_RESULT_ACCEPTED], ended_at_ms=ended_at_ms, detail=detail)
+    fields["tracking_id"] = answer.tracking_id
+    return Change(("CARRIER_ACCEPTED",), encode_data(fields), reply=_reply)
+
+
+def _unanswered(parcel: Parcel) -> Answer:
+    """A carrier that did not answer within the lease: the attempt is refused."""
+    return Answer(False, detail=f"{parcel.carrier} did not answer within the lease")
 
 
 def _expire_attempt(attempts: list[dict], entity: Entity) -> None:

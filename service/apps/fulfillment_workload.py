@@ -111,7 +111,8 @@ class WaybillAuditor(EntityAuditor[pb.WaybillReply]):
             "Dispatch": {Waybill.DISPATCHED},
             "Acknowledge": {Waybill.ACKNOWLEDGED},
             "Fail": {Waybill.FAILED},
-            timeout_method(Dispatch): {Waybill.CREATED, Waybill.FAILED},
+            # A lease that ran out ends its attempt as the carrier answered it: expired, or accepted.
+            timeout_method(Dispatch): {Waybill.CREATED, Waybill.FAILED, Waybill.DISPATCHED},
         }
         super().__init__(WAYBILL, pb.WaybillReply, "waybill_id", settles, DispatchReason.WAYBILL_NOT_FOUND)
         self.carrier = carrier
