@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from holdfast.refusal import Refusal, refusal
     from holdfast.server import Config, Running, ServiceFactory, serve, start
     from holdfast.store import Entity, Txn
+    from holdfast.table import Column, Query, Table
 
 # Each public name and the module that defines it.
 _HOMES = {
@@ -86,6 +87,10 @@ _HOMES = {
     "Engine": "holdfast.engine",
     "Move": "holdfast.engine",
     "Txn": "holdfast.store",
+    # an app's own tables
+    "Table": "holdfast.table",
+    "Column": "holdfast.table",
+    "Query": "holdfast.table",
     # what a client reads of a refusal (for tests above all)
     "Refusal": "holdfast.refusal",
     "refusal": "holdfast.refusal",

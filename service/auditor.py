@@ -35,9 +35,9 @@ from google.protobuf.message import Message
 
 from holdfast.call import Call
 from holdfast.machine import Machine
-from holdfast.memory import Changes
+from holdfast.memory import Changes, Rows
 from holdfast.outcome import AnyReason, Outcome, Reason
-from holdfast.store import Entity, Reservation, Stock
+from holdfast.store import ENTITIES, Entity
 
 # Answers that say nothing about whether an earlier attempt committed.
 TRANSIENT = frozenset({Reason.DEPENDENCY_UNAVAILABLE, Reason.BUDGET_EXCEEDED})
@@ -81,13 +81,14 @@ class Request:
 
 
 class Books(Protocol):
-    """The store's committed rows, read without faults."""
+    """The store's committed rows, read without faults: the framework's
+    entities, and `rows`, every table as committed, where an app that keeps
+    tables of its own reads them (holdfast.apps.inventory_workload reads
+    its stock and holds there)."""
 
-    def stock(self, sku_id: str) -> Stock | None: ...
-    def reservation(self, reservation_id: str) -> Reservation | None: ...
+    rows: Rows
+
     def entity(self, entity_id: str) -> Entity | None: ...
-    def all_stock(self) -> Iterable[Stock]: ...
-    def all_reservations(self) -> Iterable[Reservation]: ...
     def all_entities(self) -> Iterable[Entity]: ...
 
 
@@ -330,7 +331,7 @@ class EntityAuditor(Auditor, Generic[R]):
     # -- the store ----------------------------------------------------------------------
 
     def check(self, books: Books, changes: Changes, requests: Iterable[Request]) -> None:
-        ids = set(changes.entities)
+        ids = set(changes.of(ENTITIES.name))
         for request in requests:
             ids.update(request.touches)
         uncertain = self.uncertain()

@@ -9,24 +9,29 @@ client.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from holdfast.redaction import redact_url
 from holdfast.snapshot import Snapshot
 from holdfast.store import Store
+from holdfast.table import Table
 
 SNAPSHOT_URLS = "expected memory://, redis://HOST:PORT[/DB] or redis+cluster://HOST:PORT"
 
 
-def open_store(url: str, pool_size: int = 1) -> Store:
+def open_store(url: str, pool_size: int = 1, tables: Sequence[Table[Any]] = ()) -> Store:
     """A store for `url`: `sqlite:///relative.db`, `sqlite:////absolute.db`,
-    or `postgresql://user@host:port/database` with `pool_size` connections."""
+    or `postgresql://user@host:port/database` with `pool_size` connections;
+    with the framework's tables and `tables` (the hosted apps')."""
     if url.startswith("sqlite://"):
         from holdfast.sqlite import SqliteStore
 
-        return SqliteStore.from_url(url)
+        return SqliteStore.from_url(url, tables=tables)
     if url.startswith(("postgresql://", "postgres://")):
         from holdfast.postgres import PostgresStore
 
-        return PostgresStore(url, workers=pool_size)
+        return PostgresStore(url, workers=pool_size, tables=tables)
     raise ValueError(f"unsupported store URL {redact_url(url)!r} (expected sqlite:///PATH or postgresql://...)")
 
 

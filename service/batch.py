@@ -7,9 +7,9 @@ Reserve transaction, 64 moves per transaction sent one statement at a time
 reach about 3,000 moves/s against about 14,000 as set-based statements. So a
 batch that a backend runs *buffered* goes:
 
-    prefetch   every row the batch's moves named (their keys, reservations,
-               entities, SKUs): one statement per table, rows locked, one
-               round trip
+    prefetch   every row the batch's moves named (their idempotency keys,
+               the rows of each table): one statement per table, rows
+               locked, one round trip
     moves      each runs against `Rows` in memory; a read the prefetch
                missed is loaded (and locked) on the spot
     flush      what the moves changed, one multi-row statement per table
@@ -26,12 +26,12 @@ The guarantees are the savepoint path's, kept in memory:
   the state in memory, as it would on the savepoint path.
 * What memory cannot know is settled by the flush: a row inserted by
   another instance after the prefetch (the same idempotency key, the same
-  reservation or entity id) makes a multi-row insert affect fewer rows than it holds.
+  row key) makes a multi-row insert affect fewer rows than it holds.
   The backend then answers False and the batch is run again on the
   savepoint path (`Isolate`), which finds the winner's rows and replays or
   reruns. So does a database error inside a move: it aborted the whole
   transaction, which only a savepoint could have contained.
-* Range queries (due holds, due entities, intents, versions) read the database, so the
+* Range queries (`select`, `versions`) read the database, so the
   batch flushes before one. A move that has written and then asks one
   would see half of itself flushed; that cannot be undone in memory, so
   the batch goes to the savepoint path instead (no move does this today).
@@ -39,126 +39,136 @@ The guarantees are the savepoint path's, kept in memory:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from holdfast.store import (
     BudgetSpent,
     Contended,
-    Entity,
+    EntityRows,
     GroupCommitStore,
     Isolate,
     Job,
     JobResult,
     Record,
-    Reservation,
     Row,
     SqlTxn,
-    Stock,
     StoreUnavailable,
     Txn,
-    row_of_entity,
-    row_of_reservation,
 )
+from holdfast.table import Query, R, Table
 
 _MISSING = object()
 
 
 @dataclass(slots=True)
-class Changes:
-    """What a flush writes: each list holds whole rows, at most one per key."""
+class TableChanges:
+    """What a flush writes to one table, whole rows, at most one per key."""
 
-    outcomes: list[tuple[bytes, Record, int]] = field(default_factory=list)
-    inserted: list[Reservation] = field(default_factory=list)
-    updated: list[tuple[Reservation, int]] = field(default_factory=list)  # (row, version the database holds)
-    stocks: list[Stock] = field(default_factory=list)
-    inserted_entities: list[Entity] = field(default_factory=list)
-    updated_entities: list[tuple[Entity, int]] = field(default_factory=list)  # (row, version the database holds)
+    table: Table[Any]
+    inserted: list[Any] = field(default_factory=list)
+    updated: list[tuple[Any, int]] = field(default_factory=list)  # (row, version the database holds)
+    upserted: list[Any] = field(default_factory=list)  # an unversioned table's rows
 
     def __bool__(self) -> bool:
-        return bool(
-            self.outcomes or self.inserted or self.updated or self.stocks or self.inserted_entities or self.updated_entities
-        )
+        return bool(self.inserted or self.updated or self.upserted)
 
-    def row_sets(self) -> list[tuple[str, list[Row]]]:
+
+@dataclass(slots=True)
+class Changes:
+    """What a flush writes: the new idempotency records, and each table's rows."""
+
+    outcomes: list[tuple[bytes, Record, int]] = field(default_factory=list)
+    tables: list[TableChanges] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.outcomes or self.tables)
+
+    def row_sets(self) -> list[tuple[str, Table[Any] | None, list[Row]]]:
         """The changes as one list of rows per statement a backend sends, in
-        column order: `outcomes` (key, fingerprint, reason, payload,
-        recorded_at_ms), `inserted` (RESERVATION_COLUMNS), `updated`
-        (RESERVATION_COLUMNS, then the version the database holds),
-        `inserted_entities` (ENTITY_COLUMNS), `updated_entities`
-        (ENTITY_COLUMNS, then the version the database holds), `stocks`
-        (sku_id, total, available, held, sold, version). Empty ones are left out."""
-        sets = [
-            ("outcomes", [(key, r.fingerprint, r.reason, r.payload, now_ms) for key, r, now_ms in self.outcomes]),
-            ("inserted", [row_of_reservation(r) for r in self.inserted]),
-            ("updated", [(*row_of_reservation(r), stored) for r, stored in self.updated]),
-            ("inserted_entities", [row_of_entity(e) for e in self.inserted_entities]),
-            ("updated_entities", [(*row_of_entity(e), stored) for e, stored in self.updated_entities]),
-            ("stocks", [(s.sku_id, s.total, s.available, s.held, s.sold, s.version) for s in self.stocks]),
-        ]
-        return [(kind, rows) for kind, rows in sets if rows]
+        column order: ("outcomes", None, rows of key, fingerprint, reason,
+        payload, recorded_at_ms), then per table ("insert", table, rows),
+        ("update", table, rows with the version the database holds last),
+        ("upsert", table, rows). Empty ones are left out."""
+        sets: list[tuple[str, Table[Any] | None, list[Row]]] = []
+        if self.outcomes:
+            sets.append(("outcomes", None, [(key, r.fingerprint, r.reason, r.payload, now_ms) for key, r, now_ms in self.outcomes]))
+        for changed in self.tables:
+            values = changed.table.values
+            for kind, rows in (("insert", [values(row) for row in changed.inserted]),
+                               ("update", [(*values(row), stored) for row, stored in changed.updated]),
+                               ("upsert", [values(row) for row in changed.upserted])):
+                if rows:
+                    sets.append((kind, changed.table, rows))
+        return sets
 
 
 class Rows:
     """Every row a batch has read or written, and what the database holds of
-    each, so that a flush writes exactly the difference."""
+    each, so that a flush writes exactly the difference: of a versioned row
+    its version (0: no row), of an unversioned one the row object read."""
 
-    __slots__ = ("outcomes", "reservations", "entities", "stocks", "_stored_versions", "_stored_entity_versions",
-                 "_stored_stocks", "new_outcomes")
+    __slots__ = ("outcomes", "new_outcomes", "tables", "stored", "declared")
 
     def __init__(self) -> None:
         self.outcomes: dict[bytes, Record | None] = {}
-        self.reservations: dict[str, Reservation | None] = {}
-        self.entities: dict[str, Entity | None] = {}
-        self.stocks: dict[str, Stock | None] = {}
-        self._stored_versions: dict[str, int] = {}  # 0: no row in the database
-        self._stored_entity_versions: dict[str, int] = {}  # 0: no row in the database
-        self._stored_stocks: dict[str, Stock | None] = {}
         self.new_outcomes: dict[bytes, tuple[Record, int]] = {}  # recorded by this batch, not yet written
+        self.tables: dict[str, dict[str, Any]] = {}  # table -> key -> row, None for none
+        self.stored: dict[str, dict[str, Any]] = {}
+        self.declared: dict[str, Table[Any]] = {}
 
     def loaded_outcome(self, key: bytes, record: Record | None) -> None:
         self.outcomes[key] = record
 
-    def loaded_reservation(self, rid: str, row: Reservation | None) -> None:
-        self.reservations[rid] = row
-        self._stored_versions[rid] = 0 if row is None else row.version
+    def loaded(self, table: Table[Any], key: str, row: Any) -> None:
+        rows = self.tables.get(table.name)
+        if rows is None:
+            rows = self.tables[table.name] = {}
+            self.stored[table.name] = {}
+            self.declared[table.name] = table
+        rows[key] = row
+        self.stored[table.name][key] = (0 if row is None else row.version) if table.versioned else row
 
-    def loaded_entity(self, entity_id: str, row: Entity | None) -> None:
-        self.entities[entity_id] = row
-        self._stored_entity_versions[entity_id] = 0 if row is None else row.version
-
-    def loaded_stock(self, sku_id: str, row: Stock | None) -> None:
-        self.stocks[sku_id] = row
-        self._stored_stocks[sku_id] = row
+    def of(self, table: Table[Any]) -> dict[str, Any]:
+        """The batch's rows of `table` by key (an empty dict the first time)."""
+        rows = self.tables.get(table.name)
+        if rows is None:
+            rows = self.tables[table.name] = {}
+            self.stored[table.name] = {}
+            self.declared[table.name] = table
+        return rows
 
     def changes(self) -> Changes:
         changes = Changes([(key, record, now_ms) for key, (record, now_ms) in self.new_outcomes.items()])
-        changes.inserted, changes.updated = _versioned_changes(self.reservations, self._stored_versions)
-        changes.inserted_entities, changes.updated_entities = _versioned_changes(self.entities, self._stored_entity_versions)
-        changes.stocks = [row for sku, row in self.stocks.items() if row is not None and row != self._stored_stocks[sku]]
-        for row in changes.stocks:
-            row.check()
+        for name, rows in self.tables.items():
+            table, stored = self.declared[name], self.stored[name]
+            changed = TableChanges(table)
+            if table.versioned:
+                changed.inserted, changed.updated = _versioned_changes(rows, stored)
+            else:
+                changed.upserted = [row for key, row in rows.items() if row is not None and row is not stored[key]]
+            if changed:
+                changes.tables.append(changed)
         return changes
 
     def flushed(self, changes: Changes) -> None:
         """The database now holds `changes`."""
         self.new_outcomes.clear()
-        for row in changes.inserted:
-            self._stored_versions[row.reservation_id] = row.version
-        for row, _ in changes.updated:
-            self._stored_versions[row.reservation_id] = row.version
-        for entity in changes.inserted_entities:
-            self._stored_entity_versions[entity.entity_id] = entity.version
-        for entity, _ in changes.updated_entities:
-            self._stored_entity_versions[entity.entity_id] = entity.version
-        for written in changes.stocks:
-            self._stored_stocks[written.sku_id] = written
+        for changed in changes.tables:
+            stored, key = self.stored[changed.table.name], changed.table.key
+            for row in changed.inserted:
+                stored[key(row)] = row.version
+            for row, _ in changed.updated:
+                stored[key(row)] = row.version
+            for row in changed.upserted:
+                stored[key(row)] = row
 
 
 def _versioned_changes(rows: dict[str, Any], stored_versions: dict[str, int]) -> tuple[list[Any], list[tuple[Any, int]]]:
-    """Of versioned rows (reservations, entities) by id: those to insert (the
-    database holds none) and those to update, each with the version the
-    database holds, which the update compares and sets."""
+    """Of versioned rows by key: those to insert (the database holds none)
+    and those to update, each with the version the database holds, which
+    the update compares and sets."""
     inserted: list[Any] = []
     updated: list[tuple[Any, int]] = []
     for row_id, row in rows.items():
@@ -176,7 +186,7 @@ def _versioned_changes(rows: dict[str, Any], stored_versions: dict[str, int]) ->
 Flush = Callable[[Changes], bool]
 
 
-class BatchTxn:
+class BatchTxn(EntityRows):
     """`Txn` for one move attempt over its batch's `Rows`. Reads the rows
     missed through `db` (the backend's plain `SqlTxn`, which locks them);
     `flush` writes the batch's changes before a range query."""
@@ -217,85 +227,45 @@ class BatchTxn:
         self._set(self._rows.outcomes, key, record)
         self._set(self._rows.new_outcomes, key, (record, now_ms))
 
-    # -- stock --
-
-    def stock(self, sku_id: str) -> Stock | None:
-        if sku_id not in self._rows.stocks:
-            self._rows.loaded_stock(sku_id, self._db.stock(sku_id))
-        return self._rows.stocks[sku_id]
-
-    def put_stock(self, stock: Stock) -> None:
-        stock.check()
-        self.stock(stock.sku_id)  # loaded (and locked) first, so the flush knows what it replaces
-        self._set(self._rows.stocks, stock.sku_id, stock)
-
-    def take_stock(self, sku_id: str, quantity: int) -> bool:
-        assert quantity > 0
-        found = self.stock(sku_id)
-        if found is None or found.available < quantity:
-            return False
-        taken = Stock(sku_id, found.total, found.available - quantity, found.held + quantity, found.sold, found.version + 1)
-        taken.check()
-        self._set(self._rows.stocks, sku_id, taken)
-        return True
-
-    def settle_stock(self, sku_id: str, quantity: int, sold: bool) -> None:
-        found = self.stock(sku_id)
-        assert found is not None and found.held >= quantity, f"settling {quantity} of {sku_id} that is not held"
-        available = found.available if sold else found.available + quantity
-        settled = Stock(sku_id, found.total, available, found.held - quantity, found.sold + (quantity if sold else 0), found.version + 1)
-        settled.check()
-        self._set(self._rows.stocks, sku_id, settled)
-
-    # -- reservations --
-
-    def reservation(self, reservation_id: str) -> Reservation | None:
-        if reservation_id not in self._rows.reservations:
-            self._rows.loaded_reservation(reservation_id, self._db.reservation(reservation_id))
-        return self._rows.reservations[reservation_id]
-
-    def save_reservation(self, r: Reservation, expected_version: int) -> None:
-        assert r.version == expected_version + 1, "a move advances the version by exactly one"
-        current = self.reservation(r.reservation_id)
-        if (0 if current is None else current.version) != expected_version:
-            raise Contended(f"reservation {r.reservation_id} moved past version {expected_version}")
-        self._set(self._rows.reservations, r.reservation_id, r)
-        self.written[r.reservation_id] = r.version
-
-    # -- entities --
+    # -- rows --
     #
-    # Entities are copied in and out: a service built on the framework may
-    # change the one it read in place, and the batch's rows (which its
-    # batch-mates read, and `undo` restores) must not change with it.
+    # A table whose rows a move may change in place (`in_place`, as the
+    # framework's entities) is copied in and out: the batch's rows, which
+    # its batch-mates read and `undo` restores, must not change with it.
 
-    def entity(self, entity_id: str) -> Entity | None:
-        if entity_id not in self._rows.entities:
-            self._rows.loaded_entity(entity_id, self._db.entity(entity_id))
-        found = self._rows.entities[entity_id]
-        return None if found is None else replace(found)
+    def _current(self, table: Table[R], key: str) -> R | None:
+        rows = self._rows.of(table)
+        if key not in rows:
+            self._rows.loaded(table, key, self._db.row(table, key))
+        found: R | None = rows[key]
+        return found
 
-    def save_entity(self, entity: Entity, expected_version: int) -> None:
-        assert entity.version == expected_version + 1, "a move advances the version by exactly one"
-        current = self.entity(entity.entity_id)
-        if (0 if current is None else current.version) != expected_version:
-            raise Contended(f"entity {entity.entity_id} moved past version {expected_version}")
-        assert current is None or current.kind == entity.kind, f"entity {entity.entity_id} would change its kind"
-        self._set(self._rows.entities, entity.entity_id, replace(entity))
-        self.written[entity.entity_id] = entity.version
+    def row(self, table: Table[R], key: str) -> R | None:
+        found = self._current(table, key)
+        return table.copy(found) if found is not None and table.in_place else found
+
+    def save(self, table: Table[R], row: R, expected_version: int) -> None:
+        version = table.advanced(row, expected_version)
+        key = table.key(row)
+        current = self._current(table, key)
+        if table.stored(current) != expected_version:
+            raise Contended(table.moved_past(key, expected_version))
+        assert (refixed := table.refixed(current, row)) is None, refixed
+        self._set(self._rows.of(table), key, table.copy(row) if table.in_place else row)
+        if table.snapshot:
+            self.written[key] = version
+
+    def put(self, table: Table[R], row: R) -> None:
+        assert not table.versioned, f"table {table.name} is versioned: save its rows"
+        key = table.key(row)
+        self._current(table, key)  # loaded (and locked) first, so the flush knows what it replaces
+        self._set(self._rows.of(table), key, table.copy(row) if table.in_place else row)
 
     # -- range queries: the database's answer, after the batch's writes --
 
-    def due_holds(self, now_ms: int, limit: int) -> list[Reservation]:
+    def select(self, table: Table[R], query: Query[R], params: tuple[Any, ...], limit: int) -> list[R]:
         self._before_range_query()
-        return self._db.due_holds(now_ms, limit)
-
-    def due_entities(self, kind: str, now_ms: int, limit: int) -> list[Entity]:
-        self._before_range_query()
-        return self._db.due_entities(kind, now_ms, limit)
-
-    def intents(self, limit: int) -> list[Reservation]:
-        self._before_range_query()
-        return self._db.intents(limit)
+        return self._db.select(table, query, params, limit)
 
     def versions(self, after: str, limit: int) -> list[tuple[str, int]]:
         self._before_range_query()
@@ -350,29 +320,24 @@ def run_move(
 
 @dataclass(frozen=True, slots=True)
 class Named:
-    """Every row a batch's jobs named in their `Prefetch`."""
+    """Every row a batch's jobs named in their `Prefetch`: keys, and keys by table."""
 
     keys: frozenset[bytes]
-    reservations: frozenset[str]
-    skus: frozenset[str]
-    entities: frozenset[str] = frozenset()
+    rows: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, batch: list[Job]) -> Named:
         keys: set[bytes] = set()
-        rids: set[str] = set()
-        skus: set[str] = set()
-        entities: set[str] = set()
+        rows: dict[str, set[str]] = {}
         for job in batch:
             if job.prefetch is not None:
                 keys.update(job.prefetch.keys)
-                rids.update(job.prefetch.reservations)
-                skus.update(job.prefetch.skus)
-                entities.update(job.prefetch.entities)
-        return cls(frozenset(keys), frozenset(rids), frozenset(skus), frozenset(entities))
+                for table, named in job.prefetch.rows.items():
+                    rows.setdefault(table, set()).update(named)
+        return cls(frozenset(keys), {table: frozenset(named) for table, named in rows.items()})
 
     def __bool__(self) -> bool:
-        return bool(self.keys or self.reservations or self.skus or self.entities)
+        return bool(self.keys or any(self.rows.values()))
 
 
 class BufferedStore(GroupCommitStore):
@@ -396,7 +361,7 @@ class BufferedStore(GroupCommitStore):
             if self._is_unavailable(error) or self._is_retryable(error):
                 raise
             raise Isolate() from error  # row by row, a failing read falls on its own move
-        db = self.TXN(connection.cursor())
+        db = self.TXN(connection.cursor(), self.tables)
 
         def flush(changes: Changes) -> bool:
             return self._write(connection, changes)

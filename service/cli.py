@@ -24,13 +24,18 @@ from holdfast.gateway import CONTEXT_ID, REPLAYED
 DEFAULT_TARGET = "127.0.0.1:50051"
 # holdfast.graph.Format's values; spelled here so building the parser imports no machine.
 GRAPH_FORMATS = ("mermaid", "svg", "png")
-# Subcommands whose module parses its own arguments: name -> (module, summary).
-# holdfast's own services, by the names `holdfast serve --services` takes:
-# the apps of holdfast.server.DEFAULT_APPS, spelled here so that the CLI
-# starts without importing the server (a test checks they agree).
+# holdfast's own services, by the names `holdfast serve --services` takes.
+# The tools are the only layer that names an app: the server hosts what it
+# is given (Config.apps is empty by default), so `holdfast serve` hands it
+# these when none is named, and the commands below are handed them too.
 BUILT_IN = {"inventory": "holdfast.apps.inventory:Inventory", "fulfillment": "holdfast.apps.fulfillment:Dispatch"}
 SERVICES = tuple(BUILT_IN)
+# The apps `holdfast simulate --app` takes by name (each names its own
+# workload: Service.workload), and the one it runs when none is named.
+SIMULATED = {"inventory": BUILT_IN["inventory"], "dispatch": BUILT_IN["fulfillment"]}
+SIMULATED_BY_DEFAULT = "inventory"
 
+# Subcommands whose module parses its own arguments: name -> (module, summary).
 DELEGATED = {
     "bench": ("holdfast.bench", "measure Reserve throughput against a bare gRPC echo baseline"),
     "lint": ("holdfast.contracts.lint", "check the contracts in .proto files (and breaking changes --against a git ref)"),
@@ -39,13 +44,20 @@ DELEGATED = {
     "simulate": ("holdfast.simulate", "seeded simulation with injected faults against an auditor model"),
     "stats": ("holdfast.stats", "print a running server's metrics as a table"),
 }
+# What a delegated command's `main` is handed beside its arguments: the
+# built-in apps, for the testing layer's commands, which name none.
+HANDED: dict[str, dict[str, object]] = {
+    # A journal of format 1 names no apps: it was recorded hosting these.
+    "replay": {"default_apps": tuple(BUILT_IN.values())},
+    "simulate": {"built_in": SIMULATED, "default_app": SIMULATED_BY_DEFAULT},
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] and argv[0] in DELEGATED:  # these commands own their own arguments
         module = importlib.import_module(DELEGATED[argv[0]][0])
-        return module.main(argv[1:])
+        return module.main(argv[1:], **HANDED.get(argv[0], {}))
     args = _parser().parse_args(argv)
     return args.run(args)
 

@@ -14,14 +14,16 @@ Steps 1-4 run in one store transaction, so a move is all or nothing.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable, TypeVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from holdfast import metrics
 from holdfast.clock import Clock
 from holdfast.outcome import Outcome, Reason, failure, reason_key, reason_named
 from holdfast.snapshot import Snapshot
-from holdfast.store import BudgetSpent, Prefetch, Record, Store, StoreUnavailable, Txn
+from holdfast.store import ENTITIES, BudgetSpent, Prefetch, Record, Store, StoreUnavailable, Txn
+from holdfast.table import Table
 
 Apply = Callable[[Txn, int], Outcome]
 R = TypeVar("R")
@@ -33,10 +35,10 @@ class Move:
 
     `key` scopes idempotency (the method plus its declared key fields);
     `fingerprint` identifies the payload, so the same key with another payload
-    is refused rather than silently replayed; `entity` is the reservation whose
-    version the snapshot double-checks (None when the move creates one or
-    guards itself by a conditional update, like stock); `skus` the stock it
-    will read, so that its batch loads it with the rest (holdfast.batch).
+    is refused rather than silently replayed; `entity` is the key of the row
+    of `table` whose version the snapshot double-checks (None when the move
+    guards itself otherwise); `prefetch` the other rows it will read, by
+    table name, so that its batch loads them with the rest (holdfast.batch).
     """
 
     method: str
@@ -44,10 +46,8 @@ class Move:
     fingerprint: bytes
     entity: str | None
     apply: Apply
-    skus: tuple[str, ...] = ()
-    # `entity` names a generic entity of a service built on the framework
-    # (holdfast.framework) rather than an inventory reservation.
-    generic: bool = False
+    table: Table[Any] = ENTITIES
+    prefetch: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +96,8 @@ class Engine:
     async def _move(self, move: Move, deadline: float | None) -> Outcome:
         seen = None if move.entity is None else await self.snapshot.version(move.entity)
         try:
-            named = () if move.entity is None else (move.entity,)
-            if move.generic:
-                rows = Prefetch((move.key,), skus=move.skus, entities=named)
-            else:
-                rows = Prefetch((move.key,), named, move.skus)
+            named = move.prefetch if move.entity is None else {**move.prefetch, move.table.name: (move.entity,)}
+            rows = Prefetch((move.key,), named)
             result = await self.store.transact(lambda txn: self._decide(txn, move, seen), deadline, rows)
         except BudgetSpent:  # counted as a timeout fallback by the gateway, which answers it
             return failure(Reason.BUDGET_EXCEEDED, "the call's budget ran out before the move could start; nothing changed")
@@ -114,7 +111,7 @@ class Engine:
                 f" to learn its outcome: {error}",
             )
         if isinstance(result, _Conflict):
-            return await self._compensate(result)
+            return await self._compensate(move.table, result)
         outcome, written = result
         if written:
             committed = time.perf_counter()
@@ -130,8 +127,8 @@ class Engine:
         if recorded is not None:
             return _replay(recorded, move.fingerprint), {}
         if move.entity is not None and seen is not None:
-            current = txn.entity(move.entity) if move.generic else txn.reservation(move.entity)
-            store_version = 0 if current is None else current.version
+            current = txn.row(move.table, move.entity)
+            store_version = 0 if current is None else getattr(current, "version")
             if store_version != seen:
                 return _Conflict(move.entity, seen, store_version)
         now_ms = self.clock.now_ms()
@@ -143,7 +140,7 @@ class Engine:
             assert not txn.written, "an unrecorded outcome must change nothing"
         return outcome, txn.written
 
-    async def _compensate(self, conflict: _Conflict) -> Outcome:
+    async def _compensate(self, table: Table[Any], conflict: _Conflict) -> Outcome:
         """The snapshot disagreed with the store: trust the store, refresh the
         snapshot, and answer a conflict the client may retry. Never a blind
         retry here: the disagreement means someone else moved this entity."""
@@ -153,10 +150,11 @@ class Engine:
             await self.snapshot.advance({conflict.entity: conflict.store_version})
         else:  # the snapshot is ahead of the truth (a restored store, a foreign snapshot)
             await self.snapshot.reset(conflict.entity, conflict.store_version)
+        noun = table.noun or table.name
         return failure(
             Reason.VERSION_CONFLICT,
-            f"reservation {conflict.entity} moved concurrently (now at version {conflict.store_version}); re-read and retry",
-            metadata={"reservation_id": conflict.entity, "version": str(conflict.store_version)},
+            f"{noun} {conflict.entity} moved concurrently (now at version {conflict.store_version}); re-read and retry",
+            metadata={table.key_column: conflict.entity, "version": str(conflict.store_version)},
         )
 
 

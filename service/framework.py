@@ -11,7 +11,7 @@ import enum
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Mapping, TypeVar, overload
+from typing import Any, Callable, ClassVar, Iterable, Mapping, TypeGuard, TypeVar, overload
 
 import grpc
 from google.protobuf import descriptor as _descriptor
@@ -24,6 +24,7 @@ from holdfast.call import Call, current_call, idempotency_key
 from holdfast.machine import Machine
 from holdfast.outcome import Outcome, Reason, failure, success
 from holdfast.store import Entity, Txn
+from holdfast.table import Table
 
 ID_LENGTH_MAX = 128
 M = TypeVar("M", bound=Message)
@@ -72,8 +73,9 @@ def shown_id(value: str) -> str:
     return value if len(value) <= ID_LENGTH_MAX else value[:ID_LENGTH_MAX] + "…"
 
 
-def lease_held(entity: Entity | None, now_ms: int) -> bool:
-    """True while someone's lease on `entity` has not run out."""
+def lease_held(entity: Entity | None, now_ms: int) -> TypeGuard[Entity]:
+    """True while someone's lease on `entity` has not run out (so there is
+    an entity: a type checker knows it after a check)."""
     return entity is not None and bool(entity.lease_owner) and now_ms < entity.lease_until_ms
 
 
@@ -96,7 +98,8 @@ def decode_data(data: bytes, message: type[M] | None = None) -> dict[str, Any] |
     when one is given, else the JSON mapping."""
     if message is not None:
         return message.FromString(data)
-    return json.loads(data)
+    fields: dict[str, Any] = json.loads(data)
+    return fields
 
 
 def states_of(enum_type: Any, name: str | None = None) -> type[enum.IntEnum]:
@@ -168,9 +171,24 @@ class Service:
     """
 
     DESCRIPTOR: ClassVar[_descriptor.ServiceDescriptor]
-    MACHINE: ClassVar[Machine]
+    MACHINE: ClassVar[Machine[Any]]
     # Entity ids this service creates start with this and "_".
     ID_PREFIX: ClassVar[str] = ""
+    # Tables of its own (holdfast.table), beside the framework's entity rows
+    # that `move` works on: the server creates them in the store it opens.
+    tables: ClassVar[tuple[Table[Any], ...]] = ()
+    # RPC names (`PutStock`) only the `admin` role may call when the server
+    # checks tokens (holdfast.security); every other RPC needs `client`. The
+    # server collects them from what it hosts, so no layer below names them.
+    admin_methods: ClassVar[tuple[str, ...]] = ()
+    # The workload `holdfast simulate --app` runs for this service
+    # (holdfast.workload), as "MODULE:ATTR"; named, not imported, so that
+    # serving never imports the simulation. None: the app ships none.
+    workload: ClassVar[str | None] = None
+    # How `holdfast replay` reads the timed moves this service journaled
+    # under a kind of line of their own in an older journal format: kind ->
+    # the field naming the entity (inventory's format-1 `expire` lines).
+    legacy_timeouts: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -200,9 +218,9 @@ class Service:
         """The contract of RPC `method` (its name, e.g. `Dispatch`)."""
         return self._bound.contracts[f"/{self.name}/{method}"]
 
-    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+    def method_handlers(self) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
         """Method handlers by name; the servicer's replies are already bytes."""
-        handlers = {}
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         for method in self.DESCRIPTOR.methods:
             handler = getattr(self, method.name, None)
             assert handler is not None, f"{type(self).__name__} does not implement {self.name}/{method.name}"
@@ -291,7 +309,7 @@ class Service:
         def apply(txn: Txn, now_ms: int) -> Outcome:
             return _apply(txn, machine, entity_id, decide, now_ms, owner, ttl_ms)
 
-        return await self.engine.move(Move(method, key, fingerprint, entity_id, apply, generic=True), deadline)
+        return await self.engine.move(Move(method, key, fingerprint, entity_id, apply), deadline)
 
     async def read(self, entity_id: str, render: Callable[[Entity], Message], not_found: Outcome) -> Outcome:
         """A read-only answer: `render(entity)`, or `not_found`."""
@@ -312,7 +330,7 @@ class Service:
 
 
 def _apply(
-    txn: Txn, machine: Machine, entity_id: str, decide: Decide, now_ms: int, owner: str, ttl_ms: int
+    txn: Txn, machine: Machine[Any], entity_id: str, decide: Decide, now_ms: int, owner: str, ttl_ms: int
 ) -> Outcome:
     """One move on a generic entity, inside its store transaction."""
     current = txn.entity(entity_id)

@@ -24,7 +24,8 @@ from transitions.extensions import diagrams_graphviz, diagrams_mermaid
 from transitions.extensions.diagrams import GraphMachine
 
 from holdfast.apps.fulfillment import WAYBILL
-from holdfast.machine import INVENTORY, Machine
+from holdfast.apps.inventory_machine import INVENTORY
+from holdfast.machine import Machine
 
 MACHINES: dict[str, Machine] = {machine.name: machine for machine in (INVENTORY, WAYBILL)}
 

@@ -1,4 +1,6 @@
-"""The reservation state machine, declared once as a table.
+"""A state machine, declared once as a table (an app declares its own: the
+inventory's in holdfast.apps.inventory_machine, dispatch's in
+holdfast.apps.fulfillment).
 
 The table is compiled into a `transitions.Machine` once per process (which
 validates it and can draw it) and into a `(state, event) -> state` map that
@@ -17,49 +19,6 @@ import enum
 from typing import Generic, Iterable, Mapping, TypeVar
 
 from transitions import Machine as TransitionsMachine
-
-
-class State(enum.IntEnum):
-    """Values equal the wire's `ReservationState` numbers."""
-
-    AVAILABLE = 1
-    RESERVING = 2
-    RESERVED = 3
-    CONFIRMING = 4
-    CONFIRMED = 5
-    RELEASING = 6
-    RELEASED = 7
-
-
-TERMINAL = frozenset({State.CONFIRMED, State.RELEASED})
-INTENTS = frozenset({State.RESERVING, State.CONFIRMING, State.RELEASING})
-
-# (source, event, destination). The first two rows are the design's required moves.
-TABLE: tuple[tuple[State, str, State], ...] = (
-    (State.AVAILABLE, "RESERVE_REQUEST", State.RESERVING),
-    (State.RESERVING, "CONFIRM_TIMEOUT", State.AVAILABLE),
-    (State.RESERVING, "HOLD_GRANTED", State.RESERVED),
-    (State.RESERVING, "STOCK_SHORT", State.AVAILABLE),
-    (State.RESERVED, "CONFIRM_REQUEST", State.CONFIRMING),
-    (State.CONFIRMING, "SALE_RECORDED", State.CONFIRMED),
-    (State.RESERVED, "RELEASE_REQUEST", State.RELEASING),
-    (State.RESERVED, "HOLD_EXPIRY", State.RELEASING),
-    (State.RELEASING, "STOCK_RETURNED", State.RELEASED),
-)
-
-# Each move is a walk of events through one intent, taken in one transaction.
-RESERVE = ("RESERVE_REQUEST", "HOLD_GRANTED")
-CONFIRM = ("CONFIRM_REQUEST", "SALE_RECORDED")
-RELEASE = ("RELEASE_REQUEST", "STOCK_RETURNED")
-EXPIRE = ("HOLD_EXPIRY", "STOCK_RETURNED")
-# Recovery of an intent: a reserve that never took stock goes back, a confirm
-# or release that had decided goes forward (its stock effect is in the same
-# transaction as the intent, so it has happened).
-RECOVERY: dict[State, tuple[str, ...]] = {
-    State.RESERVING: ("CONFIRM_TIMEOUT",),
-    State.CONFIRMING: ("SALE_RECORDED",),
-    State.RELEASING: ("STOCK_RETURNED",),
-}
 
 
 S = TypeVar("S", bound=enum.IntEnum)
@@ -97,7 +56,9 @@ class Machine(Generic[S]):
         for event_name, event in self.compiled.events.items():
             for source, moves in event.transitions.items():
                 assert len(moves) == 1, f"{name}: {event_name} from {source} must be deterministic"
-                self._next[(states[source], event_name)] = states[moves[0].dest]
+                destination = moves[0].dest
+                assert destination is not None, f"{name}: {event_name} from {source} goes nowhere"
+                self._next[(states[source], event_name)] = states[destination]
         leaving = {source for source, _ in self._next}
         assert not leaving & self.terminal, f"{name}: terminal states {sorted(leaving & self.terminal)} have moves"
         for intent, events in self.recovery.items():
@@ -126,14 +87,8 @@ class Machine(Generic[S]):
     def walk(self, state: S, events: Iterable[str]) -> S | None:
         """The state after `events` from `state`, or None when a step is not allowed."""
         for event in events:
-            state = self._next.get((state, event))
-            if state is None:
+            following = self._next.get((state, event))
+            if following is None:
                 return None
+            state = following
         return state
-
-
-INVENTORY: Machine[State] = Machine(
-    "inventory", State, TABLE, initial=State.AVAILABLE, terminal=TERMINAL, intents=INTENTS, recovery=RECOVERY
-)
-MACHINE = INVENTORY.compiled
-walk = INVENTORY.walk

@@ -20,22 +20,23 @@ import asyncio
 import queue
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from holdfast.machine import INTENTS, State
 from holdfast.store import (
+    CORE_TABLES,
     BudgetSpent,
     Contended,
-    Entity,
+    EntityRows,
     GroupCommitStore,
     Prefetch,
     Record,
-    Reservation,
-    Stock,
     StoreUnavailable,
     Txn,
+    tables_of,
 )
+from holdfast.table import Query, R, Table
 
 T = TypeVar("T")
 CONTENDED_RERUNS = GroupCommitStore.CONTENDED_RERUNS
@@ -48,48 +49,57 @@ class RowRefused(ValueError):
 
 @dataclass(slots=True)
 class Changes:
-    """What commits changed, by table: the rows a checker needs to look at."""
+    """What commits changed: the keys written, by table name; the rows a
+    checker needs to look at."""
 
-    skus: set[str] = field(default_factory=set)
-    reservations: set[str] = field(default_factory=set)
-    entities: set[str] = field(default_factory=set)
+    keys: dict[str, set[str]] = field(default_factory=dict)
+
+    def of(self, table: str) -> set[str]:
+        """The keys of `table` written (an empty set when none)."""
+        return self.keys.get(table, set())
 
     def update(self, other: Changes) -> None:
-        self.skus |= other.skus
-        self.reservations |= other.reservations
-        self.entities |= other.entities
+        for table, keys in other.keys.items():
+            self.keys.setdefault(table, set()).update(keys)
 
     def take(self) -> Changes:
         """What was gathered so far, leaving this empty for what comes next."""
-        taken = Changes(self.skus, self.reservations, self.entities)
-        self.skus, self.reservations, self.entities = set(), set(), set()
+        taken = Changes(self.keys)
+        self.keys = {}
         return taken
 
 
 class Rows:
-    """The committed rows, by table, and two indexes the reaper's queries use
-    (what an SQL store's indexes `reservation_due` and `entity_due` are for)."""
+    """The committed rows, by table, and an index per range query that has
+    a `candidate` condition (what an SQL store's indexes, such as
+    `entity_due`, are for)."""
 
     def __init__(self) -> None:
-        self.stock: dict[str, Stock] = {}
-        self.reservations: dict[str, Reservation] = {}
         self.outcomes: dict[bytes, Record] = {}
-        self.entities: dict[str, Entity] = {}
-        self.reserved: set[str] = set()  # reservations RESERVED: the holds that may fall due
-        self.timed: set[str] = set()  # entities with a timeout (due_at_ms > 0)
+        self.tables: dict[str, dict[str, Any]] = {}
+        self.indexes: dict[int, set[str]] = {}  # id(query) -> keys of rows that meet its candidate condition
+
+    def of(self, table: Table[R]) -> dict[str, R]:
+        """`table`'s committed rows by key."""
+        rows = self.tables.get(table.name)
+        if rows is None:
+            rows = self.tables[table.name] = {}
+        return rows
+
+    def index(self, query: Query[Any]) -> set[str]:
+        return self.indexes.setdefault(id(query), set())
 
 
-class MemTxn:
+class MemTxn(EntityRows):
     """`Txn` over the committed rows, writing to an overlay that `commit`
     applies. Rows are copied in and out, so nothing uncommitted, and no
     change a move makes in place to a row it read, reaches the rows."""
 
-    def __init__(self, rows: Rows) -> None:
+    def __init__(self, rows: Rows, tables: Sequence[Table[Any]] = CORE_TABLES) -> None:
         self._rows = rows
-        self._stock: dict[str, Stock] = {}
-        self._reservations: dict[str, Reservation] = {}
+        self._tables = tables
         self._outcomes: dict[bytes, Record] = {}
-        self._entities: dict[str, Entity] = {}
+        self._written: dict[str, tuple[Table[Any], dict[str, Any]]] = {}  # table -> (its declaration, key -> row)
         self.written: dict[str, int] = {}
 
     # -- idempotency records ------------------------------------------------------------
@@ -102,147 +112,95 @@ class MemTxn:
             raise Contended("the idempotency key was recorded by a concurrent move")
         self._outcomes[key] = record
 
-    # -- stock ----------------------------------------------------------------------------
+    # -- rows -----------------------------------------------------------------------------
 
-    def stock(self, sku_id: str) -> Stock | None:
-        found = self._stock.get(sku_id) or self._rows.stock.get(sku_id)
-        return None if found is None else _copy_stock(found)
+    def row(self, table: Table[R], key: str) -> R | None:
+        written = self._written.get(table.name)
+        found = written[1].get(key) if written is not None else None
+        if found is None:
+            found = self._rows.of(table).get(key)
+        return None if found is None else table.copy(found)
 
-    def put_stock(self, stock: Stock) -> None:
-        stock.check()
-        self._stock[stock.sku_id] = _copy_stock(stock)
+    def save(self, table: Table[R], row: R, expected_version: int) -> None:
+        """Compare-and-set on the version; a new row expects version 0."""
+        version = table.advanced(row, expected_version)
+        key = table.key(row)
+        current = self.row(table, key)
+        assert (refixed := table.refixed(current, row)) is None, refixed
+        self._refuse(table, row)
+        if table.stored(current) != expected_version:
+            raise Contended(table.moved_past(key, expected_version))
+        self._write(table, key, row)
+        if table.snapshot:
+            self.written[key] = version
 
-    def take_stock(self, sku_id: str, quantity: int) -> bool:
-        """The conditional hold (`available >= quantity`) of SqlTxn."""
-        assert quantity > 0
-        s = self.stock(sku_id)
-        if s is None or s.available < quantity:
-            return False
-        self.put_stock(replace(s, available=s.available - quantity, held=s.held + quantity, version=s.version + 1))
-        return True
+    def put(self, table: Table[R], row: R) -> None:
+        assert not table.versioned, f"table {table.name} is versioned: save its rows"
+        self._refuse(table, row)
+        self._write(table, table.key(row), row)
 
-    def settle_stock(self, sku_id: str, quantity: int, sold: bool) -> None:
-        s = self.stock(sku_id)
-        assert s is not None and s.held >= quantity, f"settling {quantity} of {sku_id} that is not held"
-        back = 0 if sold else quantity
-        self.put_stock(replace(s, held=s.held - quantity, available=s.available + back, sold=s.sold + quantity - back, version=s.version + 1))
-
-    # -- reservations -------------------------------------------------------------------
-
-    def reservation(self, reservation_id: str) -> Reservation | None:
-        found = self._reservations.get(reservation_id) or self._rows.reservations.get(reservation_id)
-        return None if found is None else _copy_reservation(found)
-
-    def save_reservation(self, r: Reservation, expected_version: int) -> None:
-        """Compare-and-set on the version; a new reservation expects version 0."""
-        assert r.version == expected_version + 1, "a move advances the version by exactly one"
-        if r.quantity <= 0:
-            raise RowRefused(f"reservation {r.reservation_id}: quantity must be positive (CHECK quantity > 0)")
-        current = self.reservation(r.reservation_id)
-        if (0 if current is None else current.version) != expected_version:
-            raise Contended(f"reservation {r.reservation_id} moved past version {expected_version}")
-        self._reservations[r.reservation_id] = _copy_reservation(r)
-        self.written[r.reservation_id] = r.version
-
-    def due_holds(self, now_ms: int, limit: int) -> list[Reservation]:
-        candidates = (self.reservation(rid) for rid in sorted(self._rows.reserved | set(self._reservations)))
-        due = [r for r in candidates if r.state is State.RESERVED and r.expires_at_ms <= now_ms]
-        return sorted(due, key=lambda r: (r.expires_at_ms, r.reservation_id))[:limit]
-
-    def intents(self, limit: int) -> list[Reservation]:
-        found = [_copy_reservation(r) for r in self._all_reservations() if r.state in INTENTS]
-        return sorted(found, key=lambda r: r.reservation_id)[:limit]
+    def select(self, table: Table[R], query: Query[R], params: tuple[Any, ...], limit: int) -> list[R]:
+        """The query's answer over the committed rows and this move's own;
+        a query without a `candidate` index scans the table."""
+        written = self._written.get(table.name)
+        keys: Iterable[str]
+        if query.candidate is not None:
+            keys = self._rows.index(query) | (set(written[1]) if written is not None else set())
+        else:
+            keys = {*self._rows.of(table), *(written[1] if written is not None else ())}
+        found = [row for row in map(lambda key: self.row(table, key), keys) if row is not None and query.matches(row, params)]
+        return sorted(found, key=query.order)[:limit]
 
     def versions(self, after: str, limit: int) -> list[tuple[str, int]]:
-        """Reservations' and entities' versions in one id order, as SqlTxn's UNION."""
-        found = [(r.reservation_id, r.version) for r in self._all_reservations() if r.reservation_id > after]
-        found += [(e.entity_id, e.version) for e in self._all_entities() if e.entity_id > after]
+        """The snapshot tables' versions in one key order, as SqlTxn's UNION."""
+        found: list[tuple[str, int]] = []
+        for table in self._tables:
+            if table.snapshot:
+                keys = {*self._rows.of(table), *(self._written.get(table.name, (table, {}))[1])}
+                found += [(key, getattr(self.row(table, key), "version")) for key in keys if key > after]
         return sorted(found)[:limit]
 
-    def _all_reservations(self) -> Iterable[Reservation]:
-        """Every row as this transaction sees it; a full scan, which only recovery makes."""
-        return {**self._rows.reservations, **self._reservations}.values()
+    def _write(self, table: Table[R], key: str, row: R) -> None:
+        written = self._written.get(table.name)
+        if written is None:
+            written = self._written[table.name] = (table, {})
+        written[1][key] = table.copy(row)
 
-    # -- entities of services built on the framework ----------------------------------------
-
-    def entity(self, entity_id: str) -> Entity | None:
-        found = self._entities.get(entity_id) or self._rows.entities.get(entity_id)
-        return None if found is None else replace(found)
-
-    def save_entity(self, entity: Entity, expected_version: int) -> None:
-        """Compare-and-set on the version, as `save_reservation`; the kind is
-        the one the entity was created with, forever."""
-        assert entity.version == expected_version + 1, "a move advances the version by exactly one"
-        current = self.entity(entity.entity_id)
-        assert current is None or current.kind == entity.kind, f"entity {entity.entity_id} would change its kind"
-        _check_entity_row(entity)
-        if (0 if current is None else current.version) != expected_version:
-            raise Contended(f"entity {entity.entity_id} moved past version {expected_version}")
-        self._entities[entity.entity_id] = replace(entity)
-        self.written[entity.entity_id] = entity.version
-
-    def due_entities(self, kind: str, now_ms: int, limit: int) -> list[Entity]:
-        """The entities of `kind` whose timeout is due, oldest first (due_at_ms 0: none)."""
-        ids = self._rows.timed | set(self._entities)
-        due = [e for e in map(self.entity, ids) if e is not None and e.kind == kind and 0 < e.due_at_ms <= now_ms]
-        return sorted(due, key=lambda e: (e.due_at_ms, e.entity_id))[:limit]
-
-    def _all_entities(self) -> Iterable[Entity]:
-        return {**self._rows.entities, **self._entities}.values()
+    @staticmethod
+    def _refuse(table: Table[R], row: R) -> None:
+        refusal = table.refusal(row)
+        if refusal is not None:
+            raise RowRefused(refusal)
 
     # -- commit ---------------------------------------------------------------------------
 
     def commit(self) -> Changes:
         """Applies the overlay; returns what it changed."""
         rows = self._rows
-        rows.stock.update(self._stock)
-        rows.reservations.update(self._reservations)
-        for r in self._reservations.values():
-            (rows.reserved.add if r.state is State.RESERVED else rows.reserved.discard)(r.reservation_id)
         rows.outcomes.update(self._outcomes)
-        rows.entities.update(self._entities)
-        for e in self._entities.values():
-            (rows.timed.add if e.due_at_ms > 0 else rows.timed.discard)(e.entity_id)
-        return Changes(set(self._stock), set(self._reservations), set(self._entities))
+        changes = Changes()
+        for name, (table, written) in self._written.items():
+            rows.of(table).update(written)
+            for query in table.queries:
+                if query.candidate is not None:
+                    index = rows.index(query)
+                    for key, row in written.items():
+                        (index.add if query.candidate(row) else index.discard)(key)
+            changes.keys[name] = set(written)
+        return changes
 
 
-def attempt(rows: Rows, work: Callable[[Txn], T]) -> tuple[MemTxn, T]:
+def attempt(rows: Rows, work: Callable[[Txn], T], tables: Sequence[Table[Any]] = CORE_TABLES) -> tuple[MemTxn, T]:
     """Runs `work` on a fresh overlay, and again (on the rows as they are now)
     when it loses a compare-and-set; the caller commits the transaction it
     gets back. Any other failure undoes the move and is the caller's."""
     for _ in range(CONTENDED_RERUNS):
-        txn = MemTxn(rows)
+        txn = MemTxn(rows, tables)
         try:
             return txn, work(txn)
         except Contended:
             continue
     raise StoreUnavailable("the move lost every rerun to concurrent writers")
-
-
-def _check_entity_row(e: Entity) -> None:
-    """The entity table's constraints, as SQLite and PostgreSQL enforce them."""
-    texts = {"entity_id": e.entity_id, "kind": e.kind, "lease_owner": e.lease_owner}
-    for name, value in texts.items():
-        if not isinstance(value, str):
-            raise RowRefused(f"entity {e.entity_id!r}: {name} must be text (NOT NULL), got {value!r}")
-        if "\x00" in value:
-            raise RowRefused(f"entity {e.entity_id!r}: {name} holds a NUL byte, which PostgreSQL text cannot")
-    for name in ("state", "version", "lease_until_ms", "due_at_ms"):
-        if not isinstance(getattr(e, name), int):
-            raise RowRefused(f"entity {e.entity_id!r}: {name} must be an integer (NOT NULL), got {getattr(e, name)!r}")
-    if not isinstance(e.data, bytes):
-        raise RowRefused(f"entity {e.entity_id!r}: data must be bytes (NOT NULL), got {type(e.data).__name__}")
-    if e.version <= 0:
-        raise RowRefused(f"entity {e.entity_id!r}: version must be positive (CHECK version > 0)")
-
-
-def _copy_stock(s: Stock) -> Stock:
-    """A copy, so a move never edits a committed row in place (dataclasses.replace is slow)."""
-    return Stock(s.sku_id, s.total, s.available, s.held, s.sold, s.version)
-
-
-def _copy_reservation(r: Reservation) -> Reservation:
-    return Reservation(r.reservation_id, r.order_id, r.sku_id, r.quantity, r.state, r.version, r.expires_at_ms, r.retry_count, r.release_reason)
 
 
 class MemoryStore:
@@ -251,9 +209,10 @@ class MemoryStore:
     (so each sees every one before it, and one's failure undoes it alone).
     A thread, as the SQL stores have, so no move ever runs on the event loop."""
 
-    def __init__(self, rows: Rows | None = None) -> None:
+    def __init__(self, rows: Rows | None = None, tables: Sequence[Table[Any]] = ()) -> None:
         self.rows = Rows() if rows is None else rows
-        self._jobs: queue.SimpleQueue[tuple[Callable[[Txn], object], float | None, asyncio.Future] | None] = queue.SimpleQueue()
+        self.tables = tables_of(tables)
+        self._jobs: queue.SimpleQueue[tuple[Callable[[Txn], object], float | None, asyncio.Future[Any]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -276,7 +235,7 @@ class MemoryStore:
         assert self._loop is not None, "store not open"
         if deadline is not None and time.monotonic() >= deadline:
             raise BudgetSpent()
-        future = self._loop.create_future()
+        future: asyncio.Future[T] = self._loop.create_future()
         self._jobs.put((work, deadline, future))
         return await future
 
@@ -287,19 +246,19 @@ class MemoryStore:
                 self._answer(future, None, BudgetSpent())  # queued past its budget: never started
                 continue
             try:
-                txn, value = attempt(self.rows, work)
+                txn, value = attempt(self.rows, work, self.tables)
                 txn.commit()
             except Exception as error:
                 self._answer(future, None, error)
             else:
                 self._answer(future, value, None)
 
-    def _answer(self, future: asyncio.Future, value: object, error: BaseException | None) -> None:
+    def _answer(self, future: asyncio.Future[Any], value: object, error: BaseException | None) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(_settle, future, value, error)
 
 
-def _settle(future: asyncio.Future, value: object, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future[Any], value: object, error: BaseException | None) -> None:
     if future.done():  # the caller went away; the move stays committed
         return
     if error is None:

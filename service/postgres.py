@@ -13,7 +13,9 @@ state; a deadlock between two batches reruns the losing batch.
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -22,19 +24,8 @@ from psycopg import errors
 
 from holdfast.batch import BufferedStore, Changes, Named, Rows
 from holdfast.redaction import redact_url, scrub, secrets_of
-from holdfast.store import (
-    ENTITY_COLUMNS,
-    RESERVATION_COLUMNS,
-    Entity,
-    Record,
-    Reservation,
-    Row,
-    SqlTxn,
-    Stock,
-    entity_of_row,
-    reservation_of_row,
-    schema,
-)
+from holdfast.store import Record, Row, SqlTxn, schema
+from holdfast.table import Query, R, Table
 
 # A flush statement fails, rather than reports, a short row count: so the
 # COMMIT can ride in the same pipeline, and is skipped when one fails.
@@ -49,7 +40,6 @@ BEGIN
 END $$;
 """
 SHORT_WRITE = "HF409"  # the SQLSTATE it raises
-SCHEMA = schema(integer="BIGINT", blob="BYTEA") + EXPECT_ROWS
 # Instances starting together must not race on CREATE TABLE.
 SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('holdfast.schema'))"
 
@@ -57,19 +47,15 @@ SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('holdfast.schema'))"
 class PostgresTxn(SqlTxn):
     LOCK = " FOR UPDATE"
 
-    # PostgreSQL text cannot hold NUL, so no stored id contains one: an id that
-    # does is simply not found (validation keeps NUL out of every write).
-    def stock(self, sku_id: str) -> Stock | None:
-        return None if "\x00" in sku_id else super().stock(sku_id)
+    # PostgreSQL text cannot hold NUL, so no stored key contains one: a key
+    # that does is simply not found (validation keeps NUL out of every write).
+    def row(self, table: Table[R], key: str) -> R | None:
+        return None if "\x00" in key else super().row(table, key)
 
-    def reservation(self, reservation_id: str) -> Reservation | None:
-        return None if "\x00" in reservation_id else super().reservation(reservation_id)
-
-    def entity(self, entity_id: str) -> Entity | None:
-        return None if "\x00" in entity_id else super().entity(entity_id)
-
-    def due_entities(self, kind: str, now_ms: int, limit: int) -> list[Entity]:
-        return [] if "\x00" in kind else super().due_entities(kind, now_ms, limit)
+    def select(self, table: Table[R], query: Query[R], params: tuple[Any, ...], limit: int) -> list[R]:
+        if any(isinstance(param, str) and "\x00" in param for param in params):
+            return []
+        return super().select(table, query, params, limit)
 
 
 # -- a batch as set-based statements (holdfast.batch) ----------------------------
@@ -78,6 +64,8 @@ class PostgresTxn(SqlTxn):
 # arrays (bytes as hex), which the server unpacks: json.dumps is C, where
 # psycopg dumps a Python list element by element (measured on a 30-row
 # insert: ~280 against ~620 µs of client CPU, which the event loop shares).
+
+_TYPES = {"text": "text", "integer": "bigint", "blob": "bytea"}
 
 
 def _json_rows(columns: tuple[tuple[str, str], ...]) -> str:
@@ -90,57 +78,18 @@ def _json_rows(columns: tuple[tuple[str, str], ...]) -> str:
     return ", ".join(values) + " FROM json_array_elements(%s::json) AS j"
 
 
+def _typed(table: Table[Any]) -> tuple[tuple[str, str], ...]:
+    return tuple((column.name, _TYPES[column.type]) for column in table.columns)
+
+
 _OUTCOME = (("key", "bytea"), ("fingerprint", "bytea"), ("reason", "text"), ("payload", "bytea"), ("recorded_at_ms", "bigint"))
-_RESERVATION = (("reservation_id", "text"), ("order_id", "text"), ("sku_id", "text"), ("quantity", "bigint"),
-                ("state", "int"), ("version", "bigint"), ("expires_at_ms", "bigint"), ("retry_count", "int"),
-                ("release_reason", "text"))
-_ENTITY = (("entity_id", "text"), ("kind", "text"), ("state", "int"), ("version", "bigint"), ("data", "bytea"),
-           ("lease_owner", "text"), ("lease_until_ms", "bigint"), ("due_at_ms", "bigint"))
-_STOCK = (("sku_id", "text"), ("total", "bigint"), ("available", "bigint"), ("held", "bigint"), ("sold", "bigint"),
-          ("version", "bigint"))
 _KEYS = "(SELECT decode(value, 'hex') FROM json_array_elements_text(%s::json))"
 _IDS = "(SELECT value FROM json_array_elements_text(%s::json))"
 
 PREFETCH_OUTCOMES = f"SELECT key, fingerprint, reason, payload FROM outcome WHERE key IN {_KEYS}"
-PREFETCH_RESERVATIONS = (
-    f"SELECT {RESERVATION_COLUMNS} FROM reservation WHERE reservation_id IN {_IDS} ORDER BY reservation_id FOR UPDATE"
-)
-PREFETCH_ENTITIES = f"SELECT {ENTITY_COLUMNS} FROM entity WHERE entity_id IN {_IDS} ORDER BY entity_id FOR UPDATE"
-# The SKUs named, and those of the reservations named (a Confirm knows only
-# its reservation): the stock a move settles is locked with the rest.
-PREFETCH_STOCK = (
-    f"SELECT sku_id, total, available, held, sold, version FROM stock WHERE sku_id IN {_IDS}"
-    f" OR sku_id IN (SELECT sku_id FROM reservation WHERE reservation_id IN {_IDS}) ORDER BY sku_id FOR UPDATE"
-)
 FLUSH_OUTCOMES = (
     f"INSERT INTO outcome (key, fingerprint, reason, payload, recorded_at_ms) SELECT {_json_rows(_OUTCOME)}"
     " ON CONFLICT (key) DO NOTHING"
-)
-FLUSH_INSERTED = (
-    f"INSERT INTO reservation ({RESERVATION_COLUMNS}) SELECT {_json_rows(_RESERVATION)}"
-    " ON CONFLICT (reservation_id) DO NOTHING"
-)
-FLUSH_UPDATED = (
-    "UPDATE reservation AS r SET order_id = u.order_id, sku_id = u.sku_id, quantity = u.quantity, state = u.state,"
-    " version = u.version, expires_at_ms = u.expires_at_ms, retry_count = u.retry_count,"
-    " release_reason = u.release_reason"
-    f" FROM (SELECT {_json_rows((*_RESERVATION, ('stored', 'bigint')))}) AS u"
-    " WHERE r.reservation_id = u.reservation_id AND r.version = u.stored"
-)
-FLUSH_INSERTED_ENTITIES = (
-    f"INSERT INTO entity ({ENTITY_COLUMNS}) SELECT {_json_rows(_ENTITY)} ON CONFLICT (entity_id) DO NOTHING"
-)
-# The kind is left as inserted: a machine never turns into another.
-FLUSH_UPDATED_ENTITIES = (
-    "UPDATE entity AS e SET state = u.state, version = u.version, data = u.data, lease_owner = u.lease_owner,"
-    " lease_until_ms = u.lease_until_ms, due_at_ms = u.due_at_ms"
-    f" FROM (SELECT {_json_rows((*_ENTITY, ('stored', 'bigint')))}) AS u"
-    " WHERE e.entity_id = u.entity_id AND e.version = u.stored"
-)
-FLUSH_STOCK = (
-    f"INSERT INTO stock (sku_id, total, available, held, sold, version) SELECT {_json_rows(_STOCK)}"
-    " ON CONFLICT (sku_id) DO UPDATE SET total = excluded.total, available = excluded.available,"
-    " held = excluded.held, sold = excluded.sold, version = excluded.version"
 )
 
 
@@ -150,14 +99,25 @@ def _expecting(statement: str) -> str:
     return f"WITH written AS ({statement} RETURNING 1) SELECT holdfast_expect_rows(count(*), %s) FROM written"
 
 
-FLUSH = {
-    kind: _expecting(statement)
-    for kind, statement in (
-        ("outcomes", FLUSH_OUTCOMES), ("inserted", FLUSH_INSERTED), ("updated", FLUSH_UPDATED),
-        ("inserted_entities", FLUSH_INSERTED_ENTITIES), ("updated_entities", FLUSH_UPDATED_ENTITIES),
-        ("stocks", FLUSH_STOCK),
-    )
-}
+@functools.cache
+def _flush(kind: str, table: Table[Any] | None) -> str:
+    """A table's set-based insert, compare-and-set update or upsert, failing
+    on a short write."""
+    if table is None:
+        return _expecting(FLUSH_OUTCOMES)
+    names, key = ", ".join(table.names), table.key_column
+    if kind == "insert":
+        statement = f"INSERT INTO {table.name} ({names}) SELECT {_json_rows(_typed(table))} ON CONFLICT ({key}) DO NOTHING"
+    elif kind == "update":
+        sets = ", ".join(f"{name} = u.{name}" for name in table.updated)
+        statement = (f"UPDATE {table.name} AS t SET {sets} FROM (SELECT {_json_rows((*_typed(table), ('stored', 'bigint')))}) AS u"
+                     f" WHERE t.{key} = u.{key} AND t.version = u.stored")
+    else:
+        assert kind == "upsert", kind
+        sets = ", ".join(f"{name} = excluded.{name}" for name in table.updated)
+        statement = (f"INSERT INTO {table.name} ({names}) SELECT {_json_rows(_typed(table))}"
+                     f" ON CONFLICT ({key}) DO UPDATE SET {sets}")
+    return _expecting(statement)
 
 
 def _json(rows: list[Row]) -> str:
@@ -165,7 +125,7 @@ def _json(rows: list[Row]) -> str:
 
 
 def _ids(names: AbstractSet[str]) -> list[str]:
-    # PostgreSQL text cannot hold NUL: such an id names no row (PostgresTxn).
+    # PostgreSQL text cannot hold NUL: such a key names no row (PostgresTxn).
     return sorted(name for name in names if "\x00" not in name)
 
 
@@ -175,8 +135,10 @@ class PostgresStore(BufferedStore):
 
     # A batch rerun with a savepoint per move holds one subtransaction per
     # move; PostgreSQL caches 64 per backend before every snapshot slows down.
-    def __init__(self, url: str, workers: int = 1, batch_max: int = 64, connect_timeout_s: int = 2) -> None:
-        super().__init__(workers=workers, batch_max=batch_max)
+    def __init__(
+        self, url: str, workers: int = 1, batch_max: int = 64, connect_timeout_s: int = 2, tables: Sequence[Table[Any]] = ()
+    ) -> None:
+        super().__init__(workers=workers, batch_max=batch_max, tables=tables)
         self.url = url
         self._connect_timeout_s = connect_timeout_s
         # Parsed here, so a malformed URL is refused at once and in our
@@ -220,7 +182,7 @@ class PostgresStore(BufferedStore):
     def _create_schema(self, connection: psycopg.Connection) -> None:
         with connection.transaction():
             connection.execute(SCHEMA_LOCK)
-            connection.execute(SCHEMA)
+            connection.execute(schema(self.tables, integer="BIGINT", blob="BYTEA") + EXPECT_ROWS)
             self._stamp_schema(connection)
 
     def _is_unavailable(self, error: BaseException) -> bool:
@@ -232,39 +194,49 @@ class PostgresStore(BufferedStore):
     # -- a batch, buffered: prefetch, moves in memory, flush, commit --
 
     def _load(self, connection: psycopg.Connection, named: Named) -> Rows:
-        """BEGIN and one SELECT per table, in one round trip (entities only
-        when a job named one: most batches are the inventory's)."""
-        keys, rids = named.keys, named.reservations
+        """BEGIN and one SELECT per table a job named rows of, in one round
+        trip, each locking its rows in key order and the tables in their
+        declared order, so two batches never wait on each other in a cycle."""
         rows = Rows()
         if not named:
             connection.execute("BEGIN")
             return rows
-        rid_list, sku_list, eid_list = _ids(rids), _ids(named.skus), _ids(named.entities)
-        entities = None
+        selects: list[tuple[Table[Any], list[str], Any]] = []
         with connection.pipeline():
             connection.execute("BEGIN")
-            rid_json = json.dumps(rid_list, ensure_ascii=False)
-            outcomes = connection.execute(PREFETCH_OUTCOMES, (json.dumps([key.hex() for key in keys]),))
-            reservations = connection.execute(PREFETCH_RESERVATIONS, (rid_json,))
-            if eid_list:
-                entities = connection.execute(PREFETCH_ENTITIES, (json.dumps(eid_list, ensure_ascii=False),))
-            stocks = connection.execute(PREFETCH_STOCK, (json.dumps(sku_list, ensure_ascii=False), rid_json))
+            outcomes = connection.execute(PREFETCH_OUTCOMES, (json.dumps([key.hex() for key in named.keys]),))
+            for table in self.tables:
+                sql, params = self._prefetch(table, named)
+                if sql is not None:
+                    selects.append((table, _ids(named.rows.get(table.name, frozenset())), connection.execute(sql, params)))
         found_outcomes = {bytes(k): Record(bytes(f), reason, bytes(p)) for k, f, reason, p in outcomes.fetchall()}
-        for key in keys:
+        for key in named.keys:
             rows.loaded_outcome(key, found_outcomes.get(key))
-        found_reservations = {row[0]: reservation_of_row(row) for row in reservations.fetchall()}
-        for rid in rids:
-            if "\x00" not in rid:
-                rows.loaded_reservation(rid, found_reservations.get(rid))
-        found_entities = {} if entities is None else {row[0]: entity_of_row(row) for row in entities.fetchall()}
-        for eid in eid_list:
-            rows.loaded_entity(eid, found_entities.get(eid))
-        for row in stocks.fetchall():
-            rows.loaded_stock(row[0], Stock(*row))
-        for sku in sku_list:
-            if sku not in rows.stocks:
-                rows.loaded_stock(sku, None)
+        for table, names, cursor in selects:
+            found = {row[0]: table.row(row) for row in cursor.fetchall()}
+            for key in {*names, *found}:
+                rows.loaded(table, key, found.get(key))
         return rows
+
+    def _prefetch(self, table: Table[Any], named: Named) -> tuple[str | None, tuple[str, ...]]:
+        """`table`'s SELECT ... FOR UPDATE of the batch's rows: those named,
+        and those its `locked_with` tables' named rows point at."""
+        clauses, params = [], []
+        names = _ids(named.rows.get(table.name, frozenset()))
+        if names:
+            clauses.append(f"{table.key_column} IN {_IDS}")
+            params.append(json.dumps(names, ensure_ascii=False))
+        for other, column in table.locked_with:
+            others = _ids(named.rows.get(other, frozenset()))
+            if others:
+                other_key = self.table(other).key_column
+                clauses.append(f"{table.key_column} IN (SELECT {column} FROM {other} WHERE {other_key} IN {_IDS})")
+                params.append(json.dumps(others, ensure_ascii=False))
+        if not clauses:
+            return None, ()
+        sql = (f"SELECT {', '.join(table.names)} FROM {table.name} WHERE {' OR '.join(clauses)}"
+               f" ORDER BY {table.key_column} FOR UPDATE")
+        return sql, tuple(params)
 
     def _write(self, connection: psycopg.Connection, changes: Changes) -> bool:
         """One multi-row statement per table, in one round trip. False when
@@ -279,8 +251,8 @@ class PostgresStore(BufferedStore):
     def _send(self, connection: psycopg.Connection, changes: Changes, commit: bool) -> bool:
         try:
             with connection.pipeline():
-                for kind, rows in changes.row_sets():
-                    connection.execute(FLUSH[kind], (_json(rows), len(rows)))
+                for kind, table, rows in changes.row_sets():
+                    connection.execute(_flush(kind, table), (_json(rows), len(rows)))
                 if commit:
                     connection.execute("COMMIT")
         except psycopg.Error as error:

@@ -1,11 +1,17 @@
 """The `holdfast` pytest plugin (entry point `pytest11`): fixtures for testing
 code against a real holdfast server and for checking journals replay.
 
-* `holdfast_services` — the services of your own that `holdfast_server`
-  hosts: none by default, so it hosts holdfast's (inventory and
-  fulfillment). Override it (in your conftest.py or test module) to return
-  your service factories, `engine -> Service` (a `holdfast.Service`
-  subclass is one); the server then hosts those alone.
+The plugin names no app, holdfast's own included: a test (or its
+conftest.py) says what the server hosts and which stub the client is, by
+overriding the fixtures below.
+
+* `holdfast_apps` — the apps `holdfast_server` hosts, as `holdfast serve
+  --app` names them (`MODULE:ATTR`: holdfast's inventory is
+  `holdfast.apps.inventory:Inventory`); none by default. They are written
+  to the journal's start line, so a replay hosts them again.
+* `holdfast_services` — service factories of your own, `engine -> Service`
+  (a `holdfast.Service` subclass is one), hosted beside `holdfast_apps`;
+  none by default. One of the two must name something to host.
 * `holdfast_server` — a running server on the embedded backends (SQLite in
   the test's `tmp_path`, the in-process snapshot) with a `ManualClock`, so
   hold expiry and timeout events happen when the test moves `.clock`, and a
@@ -16,10 +22,12 @@ code against a real holdfast server and for checking journals replay.
   holdfast's own by default; override it to return yours.
 * `holdfast_channel` — a grpc.aio channel to it (`holdfast.aio_channel`,
   with `holdfast_service_config`), to build your own stub on.
-* `holdfast_client` — an `InventoryServiceStub` on that channel.
+* `holdfast_stub` — the generated stub class `holdfast_client` is made of
+  (`InventoryServiceStub`, `TableServiceStub`); none by default.
+* `holdfast_client` — `holdfast_stub(holdfast_channel)`.
 * `replay_journal` — `replay_journal(path)` replays a journal on a fresh
-  instance hosting the same `holdfast_services`, and fails the test with
-  the first difference (or when the journal holds no call).
+  instance hosting the same apps and `holdfast_services`, and fails the
+  test with the first difference (or when the journal holds no call).
 
 Loaded by every pytest run where holdfast is installed, so this module
 imports nothing heavy at import time: gRPC in particular is imported by the
@@ -42,6 +50,14 @@ except ImportError:  # the fixtures below say so when used
     pytest_asyncio = None
 
 REAPER_INTERVAL_MS = 20
+NOTHING_HOSTED = (
+    "holdfast_server hosts nothing: override holdfast_apps to return the apps to host (MODULE:ATTR, as"
+    " `holdfast serve --app` takes them) or holdfast_services to return service factories"
+)
+NO_STUB = (
+    "holdfast_client needs a stub class: override holdfast_stub to return the generated ...ServiceStub"
+    " to make on holdfast_channel"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,17 +71,17 @@ class HoldfastServer:
     running: Any  # holdfast.server.Running
 
 
-async def _started(folder: Path, services: Sequence[Callable[[Any], Any]] = ()) -> HoldfastServer:
+async def _started(folder: Path, apps: Sequence[str], services: Sequence[Callable[[Any], Any]]) -> HoldfastServer:
     from holdfast.clock import ManualClock
     from holdfast.server import Config, start
 
+    if not apps and not services:
+        pytest.fail(NOTHING_HOSTED, pytrace=False)
     clock = ManualClock()
     journal = folder / "holdfast-journal.jsonl"
-    # Your services alone when there are any, else holdfast's own (Config's default).
-    hosted: dict[str, Any] = {"apps": ()} if services else {}
     config = Config(
         listen="127.0.0.1:0", store=f"sqlite:///{folder}/holdfast.db", snapshot="memory://",
-        reaper_interval_ms=REAPER_INTERVAL_MS, journal=str(journal), **hosted,
+        reaper_interval_ms=REAPER_INTERVAL_MS, journal=str(journal), apps=tuple(apps),
     )
     running = await start(config, clock=clock, services=services)
     return HoldfastServer(f"127.0.0.1:{running.port}", running.port, journal, clock, running)
@@ -82,22 +98,38 @@ def holdfast_service_config() -> Any:
 
 
 @pytest.fixture
+def holdfast_apps() -> Sequence[str]:
+    """The apps `holdfast_server` hosts, each `MODULE:ATTR` as `holdfast
+    serve --app` takes it; override this fixture to return them. None by
+    default: the plugin names no app, holdfast's own included."""
+    return ()
+
+
+@pytest.fixture
 def holdfast_services() -> Sequence[Callable[[Any], Any]]:
     """Your service factories (`ServiceFactory`: engine -> Service) for
-    `holdfast_server` to host instead of holdfast's own; override this
-    fixture to return them. None by default."""
+    `holdfast_server` to host beside `holdfast_apps`; override this fixture
+    to return them. None by default."""
     return ()
+
+
+@pytest.fixture
+def holdfast_stub() -> Callable[[Any], Any] | None:
+    """The stub class `holdfast_client` makes on `holdfast_channel` (a
+    generated `...ServiceStub`); override this fixture to return it. None
+    by default, so `holdfast_client` is refused until a test names one."""
+    return None
 
 
 if pytest_asyncio is not None:
 
     @pytest_asyncio.fixture
     async def holdfast_server(
-        tmp_path: Path, holdfast_services: Sequence[Callable[[Any], Any]]
+        tmp_path: Path, holdfast_apps: Sequence[str], holdfast_services: Sequence[Callable[[Any], Any]]
     ) -> AsyncIterator[HoldfastServer]:
         """A holdfast server on embedded backends in `tmp_path`, hosting
-        `holdfast_services` (or holdfast's own), journaling every call."""
-        server = await _started(tmp_path, tuple(holdfast_services))
+        `holdfast_apps` and `holdfast_services`, journaling every call."""
+        server = await _started(tmp_path, tuple(holdfast_apps), tuple(holdfast_services))
         yield server
         await server.running.stop(0)
 
@@ -111,11 +143,11 @@ if pytest_asyncio is not None:
             yield channel
 
     @pytest.fixture
-    def holdfast_client(holdfast_channel: Any) -> Any:
-        """An `InventoryServiceStub` on `holdfast_channel`."""
-        from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
-
-        return pb_grpc.InventoryServiceStub(holdfast_channel)
+    def holdfast_client(holdfast_channel: Any, holdfast_stub: Callable[[Any], Any] | None) -> Any:
+        """A `holdfast_stub` on `holdfast_channel`."""
+        if holdfast_stub is None:
+            pytest.fail(NO_STUB, pytrace=False)
+        return holdfast_stub(holdfast_channel)
 
 else:
 
@@ -135,9 +167,10 @@ else:
 @pytest.fixture
 def replay_journal(holdfast_services: Sequence[Callable[[Any], Any]]) -> Callable[..., Any]:
     """`replay_journal(path, target=None)`: replays the journal (on a fresh
-    embedded instance hosting `holdfast_services`, unless `target` names a
-    running one) and returns the report, or fails the test with the first
-    difference, or when the journal holds no call."""
+    embedded instance hosting the apps its start line names and
+    `holdfast_services`, unless `target` names a running one) and returns
+    the report, or fails the test with the first difference, or when the
+    journal holds no call."""
     from holdfast.replay import JournalError, replay
 
     def check(path: str | Path, target: str | None = None) -> Any:

@@ -7,10 +7,12 @@ clock is a `ReplayClock`, set to each line's recorded time before the line
 is sent. Lines run one at a time, in journal order.
 
 The fresh instance hosts what the journal's start line says the recording
-hosted: holdfast's built-in services and the apps given as `MODULE:ATTR`
-(imported from the current folder, as `holdfast serve --app` does), or the
-apps given with `--app` instead. A journal whose services the replaying
-instance does not host is refused, naming them, before anything is sent.
+hosted: the apps given as `MODULE:ATTR` (imported from the current folder,
+as `holdfast serve --app` does), or the apps given with `--app` instead. A
+journal of format 1 names none: it was recorded hosting holdfast's
+built-in apps, which `holdfast replay` (the CLI, which knows them) hands
+down as `default_apps`. A journal whose services the replaying instance
+does not host is refused, naming them, before anything is sent.
 
 Time's moves: the replaying instance runs with its reaper stopped, and each
 journaled `timeout` line (a move the recording's reaper made: a hold's
@@ -36,27 +38,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import functools
 import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence, TextIO
+from typing import TYPE_CHECKING, Sequence, TextIO
 
-from holdfast.journal import decode
+from holdfast.framework import Service
+from holdfast.journal import REQUIRED, Entry, JournalError, decode, legacy_kinds, read_journal, read_legacy
 from holdfast.outcome import reason_key
 
 if TYPE_CHECKING:
     from holdfast.server import ServiceFactory
 
+# The reader is holdfast.journal's; its names are replay's too, as they always were.
+__all__ = ["DEFAULT_TIMEOUT_S", "Difference", "Entry", "JournalError", "ReplayClock", "Report", "main", "read_journal",
+           "replay", "replay_async"]
+
 DEFAULT_TIMEOUT_S = 60.0  # above every contract's timeout: the server's budget is what it was
-REQUIRED = {
-    "call": ("method", "time_ms", "request", "code"),
-    "timeout": ("service", "entity_id", "version", "time_ms"),
-    "expire": ("reservation_id", "time_ms"),  # format 1: a hold's expiry
-}
-INVENTORY = "holdfast.inventory.v1.InventoryService"
 
 
 class ReplayClock:
@@ -122,79 +123,30 @@ class Report:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    line: int
-    record: dict
-
-
-class JournalError(ValueError):
-    """The journal cannot be read as one."""
-
-
-def read_journal(path: str | Path) -> tuple[dict, list[Entry]]:
-    """The first start line (what was hosted) and every call or timeout
-    line; refuses a journal that holds no call."""
-    start: dict = {}
-    entries: list[Entry] = []
-    for number, record in _lines(Path(path)):
-        kind = record.get("kind")
-        if kind == "start":
-            start = start or record
-        elif kind in REQUIRED:
-            missing = [name for name in REQUIRED[kind] if name not in record]
-            if missing:
-                raise JournalError(f"{path}:{number}: a {kind} line without {', '.join(missing)}")
-            entries.append(Entry(number, record))
-        else:
-            raise JournalError(f"{path}:{number}: unknown line kind {kind!r}")
-    if not any(entry.record["kind"] == "call" for entry in entries):
-        raise JournalError(f"{path} holds no calls: nothing to replay, so nothing was compared")
-    return start, entries
-
-
-def _lines(path: Path) -> Iterator[tuple[int, dict]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise JournalError(f"cannot read journal {path}: {error.strerror or error}") from None
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            # A crash can cut the last line short; anything else is corruption.
-            if number == len(text.splitlines()) and not text.endswith("\n"):
-                return
-            raise JournalError(f"{path}:{number}: not JSON: {error}") from None
-        if not isinstance(record, dict):
-            raise JournalError(f"{path}:{number}: expected a JSON object")
-        yield number, record
-
-
 # -- replaying ------------------------------------------------------------------------
 
 
 def replay(
     path: str | Path, target: str | None = None, progress: TextIO | None = None,
-    apps: Sequence[str] | None = None, services: Sequence[ServiceFactory] = (),
+    apps: Sequence[str] | None = None, services: Sequence[ServiceFactory] = (), default_apps: Sequence[str] = (),
 ) -> Report:
     """Replays a journal and reports every difference. `apps` (MODULE:ATTR)
     replace the apps the journal names; `services` are factories to host
     beside them (what the pytest plugin's `holdfast_services` gave the
-    recording). Callable from a thread that runs an event loop too (a
-    test's): the replay then runs on its own thread and loop, which this
-    call waits for."""
+    recording); `default_apps` are what a journal that names no apps
+    (format 1) was recorded hosting. Callable from a thread that runs an
+    event loop too (a test's): the replay then runs on its own thread and
+    loop, which this call waits for."""
+    replaying = functools.partial(replay_async, path, target, progress, apps, services, default_apps)
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(replay_async(path, target, progress, apps, services))
+        return asyncio.run(replaying())
     result: list = []
 
     def run() -> None:
         try:
-            result.append(asyncio.run(replay_async(path, target, progress, apps, services)))
+            result.append(asyncio.run(replaying()))
         except BaseException as error:  # handed to the caller's thread
             result.append(error)
 
@@ -208,37 +160,68 @@ def replay(
 
 async def replay_async(
     path: str | Path, target: str | None = None, progress: TextIO | None = None,
-    apps: Sequence[str] | None = None, services: Sequence[ServiceFactory] = (),
+    apps: Sequence[str] | None = None, services: Sequence[ServiceFactory] = (), default_apps: Sequence[str] = (),
 ) -> Report:
     """The replay itself; see the module docstring."""
     start, entries = read_journal(path)
     report = Report(str(path), target)
+    hosted = _apps_to_host(start, apps, default_apps)
     if target is not None:
+        entries = read_legacy(path, entries, legacy_kinds(_named_services(entries, hosted, services)))
         await _replay_entries(entries, report, target, None, progress)
         return report
     with tempfile.TemporaryDirectory(prefix="holdfast-replay-") as folder:
-        running, clock = await _fresh_instance(start, Path(folder), apps, services)
+        running, clock = await _fresh_instance(start, Path(folder), hosted, services)
         try:
+            entries = read_legacy(path, entries, legacy_kinds(type(s) for s in running.services.values()))
             await _replay_entries(entries, report, f"127.0.0.1:{running.port}", (running, clock), progress)
         finally:
             await running.stop(0)
     return report
 
 
-async def _fresh_instance(start: dict, folder: Path, apps: Sequence[str] | None, services: Sequence[ServiceFactory]):
-    """An embedded instance hosting what the recording hosted, with its
-    settings, a settable clock and its reaper stopped (the journal says when
-    time moved things)."""
-    from holdfast.server import DEFAULT_APPS, Config
+def _apps_to_host(start: dict, apps: Sequence[str] | None, default_apps: Sequence[str]) -> tuple[str, ...]:
+    """`--app`'s apps when given, else the start line's; a start line of
+    format 1 names none, and was recorded hosting `default_apps`."""
+    if apps is not None:
+        return tuple(apps)
+    return tuple(start["apps"]) if "apps" in start else tuple(default_apps)
+
+
+def _named_services(entries: list[Entry], apps: Sequence[str], services: Sequence[ServiceFactory]) -> list[type[Service]]:
+    """The Service classes the journal's apps name (and those of `services`
+    that are classes), for reading an older format's lines against a
+    running instance, where nothing is hosted here; loaded only when the
+    journal has such lines."""
+    if all(entry.record.get("kind") in REQUIRED for entry in entries):
+        return []
+    from holdfast.server import load_attribute
+
+    found = []
+    for candidate in [*apps, *services]:
+        try:
+            loaded = load_attribute(candidate) if isinstance(candidate, str) else candidate
+        except ValueError as error:
+            raise JournalError(f"cannot read the journal's lines of an older format: {error}") from None
+        if isinstance(loaded, type) and issubclass(loaded, Service):
+            found.append(loaded)
+    return found
+
+
+async def _fresh_instance(start: dict, folder: Path, apps: tuple[str, ...], services: Sequence[ServiceFactory]):
+    """An embedded instance hosting `apps` and `services` with the
+    recording's settings, a settable clock and its reaper stopped (the
+    journal says when time moved things)."""
+    from holdfast.server import Config
     from holdfast.server import start as start_server
 
+    if not apps and not services and "apps" not in start:
+        raise JournalError("the journal names no apps (format 1 named none): give them with --app MODULE:ATTR")
     settings = dict(start.get("settings", {}))
     if "hold_default_ms" in start:  # format 1 named the hold durations alone
         settings["hold_default_ms"] = start["hold_default_ms"]
-    recorded_apps = tuple(start.get("apps", DEFAULT_APPS))
     config = Config(
-        listen="127.0.0.1:0", store=f"sqlite:///{folder}/replay.db", snapshot="memory://",
-        apps=recorded_apps if apps is None else tuple(apps), settings=settings,
+        listen="127.0.0.1:0", store=f"sqlite:///{folder}/replay.db", snapshot="memory://", apps=apps, settings=settings,
     )
     clock = ReplayClock()
     try:
@@ -262,7 +245,7 @@ async def _replay_entries(entries: list[Entry], report: Report, target: str, loc
     bar = _Progress(progress, len(entries))
     async with grpc.aio.insecure_channel(target) as channel:
         for done, entry in enumerate(entries, 1):
-            if entry.record["kind"] in ("timeout", "expire"):
+            if entry.record["kind"] == "timeout":
                 await _replay_timeout(entry, report, local)
             else:
                 await _replay_call(channel, entry, report, local)
@@ -311,10 +294,7 @@ async def _replay_timeout(entry: Entry, report: Report, local) -> None:
         report.skipped_timeouts += 1
         return
     running, clock = local
-    if record["kind"] == "expire":  # format 1
-        service_name, entity_id, version = INVENTORY, record["reservation_id"], 0
-    else:
-        service_name, entity_id, version = record["service"], record["entity_id"], record["version"]
+    service_name, entity_id, version = record["service"], record["entity_id"], record["version"]
     recorded = {"reason": record.get("reason"), "payload": decode(record.get("payload")), "replayed": record.get("replayed")}
     report.timeouts += 1
     service = running.services.get(service_name)
@@ -368,10 +348,12 @@ class _Progress:
 # -- the command ------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, default_apps: Sequence[str] = ()) -> int:
     """`holdfast replay FILE [--target HOST:PORT] [--app MODULE:ATTR ...]`;
     exit 0 only when identical, 1 on a difference, 2 when nothing could be
-    compared (an unreadable or empty journal, an app that does not load)."""
+    compared (an unreadable or empty journal, an app that does not load).
+    `default_apps` are what a journal naming none was recorded hosting:
+    the CLI hands down holdfast's built-in apps, which this layer does not name."""
     parser = argparse.ArgumentParser(prog="holdfast replay", description="Replay a journal and compare every answer byte for byte.")
     parser.add_argument("journal", help="a JSON-lines journal written by `holdfast serve --journal`")
     parser.add_argument("--target", default=None, help="HOST:PORT of a running instance (default: a fresh embedded one)")
@@ -384,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
     importable_from_here()  # the journal's apps, as `holdfast serve --app` imports them
     try:
-        report = replay(args.journal, args.target, progress=sys.stdout, apps=args.apps)
+        report = replay(args.journal, args.target, progress=sys.stdout, apps=args.apps, default_apps=default_apps)
     except (JournalError, OSError) as error:
         print(f"holdfast replay: {error}", file=sys.stderr)
         return 2

@@ -21,8 +21,9 @@ In the order a server meets them at start-up and then per call:
    each handshake later.
 4. **Tokens.** A TOML file of `[[token]]` tables (`load_tokens`): a name, the
    sha256 of the token (the file holds no token, so it is no secret), and
-   roles. `admin` may call every method; `client` every method but
-   `PutStock` (`Policy`).
+   roles. `admin` may call every method; `client` every method but those
+   the hosted apps keep for `admin` (`Service.admin_methods`, such as
+   inventory's `PutStock`; the server hands them to `Policy`).
 5. **Per call.** `Authenticator` is the outermost server interceptor: a call
    without a known token is answered UNAUTHENTICATED, one whose token lacks
    the method's role PERMISSION_DENIED, before any other layer sees it (no
@@ -271,10 +272,6 @@ def _token(source: str, n: int, entry: object) -> Token:
 
 # -- 5. per call: which role a method needs, and the interceptor ---------------------------
 
-# Methods that need more than the `client` role. Every other method of a
-# hosted service (reads included, the dispatch service's, and a team's own
-# services') needs `client`; `admin` may call everything.
-ADMIN_METHODS = frozenset({"/holdfast.inventory.v1.InventoryService/PutStock"})
 # Open without a token: orchestrators probe health, tools list services.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
@@ -284,9 +281,13 @@ _BEARER = "bearer "
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """The role each method needs: `admin` for `admin_methods`, `client` for the rest."""
+    """The role each method needs: `admin` for `admin_methods` (gRPC paths,
+    which the server gathers from the hosted apps' `Service.admin_methods`),
+    `client` for every other method (reads included); `admin` may call
+    everything. This layer names no app's methods: by default none is
+    admin-only."""
 
-    admin_methods: Collection[str] = ADMIN_METHODS
+    admin_methods: Collection[str] = frozenset()
 
     def role(self, method: str) -> str:
         return ADMIN if method in self.admin_methods else CLIENT

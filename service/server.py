@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from holdfast.contracts import contract
-from holdfast import journal, redaction, security
+from holdfast import recorder, redaction, security
 from holdfast.clock import Clock, SystemClock
 from holdfast.engine import Engine
 from holdfast.faults import FaultInjector, FaultPlan
@@ -33,12 +33,9 @@ from holdfast.limits import Admission, Limits
 from holdfast.reaper import Reaper
 from holdfast.backends import open_snapshot, open_store
 from holdfast.store import version_pages
+from holdfast.table import Table
 
 log = logging.getLogger("holdfast")
-
-# holdfast's own services, hosted when no app is named: named, not imported,
-# as a team's are, so the server knows no app.
-DEFAULT_APPS = ("holdfast.apps.inventory:Inventory", "holdfast.apps.fulfillment:Dispatch")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,15 +47,17 @@ class Config:
     metrics_listen: str = ""  # HOST:PORT for Prometheus' /metrics; empty serves none
     reaper_interval_ms: int = 100
     faults: str = ""  # a fault injection file (service/faults.py); empty injects none
-    journal: str = ""  # a JSON-lines journal of every call (service/journal.py); empty records none
+    journal: str = ""  # a JSON-lines journal of every call (service/recorder.py); empty records none
     # Share the port with other servers of this user (SO_REUSEPORT): only the
     # workers of `holdfast serve --workers N`, after their supervisor has made
     # sure the port is free (service/workers.py). Alone, a taken port fails.
     so_reuseport: bool = False
     # The services to host, sharing the store and the snapshot: each
     # `MODULE:ATTR` naming a Service subclass (made with `from_settings`) or
-    # a factory `engine -> Service` (load_app). holdfast's own by default.
-    apps: tuple[str, ...] = DEFAULT_APPS
+    # a factory `engine -> Service` (load_app). None by default: the server
+    # knows no app, so whoever starts it names them (`holdfast serve` hosts
+    # holdfast's built-in ones, cli.BUILT_IN, when none is named).
+    apps: tuple[str, ...] = ()
     # What the apps read when they are made (Service.from_settings): names
     # and JSON values, recorded in the journal so a replay makes them alike.
     settings: Mapping[str, Any] = field(default_factory=dict)
@@ -143,7 +142,7 @@ class Running:
     services: dict[str, Service]  # by full proto name
     reaper_task: asyncio.Task[None]
     health: health.aio.HealthServicer
-    journal: journal.JournalWriter | None = None  # closed after the last call has answered
+    journal: recorder.JournalWriter | None = None  # closed after the last call has answered
     admission: Admission | None = None  # the bound on calls in flight: its `in_flight` and `refused` counts
 
     async def stop(self, grace_s: float = 5.0) -> None:
@@ -168,7 +167,7 @@ async def start(config: Config, clock: Clock | None = None, services: Sequence[S
     # Read first: a bad fault, TLS, token or password file must stop the start before any backend opens.
     faults = load_faults(config.faults) if config.faults else None
     tls, tokens, (store_url, snapshot_url) = _secured(config)
-    store = open_store(store_url, pool_size=config.store_pool)
+    store = open_store(store_url, pool_size=config.store_pool, tables=tables_of_apps(services))
     snapshot = open_snapshot(snapshot_url)
     await store.open()
     try:
@@ -189,6 +188,7 @@ async def _start(
     names = [service.name for service in hosted]
     if len(set(names)) != len(names):
         raise ValueError(f"a service is hosted twice: {', '.join(names)}")
+    admin = admin_methods(hosted)  # checked with tokens off too: a misspelt name is wrong either way
     contracts = {path: c for service in hosted for path, c in service.contracts.items()}
     if faults is not None:
         faults.require_known(contracts)
@@ -202,7 +202,7 @@ async def _start(
     # which counts the time every layer inside it spends.
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if tokens is not None:
-        interceptors.append(security.Authenticator(tokens, counted=contracts))
+        interceptors.append(security.Authenticator(tokens, security.Policy(admin), counted=contracts))
     admission = Admission(config.limits, contracts)
     interceptors.append(admission)
     # Faults come next: a delay spends the client's deadline before the
@@ -214,10 +214,10 @@ async def _start(
     # the gateway, whose exact answer it records; recovery above is not journaled.
     writer = None
     if config.journal:
-        writer, recorder = journal.install(
-            config.journal, engine, hosted, contracts, journal.start_line(config, names)
+        writer, journaling = recorder.install(
+            config.journal, engine, hosted, contracts, recorder.start_line(config, names)
         )
-        interceptors.append(recorder)
+        interceptors.append(journaling)
     # No SO_REUSEPORT unless asked: a second instance on a taken port must fail, not share it.
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -248,6 +248,20 @@ async def _start(
     )
 
 
+def admin_methods(hosted: Sequence[Service]) -> frozenset[str]:
+    """The gRPC paths only `admin` tokens may call: each hosted service's
+    `admin_methods`. A name its service does not have is refused (ValueError),
+    since a misspelt one would leave that RPC open to every `client`."""
+    paths = set()
+    for service in hosted:
+        known = {method.name for method in service.DESCRIPTOR.methods}
+        for name in service.admin_methods:
+            if name not in known:
+                raise ValueError(f"{type(service).__name__}.admin_methods names {name!r}, an RPC {service.name} does not have")
+            paths.add(f"/{service.name}/{name}")
+    return frozenset(paths)
+
+
 def check(config: Config) -> None:
     """Reads and checks every file `start` reads before it opens anything
     (apps, faults, TLS, tokens, passwords); raises OSError or ValueError, saying why."""
@@ -255,6 +269,16 @@ def check(config: Config) -> None:
     if config.faults:
         load_faults(config.faults, _known_methods(apps))
     _secured(config)
+
+
+def tables_of_apps(apps: Sequence[ServiceFactory]) -> tuple[Table[Any], ...]:
+    """The tables the apps declare (`Service.tables`; a factory that is no
+    Service class may carry a `tables` attribute), in the order hosted."""
+    found: list[Table[Any]] = []
+    for app in apps:
+        declared = app.service.tables if isinstance(app, _Made) else getattr(app, "tables", ())
+        found += [table for table in declared if table not in found]
+    return tuple(found)
 
 
 def _known_methods(apps: Sequence[ServiceFactory]) -> frozenset[str] | None:

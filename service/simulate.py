@@ -16,9 +16,11 @@ What is simulated is the app's workload (holdfast.workload): the services
 it hosts, the calls its client makes and the auditor of its books. Requests
 go through the real servicers with the gateway's own `Call` (key,
 fingerprint) set in its context variable, so keys, fingerprints, entity ids
-and reply bytes are the production ones. Built in: `inventory` (the
-default) and `dispatch`; a team's app is `--app MODULE:ATTR`, ATTR its
-workload class, imported from the current folder.
+and reply bytes are the production ones. `--app MODULE:ATTR` names the app,
+imported from the current folder: a Service subclass, whose `workload`
+names its workload, or the workload class itself. The built-in apps go by
+name (`inventory`, the default, and `dispatch`): the CLI hands their
+table down, since no layer below the apps names one.
 """
 
 from __future__ import annotations
@@ -30,30 +32,26 @@ import random
 import sys
 from collections import Counter
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from holdfast.auditor import Auditor, Request, Violation
 from holdfast.clock import ManualClock
 from holdfast.engine import Engine
+from holdfast.framework import Service
 from holdfast.memory import Changes, MemTxn, Rows, attempt
 from holdfast.outcome import Outcome
 from holdfast.reaper import Reaper
 from holdfast.server import importable_from_here, load_attribute  # the one loader of a team's `MODULE:ATTR`
 from holdfast.memory_snapshot import MemorySnapshot
-from holdfast.store import Entity, Prefetch, Reservation, Stock, StoreUnavailable, Txn
+from holdfast.store import ENTITIES, Entity, Prefetch, StoreUnavailable, Txn, tables_of
+from holdfast.table import Table
 from holdfast.workload import Workload, WorkloadFactory
 
 # MemTxn is the in-memory store's (holdfast.memory), named here as it always was.
-__all__ = ["BUILT_IN", "NO_FAULTS", "Faults", "MemTxn", "Result", "SimStore", "Simulation", "load_workload", "main", "run"]
+__all__ = ["NO_FAULTS", "Faults", "MemTxn", "Result", "SimStore", "Simulation", "load_workload", "main", "run"]
 
 T = TypeVar("T")
 SWEEP_EVERY = 500  # steps between full sweeps of every row (touched ones are checked every step)
-# The built-in apps' workloads, by the name `--app` takes; loaded only when named.
-BUILT_IN = {
-    "inventory": "holdfast.apps.inventory_workload:InventoryWorkload",
-    "dispatch": "holdfast.apps.fulfillment_workload:DispatchWorkload",
-}
-DEFAULT_APP = "inventory"
 
 
 # -- faults ---------------------------------------------------------------------------
@@ -108,6 +106,7 @@ class SimStore:
 
     def __init__(self, rows: Rows, rng: random.Random, faults: Faults, clock: ManualClock, changes: Changes) -> None:
         self.rows = rows
+        self.tables: tuple[Table[Any], ...] = tables_of(())  # the hosted apps' join them (Simulation._start)
         self._rng = rng
         self.faults = faults
         self._clock = clock
@@ -129,7 +128,7 @@ class SimStore:
             self._clock.advance(self._rng.randrange(1, 5_000))
         if self._rng.random() < self.faults.store:
             raise StoreUnavailable("injected: the store did not answer")
-        txn, result = attempt(self.rows, work)
+        txn, result = attempt(self.rows, work, self.tables)
         if self._rng.random() < self.faults.commit:
             if self._rng.random() < 0.5:
                 self._changes.update(txn.commit())
@@ -138,24 +137,13 @@ class SimStore:
         return result
 
     # -- the auditor's `Books`: committed rows, read without faults ----------------------
-
-    def stock(self, sku_id: str) -> Stock | None:
-        return self.rows.stock.get(sku_id)
-
-    def reservation(self, reservation_id: str) -> Reservation | None:
-        return self.rows.reservations.get(reservation_id)
+    # (An app's own tables are read from `rows` by its auditor.)
 
     def entity(self, entity_id: str) -> Entity | None:
-        return self.rows.entities.get(entity_id)
-
-    def all_stock(self) -> Iterable[Stock]:
-        return self.rows.stock.values()
-
-    def all_reservations(self) -> Iterable[Reservation]:
-        return self.rows.reservations.values()
+        return self.rows.of(ENTITIES).get(entity_id)
 
     def all_entities(self) -> Iterable[Entity]:
-        return self.rows.entities.values()
+        return self.rows.of(ENTITIES).values()
 
 
 # -- the simulation -------------------------------------------------------------------
@@ -177,9 +165,9 @@ class Result:
 class Simulation:
     """One seeded world: the store's rows, a process over them, a client, the
     app's workload and its auditor. `workload` is the workload class (or any
-    `Client -> Workload`); by default inventory's."""
+    `Client -> Workload`; `load_workload` finds an app's)."""
 
-    def __init__(self, seed: int, faults: Faults = Faults(), workload: WorkloadFactory | None = None) -> None:
+    def __init__(self, seed: int, faults: Faults = Faults(), *, workload: WorkloadFactory) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         self.faults = faults
@@ -192,7 +180,7 @@ class Simulation:
         self.answers: Counter[str] = Counter()
         self._trace = hashlib.sha256()
         self._background: list[tuple[Request, Outcome]] = []  # the reaper's answers, as they come
-        self.workload = (workload or load_workload(DEFAULT_APP))(self)
+        self.workload = workload(self)
         if not isinstance(self.workload, Workload):
             raise TypeError(f"{type(self.workload).__name__} is not a holdfast workload (holdfast.workload.Workload)")
         self._start()
@@ -215,7 +203,9 @@ class Simulation:
         """A fresh process over the persisted rows: new engine, empty snapshot, nothing in flight."""
         self.store = SimStore(self.rows, random.Random(self.rng.getrandbits(64)), self.faults, self.clock, self.changes)
         self.engine = Engine(self.store, MemorySnapshot(), self.clock)
-        self.reaper = Reaper(self.engine, self.workload.host(self.engine, self._observed))
+        hosted = self.workload.host(self.engine, self._observed)
+        self.store.tables = tables_of([table for service in hosted for table in type(service).tables])
+        self.reaper = Reaper(self.engine, hosted)
 
     async def restart(self, torn: bool = False) -> None:
         """The process crashed: start over from the store and recover what it left.
@@ -347,31 +337,45 @@ class Simulation:
 # -- entry points ----------------------------------------------------------------------
 
 
-def load_workload(app: str) -> WorkloadFactory:
-    """The workload `app` names: a built-in (`inventory`, `dispatch`) or
-    `MODULE:ATTR`, a workload class importable from the current folder (as
-    `holdfast serve --app` imports a team's service). ValueError says why not."""
-    if app in BUILT_IN:
-        spec = BUILT_IN[app]
-    elif ":" in app:
-        spec = app
-        importable_from_here()
-    else:
-        raise ValueError(f"--app {app}: expected {' or '.join(BUILT_IN)}, or MODULE:ATTR naming a workload class")
-    try:
-        found = load_attribute(spec)
-    except ValueError as error:
-        raise ValueError(f"--app {app}: {error}") from None
+def load_workload(app: str, built_in: Mapping[str, str] = {}) -> WorkloadFactory:
+    """The workload `app` names: an app of `built_in` by its name (the CLI
+    hands down holdfast's: `inventory`, `dispatch`), or `MODULE:ATTR`
+    importable from the current folder (as `holdfast serve --app` imports a
+    team's service) naming an app (a Service subclass, whose `workload`
+    names its workload class) or a workload class. ValueError says why not."""
+    found = _load(app, _spec(app, built_in))
+    if isinstance(found, type) and issubclass(found, Service):
+        if found.workload is None:
+            raise ValueError(f"--app {app}: {found.__name__} names no workload (its Service.workload is None)")
+        found = _load(app, found.workload)
     missing = [name for name in ("host", "request", "call", "tear") if not callable(getattr(found, name, None))]
     if not callable(found) or missing:
         raise ValueError(f"--app {app}: {getattr(found, '__name__', type(found).__name__)} is not a workload class"
                          f" (holdfast.workload.Workload{': it has no ' + ', '.join(missing) if missing else ''})")
-    return found
+    return found  # type: ignore[return-value]
 
 
-def run(seed: int, ops: int, faults: Faults = Faults(), workload: WorkloadFactory | None = None) -> Result:
+def _spec(app: str, built_in: Mapping[str, str]) -> str:
+    """The `MODULE:ATTR` that `app` stands for."""
+    if app in built_in:
+        return built_in[app]
+    if ":" not in app:
+        names = f"{' or '.join(built_in)}, or " if built_in else ""
+        raise ValueError(f"--app {app}: expected {names}MODULE:ATTR naming an app or a workload class")
+    importable_from_here()
+    return app
+
+
+def _load(app: str, spec: str) -> object:
+    try:
+        return load_attribute(spec)
+    except ValueError as error:
+        raise ValueError(f"--app {app}: {error}") from None
+
+
+def run(seed: int, ops: int, faults: Faults = Faults(), *, workload: WorkloadFactory) -> Result:
     """One seeded run; a broken invariant is reported with its step, never raised."""
-    simulation = Simulation(seed, faults, workload)
+    simulation = Simulation(seed, faults, workload=workload)
     try:
         asyncio.run(simulation.run(ops))
     except (Violation, AssertionError) as error:
@@ -380,41 +384,35 @@ def run(seed: int, ops: int, faults: Faults = Faults(), workload: WorkloadFactor
     return Result(seed, ops, simulation.trace(), recovered=simulation.recovered, answers=dict(simulation.answers))
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(built_in: Mapping[str, str], default_app: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="holdfast simulate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, required=True, help="the seed every random choice derives from")
     parser.add_argument("--ops", type=int, default=10_000, help="steps to run (default 10000)")
     parser.add_argument("--faults", default="default", help="default | none | name=probability,... (store, commit, delay, lost, duplicate, reorder, crash)")
+    by_name = ", ".join(built_in) + (f" (default {default_app})" if default_app else "") + ", or " if built_in else ""
     parser.add_argument(
-        "--app", default=DEFAULT_APP, metavar="APP",
-        help=f"the workload to run: {', '.join(BUILT_IN)} (default {DEFAULT_APP}), or MODULE:ATTR, a workload class"
-             " imported from the current folder (holdfast.workload)",
+        "--app", default=default_app, required=default_app is None, metavar="APP",
+        help=f"the app to run: {by_name}MODULE:ATTR, an app (a holdfast.Service naming its workload) or a workload"
+             " class (holdfast.workload), imported from the current folder",
     )
     return parser
 
 
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str], built_in: Mapping[str, str] = {}, default_app: str | None = None) -> int:
+    """`holdfast simulate --seed N [--ops N] [--faults SPEC] [--app APP]`.
+    `built_in` are the apps `--app` takes by name and `default_app` the one
+    run without `--app`: the CLI hands down holdfast's own."""
+    args = _parser(built_in, default_app).parse_args(argv)
     try:
         faults = Faults.parse(args.faults)
-        workload = load_workload(args.app)
+        workload = load_workload(args.app, built_in)
     except ValueError as error:
         print(f"holdfast simulate: {error}", file=sys.stderr)
         return 2
-    result = run(args.seed, args.ops, faults, workload)
+    result = run(args.seed, args.ops, faults, workload=workload)
     if result.failure is not None:
         print(f"FAILED seed={result.seed} step={result.failed_step} app={args.app}: {result.failure}")
         print(f"reproduce: holdfast simulate --seed {result.seed} --ops {args.ops} --faults {faults.describe()} --app {args.app}")
         return 1
     print(f"seed={result.seed} ops={result.steps} app={args.app} faults={faults.describe()} trace={result.trace}")
     return 0
-
-
-def __getattr__(name: str) -> Any:
-    """`SKUS`, inventory's, where tests/test_properties.py has always imported
-    it from; loaded on use, so that this module names no app."""
-    if name == "SKUS":
-        from holdfast.apps.inventory_workload import SKUS
-
-        return SKUS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,31 +6,21 @@ single writer, and group commit already amortises each fsync over the batch.
 
 Batches run buffered (holdfast.batch): a Reserve is five statements, and each
 statement releases the GIL and takes it back from the busy event loop, so
-one SELECT per table for the batch and one `executemany` per table to write
-it keep the worker thread off the loop's back. `BEGIN IMMEDIATE` takes the
+one SELECT for the batch and one multi-row statement per table to write it
+keep the worker thread off the loop's back. `BEGIN IMMEDIATE` takes the
 file's write lock, so every row read stays what the batch read.
 """
 
 from __future__ import annotations
 
+import functools
 import sqlite3
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from holdfast.batch import BufferedStore, Changes, Named, Rows
-from holdfast.store import (
-    ENTITY_COLUMNS,
-    RESERVATION_COLUMNS,
-    Record,
-    Row,
-    SqlTxn,
-    Stock,
-    entity_of_row,
-    reservation_of_row,
-    schema,
-)
-
-SCHEMA = schema(integer="INTEGER", blob="BLOB")
-
+from holdfast.store import Record, Row, SqlTxn, schema
+from holdfast.table import Table
 
 # SQLite's primary result codes that mean the database, not the move, failed.
 _UNAVAILABLE = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CANTOPEN", "SQLITE_CORRUPT",
@@ -52,37 +42,23 @@ INSERT_OUTCOMES = (
     "INSERT INTO outcome (key, fingerprint, reason, payload, recorded_at_ms) VALUES {values}"
     " ON CONFLICT (key) DO NOTHING"
 )
-INSERT_RESERVATIONS = f"INSERT INTO reservation ({RESERVATION_COLUMNS}) VALUES {{values}} ON CONFLICT (reservation_id) DO NOTHING"
-UPDATE_RESERVATIONS = (
-    f"WITH u ({RESERVATION_COLUMNS}, stored) AS (VALUES {{values}})"
-    " UPDATE reservation SET order_id = u.order_id, sku_id = u.sku_id, quantity = u.quantity, state = u.state,"
-    " version = u.version, expires_at_ms = u.expires_at_ms, retry_count = u.retry_count,"
-    " release_reason = u.release_reason"
-    " FROM u WHERE reservation.reservation_id = u.reservation_id AND reservation.version = u.stored"
-)
-INSERT_ENTITIES = f"INSERT INTO entity ({ENTITY_COLUMNS}) VALUES {{values}} ON CONFLICT (entity_id) DO NOTHING"
-# The kind is left as inserted: a machine never turns into another.
-UPDATE_ENTITIES = (
-    f"WITH u ({ENTITY_COLUMNS}, stored) AS (VALUES {{values}})"
-    " UPDATE entity SET state = u.state, version = u.version, data = u.data, lease_owner = u.lease_owner,"
-    " lease_until_ms = u.lease_until_ms, due_at_ms = u.due_at_ms"
-    " FROM u WHERE entity.entity_id = u.entity_id AND entity.version = u.stored"
-)
-UPSERT_STOCKS = (
-    "INSERT INTO stock (sku_id, total, available, held, sold, version) VALUES {values}"
-    " ON CONFLICT (sku_id) DO UPDATE SET total = excluded.total, available = excluded.available,"
-    " held = excluded.held, sold = excluded.sold, version = excluded.version"
-)
 
 
-WRITE = {
-    "outcomes": INSERT_OUTCOMES,
-    "inserted": INSERT_RESERVATIONS,
-    "updated": UPDATE_RESERVATIONS,
-    "inserted_entities": INSERT_ENTITIES,
-    "updated_entities": UPDATE_ENTITIES,
-    "stocks": UPSERT_STOCKS,
-}
+@functools.cache
+def _statement(kind: str, table: Table[Any] | None) -> str:
+    """A table's multi-row insert, compare-and-set update or upsert."""
+    if table is None:
+        return INSERT_OUTCOMES
+    names, key = ", ".join(table.names), table.key_column
+    if kind == "insert":
+        return f"INSERT INTO {table.name} ({names}) VALUES {{values}} ON CONFLICT ({key}) DO NOTHING"
+    if kind == "update":
+        sets = ", ".join(f"{name} = u.{name}" for name in table.updated)
+        return (f"WITH u ({names}, stored) AS (VALUES {{values}}) UPDATE {table.name} SET {sets}"
+                f" FROM u WHERE {table.name}.{key} = u.{key} AND {table.name}.version = u.stored")
+    assert kind == "upsert", kind
+    sets = ", ".join(f"{name} = excluded.{name}" for name in table.updated)
+    return f"INSERT INTO {table.name} ({names}) VALUES {{values}} ON CONFLICT ({key}) DO UPDATE SET {sets}"
 
 
 def _many(sql: str, rows: list[Row]) -> tuple[str, Row]:
@@ -106,17 +82,20 @@ class SqliteStore(BufferedStore):
     BEGIN: ClassVar[str] = "BEGIN IMMEDIATE"
     DATABASE_ERROR = sqlite3.Error
 
-    def __init__(self, path: str, batch_max: int = 256) -> None:
-        super().__init__(workers=1, batch_max=batch_max)
+    def __init__(self, path: str, batch_max: int = 256, tables: Sequence[Table[Any]] = ()) -> None:
+        super().__init__(workers=1, batch_max=batch_max, tables=tables)
         self.path = path
+        # Every table's rows come back from one UNION ALL, each padded to
+        # the widest: column 0 says which table (or outcome) a row is of.
+        self._width = max([4, *(len(table.columns) for table in self.tables)])
 
     @classmethod
-    def from_url(cls, url: str) -> SqliteStore:
+    def from_url(cls, url: str, tables: Sequence[Table[Any]] = ()) -> SqliteStore:
         path = url.removeprefix("sqlite://")
         path = path[1:] if path.startswith("/") else path
         if not path:
             raise ValueError(f"store URL {url!r} names no file")
-        return cls(path)
+        return cls(path, tables=tables)
 
     def describe(self) -> str:
         return f"sqlite:///{self.path}"  # the URL that opens this file again
@@ -129,7 +108,7 @@ class SqliteStore(BufferedStore):
         return db
 
     def _create_schema(self, connection: sqlite3.Connection) -> None:
-        connection.executescript(SCHEMA)
+        connection.executescript(schema(self.tables, integer="INTEGER", blob="BLOB"))
         connection.execute("BEGIN IMMEDIATE")
         self._stamp_schema(connection)
         connection.execute("COMMIT")
@@ -138,46 +117,68 @@ class SqliteStore(BufferedStore):
 
     def _load(self, connection: sqlite3.Connection, named: Named) -> Rows:
         """BEGIN, then every named row in one statement (one step per row
-        found): the outcomes, the reservations, the entities, and the stock
-        of the SKUs named and of the reservations' SKUs, told apart by a
-        first column."""
+        found): the outcomes, each table's rows named, and those a table is
+        `locked_with` (the stock of the reservations named), told apart by
+        a first column."""
         connection.execute(self.BEGIN)
         rows = Rows()
         if not named:
             return rows
         keys, key_params = _in(named.keys)
-        rids, rid_params = _in(named.reservations)
-        eids, eid_params = _in(named.entities)
-        skus, sku_params = _in(named.skus)
-        sql = (
-            f"SELECT 'o', key, fingerprint, reason, payload, NULL, NULL, NULL, NULL, NULL FROM outcome WHERE key IN {keys}"
-            f" UNION ALL SELECT 'r', {RESERVATION_COLUMNS} FROM reservation WHERE reservation_id IN {rids}"
-            f" UNION ALL SELECT 'e', {ENTITY_COLUMNS}, NULL FROM entity WHERE entity_id IN {eids}"
-            " UNION ALL SELECT 's', sku_id, total, available, held, sold, version, NULL, NULL, NULL FROM stock"
-            f" WHERE sku_id IN {skus} OR sku_id IN (SELECT sku_id FROM reservation WHERE reservation_id IN {rids})"
-        )
-        found: dict[str, dict[Any, list[Any]]] = {"o": {}, "r": {}, "e": {}, "s": {}}
-        params = (*key_params, *rid_params, *eid_params, *sku_params, *rid_params)
-        for kind, *row in connection.execute(sql, params):
-            found[kind][row[0]] = row
+        pad = ", NULL" * (self._width - 4)
+        selects = [f"SELECT -1, key, fingerprint, reason, payload{pad} FROM outcome WHERE key IN {keys}"]
+        params: list[Any] = [*key_params]
+        wanted: list[tuple[Table[Any], Row]] = []
+        for n, table in enumerate(self.tables):
+            where, table_params = self._where(table, named)
+            if where is None:
+                continue
+            pad = ", NULL" * (self._width - len(table.columns))
+            selects.append(f"SELECT {n}, {', '.join(table.names)}{pad} FROM {table.name} WHERE {where}")
+            params += table_params
+            wanted.append((table, tuple(named.rows.get(table.name, ()))))
+        found: dict[int, dict[Any, Sequence[Any]]] = {}
+        for n, *row in connection.execute(" UNION ALL ".join(selects), params):
+            found.setdefault(n, {})[row[0]] = row
+        outcomes = found.get(-1, {})
         for key in key_params:
-            row = found["o"].get(key)
+            row = outcomes.get(key)
             rows.loaded_outcome(key, None if row is None else Record(row[1], row[2], row[3]))
-        for rid in rid_params:
-            row = found["r"].get(rid)
-            rows.loaded_reservation(rid, None if row is None else reservation_of_row(tuple(row)))
-        for eid in eid_params:
-            row = found["e"].get(eid)
-            rows.loaded_entity(eid, None if row is None else entity_of_row(row))
-        for sku in {*sku_params, *found["s"]}:
-            row = found["s"].get(sku)
-            rows.loaded_stock(sku, None if row is None else Stock(*row[:6]))
+        for table, names in wanted:
+            of_table = found.get(self.tables.index(table), {})
+            for key in {*names, *of_table}:
+                row = of_table.get(key)
+                rows.loaded(table, key, None if row is None else table.row(row[: len(table.columns)]))
         return rows
+
+    def _where(self, table: Table[Any], named: Named) -> tuple[str | None, Row]:
+        """The condition that picks `table`'s rows of the batch: those named,
+        and those its `locked_with` tables' named rows point at."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        names = named.rows.get(table.name)
+        if names:
+            marks, values = _in(names)
+            clauses.append(f"{table.key_column} IN {marks}")
+            params += values
+        for other, column in table.locked_with:
+            others = named.rows.get(other)
+            if others:
+                marks, values = _in(others)
+                other_key = self.table(other).key_column
+                clauses.append(f"{table.key_column} IN (SELECT {column} FROM {other} WHERE {other_key} IN {marks})")
+                params += values
+        return (" OR ".join(clauses) if clauses else None), tuple(params)
 
     def _write(self, connection: sqlite3.Connection, changes: Changes) -> bool:
         """One multi-row statement per table; False when one affected fewer
-        rows than it holds (another process wrote the row after our read)."""
-        return all(_wrote(connection, *_many(WRITE[kind], rows)) == len(rows) for kind, rows in changes.row_sets())
+        rows than it holds (another process wrote the row after our read).
+        An upsert may write fewer rows than it holds only if one held a row
+        twice, which `Rows` never does."""
+        return all(
+            _wrote(connection, *_many(_statement(kind, table), rows)) == len(rows)
+            for kind, table, rows in changes.row_sets()
+        )
 
     def _is_unavailable(self, error: BaseException) -> bool:
         """The file cannot be used (busy past the timeout, I/O, full, read-only,
@@ -187,4 +188,3 @@ class SqliteStore(BufferedStore):
             return False
         name = getattr(error, "sqlite_errorname", "")
         return name.startswith(_UNAVAILABLE) or not isinstance(error, (sqlite3.IntegrityError, sqlite3.OperationalError))
-

@@ -2,8 +2,9 @@
 group-commit machinery every SQL backend shares.
 
 A move runs as one function over a `Txn` inside one store transaction: the
-idempotency record, the version compare-and-set, the stock effect and the
-outcome commit together or not at all. Concurrent moves share a transaction
+idempotency record, the version compare-and-set, the move's other effects
+and the outcome commit together or not at all. The tables are the
+framework's (holdfast.table declares them) and those of the hosted apps. Concurrent moves share a transaction
 (group commit): worker threads, each with its own connection, drain one
 queue and commit each batch once. A batch runs the fast way first (both
 stores run it buffered: holdfast.batch); if a move fails, or memory cannot
@@ -21,12 +22,13 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
-from collections.abc import AsyncIterator, Callable, Sequence
+import functools
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
-from holdfast.machine import INTENTS, State
 from holdfast.redaction import scrub
+from holdfast.table import Column, Query, R, Table
 
 T = TypeVar("T")
 # A row as a DB-API driver hands it over, or as a statement takes it.
@@ -66,43 +68,13 @@ class Isolate(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Prefetch:
-    """Rows a transaction will read. A backend that runs batches buffered
-    (holdfast.batch) loads every job's rows with one statement per table
-    instead of one per read; others ignore it. A row not named is still read,
-    just on its own."""
+    """Rows a transaction will read: idempotency keys, and keys of rows by
+    table name. A backend that runs batches buffered (holdfast.batch) loads
+    every job's rows with one statement per table instead of one per read;
+    others ignore it. A row not named is still read, just on its own."""
 
     keys: tuple[bytes, ...] = ()
-    reservations: tuple[str, ...] = ()
-    skus: tuple[str, ...] = ()
-    entities: tuple[str, ...] = ()
-
-
-@dataclass(slots=True)
-class Stock:
-    sku_id: str
-    total: int
-    available: int
-    held: int
-    sold: int
-    version: int
-
-    def check(self) -> None:
-        assert self.available + self.held + self.sold == self.total, f"stock of {self.sku_id} does not add up: {self}"
-        assert min(self.available, self.held, self.sold) >= 0, f"negative stock for {self.sku_id}: {self}"
-
-
-@dataclass(slots=True)
-class Reservation:
-    reservation_id: str
-    order_id: str
-    sku_id: str
-    quantity: int
-    state: State
-    version: int
-    expires_at_ms: int
-    retry_count: int = 0
-    # Why it was released: the client's reason, or "hold expired" for the reaper.
-    release_reason: str = ""
+    rows: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -124,6 +96,51 @@ class Entity:
     due_at_ms: int = 0  # when its timeout event fires; 0 = none
 
 
+def _entity_of(values: Sequence[Any]) -> Entity:
+    """Drivers may hand `data` back as a buffer, not bytes."""
+    return Entity(values[0], values[1], values[2], values[3], bytes(values[4]), values[5], values[6], values[7])
+
+
+def _entity_refused(entity: Entity) -> str | None:
+    return None if entity.version > 0 else f"entity {entity.entity_id!r}: version must be positive (CHECK version > 0)"
+
+
+# The entities due for their timeout event, oldest first (due_at_ms 0: none).
+DUE_ENTITIES: Query[Entity] = Query(
+    where="kind = %s AND due_at_ms > 0 AND due_at_ms <= %s",
+    order_by="due_at_ms, entity_id",
+    matches=lambda e, params: e.kind == params[0] and 0 < e.due_at_ms <= params[1],
+    order=lambda e: (e.due_at_ms, e.entity_id),
+    candidate=lambda e: e.due_at_ms > 0,
+)
+
+# The framework's own table: every service built on holdfast.framework keeps
+# its entities here, told apart by `kind`.
+ENTITIES: Table[Entity] = Table(
+    "entity",
+    (
+        Column("entity_id", "text"),
+        Column("kind", "text", fixed=True),
+        Column("state", "integer"),
+        Column("version", "integer", "NOT NULL CHECK (version > 0)"),
+        Column("data", "blob"),
+        Column("lease_owner", "text", "NOT NULL DEFAULT ''"),
+        Column("lease_until_ms", "integer", "NOT NULL DEFAULT 0"),
+        Column("due_at_ms", "integer", "NOT NULL DEFAULT 0"),
+    ),
+    Entity,
+    snapshot=True,
+    noun="entity",
+    indexes=(("entity_due", "kind, due_at_ms"),),
+    in_place=True,
+    refused=_entity_refused,
+    of_values=_entity_of,
+    queries=(DUE_ENTITIES,),
+)
+ENTITY_COLUMNS = ", ".join(ENTITIES.names)
+entity_of_row = ENTITIES.row
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     """A recorded outcome: `reason` None is success; `payload` the exact bytes."""
@@ -135,24 +152,52 @@ class Record:
 
 class Txn(Protocol):
     """What a move may do inside its transaction. Every method is synchronous:
-    it runs on a store thread, never on the event loop."""
+    it runs on a store thread, never on the event loop.
+
+    Rows are read and written by their `Table`: `save` is compare-and-set
+    on a versioned row's version (a new row expects version 0; a lost race
+    raises `Contended`, so the move reruns on the winner's state), `put`
+    writes an unversioned row under the lock its read took. `written` holds
+    the versions of the snapshot's tables this move wrote."""
 
     written: dict[str, int]
 
     def recorded(self, key: bytes) -> Record | None: ...
     def record(self, key: bytes, record: Record, now_ms: int) -> None: ...
-    def stock(self, sku_id: str) -> Stock | None: ...
-    def put_stock(self, stock: Stock) -> None: ...
-    def take_stock(self, sku_id: str, quantity: int) -> bool: ...
-    def settle_stock(self, sku_id: str, quantity: int, sold: bool) -> None: ...
-    def reservation(self, reservation_id: str) -> Reservation | None: ...
-    def save_reservation(self, reservation: Reservation, expected_version: int) -> None: ...
-    def due_holds(self, now_ms: int, limit: int) -> list[Reservation]: ...
-    def intents(self, limit: int) -> list[Reservation]: ...
+    def row(self, table: Table[R], key: str) -> R | None: ...
+    def save(self, table: Table[R], row: R, expected_version: int) -> None: ...
+    def put(self, table: Table[R], row: R) -> None: ...
+    def select(self, table: Table[R], query: Query[R], params: tuple[Any, ...], limit: int) -> list[R]: ...
     def versions(self, after: str, limit: int) -> list[tuple[str, int]]: ...
     def entity(self, entity_id: str) -> Entity | None: ...
     def save_entity(self, entity: Entity, expected_version: int) -> None: ...
     def due_entities(self, kind: str, now_ms: int, limit: int) -> list[Entity]: ...
+
+
+class EntityRows:
+    """The framework's entity rows as `Txn` methods of their own, over the
+    generic ones: what holdfast.framework's moves call."""
+
+    def row(self, table: Table[R], key: str) -> R | None:
+        raise NotImplementedError
+
+    def save(self, table: Table[R], row: R, expected_version: int) -> None:
+        raise NotImplementedError
+
+    def select(self, table: Table[R], query: Query[R], params: tuple[Any, ...], limit: int) -> list[R]:
+        raise NotImplementedError
+
+    def entity(self, entity_id: str) -> Entity | None:
+        return self.row(ENTITIES, entity_id)
+
+    def save_entity(self, entity: Entity, expected_version: int) -> None:
+        """The kind is the one the entity was created with, forever."""
+        self.save(ENTITIES, entity, expected_version)
+
+    def due_entities(self, kind: str, now_ms: int, limit: int) -> list[Entity]:
+        """The entities of `kind` whose timeout is due, oldest first: what a
+        reaper fires timeout events for (due_at_ms 0 means no timeout)."""
+        return self.select(ENTITIES, DUE_ENTITIES, (kind, now_ms), limit)
 
 
 class Store(Protocol):
@@ -164,28 +209,10 @@ class Store(Protocol):
     def describe(self) -> str: ...
 
 
+# The framework's tables, first in every store: an app's tables follow.
+CORE_TABLES: tuple[Table[Any], ...] = (ENTITIES,)
+
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS stock (
-    sku_id TEXT PRIMARY KEY,
-    total {integer} NOT NULL CHECK (total >= 0),
-    available {integer} NOT NULL CHECK (available >= 0),
-    held {integer} NOT NULL CHECK (held >= 0),
-    sold {integer} NOT NULL CHECK (sold >= 0),
-    version {integer} NOT NULL,
-    CHECK (available + held + sold = total)
-);
-CREATE TABLE IF NOT EXISTS reservation (
-    reservation_id TEXT PRIMARY KEY,
-    order_id TEXT NOT NULL,
-    sku_id TEXT NOT NULL,
-    quantity {integer} NOT NULL CHECK (quantity > 0),
-    state INTEGER NOT NULL,
-    version {integer} NOT NULL,
-    expires_at_ms {integer} NOT NULL,
-    retry_count INTEGER NOT NULL DEFAULT 0,
-    release_reason TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS reservation_due ON reservation (state, expires_at_ms);
 CREATE TABLE IF NOT EXISTS outcome (
     key {blob} PRIMARY KEY,
     fingerprint {blob} NOT NULL,
@@ -193,54 +220,28 @@ CREATE TABLE IF NOT EXISTS outcome (
     payload {blob} NOT NULL,
     recorded_at_ms {integer} NOT NULL
 );
-CREATE TABLE IF NOT EXISTS entity (
-    entity_id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    state INTEGER NOT NULL,
-    version {integer} NOT NULL CHECK (version > 0),
-    data {blob} NOT NULL,
-    lease_owner TEXT NOT NULL DEFAULT '',
-    lease_until_ms {integer} NOT NULL DEFAULT 0,
-    due_at_ms {integer} NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS entity_due ON entity (kind, due_at_ms);
 CREATE TABLE IF NOT EXISTS holdfast_schema (version INTEGER NOT NULL);
 """
 
 
-def schema(integer: str, blob: str) -> str:
-    """The tables (the invariant is a CHECK, so even a bug cannot store stock
-    that does not add up), in a backend's names for 64-bit integers and bytes."""
-    return _SCHEMA.format(integer=integer, blob=blob)
+def tables_of(tables: Sequence[Table[Any]]) -> tuple[Table[Any], ...]:
+    """The framework's tables and then `tables`, each once; two tables of one
+    name must be one declaration (two apps sharing a table share its rows)."""
+    found: dict[str, Table[Any]] = {}
+    for table in (*CORE_TABLES, *tables):
+        other = found.setdefault(table.name, table)
+        if other is not table and other != table:
+            raise ValueError(f"two different tables are declared as {table.name!r}")
+    return tuple(found.values())
 
 
-RESERVATION_COLUMNS = "reservation_id, order_id, sku_id, quantity, state, version, expires_at_ms, retry_count, release_reason"
+def schema(tables: Sequence[Table[Any]], integer: str, blob: str) -> str:
+    """Every table (an app's CHECKs hold even against a bug), in a backend's
+    names for 64-bit integers and bytes."""
+    return "\n".join([_SCHEMA.format(integer=integer, blob=blob), *(t.ddl(integer, blob) for t in tables)])
 
 
-def row_of_reservation(r: Reservation) -> Row:
-    """A reservation as RESERVATION_COLUMNS lists them."""
-    return (r.reservation_id, r.order_id, r.sku_id, r.quantity, int(r.state), r.version, r.expires_at_ms,
-            r.retry_count, r.release_reason)
-
-
-def reservation_of_row(row: Row) -> Reservation:
-    return Reservation(row[0], row[1], row[2], row[3], State(row[4]), *row[5:])
-
-
-ENTITY_COLUMNS = "entity_id, kind, state, version, data, lease_owner, lease_until_ms, due_at_ms"
-
-
-def row_of_entity(e: Entity) -> Row:
-    """An entity as ENTITY_COLUMNS lists them."""
-    return (e.entity_id, e.kind, e.state, e.version, e.data, e.lease_owner, e.lease_until_ms, e.due_at_ms)
-
-
-def entity_of_row(row: Sequence[Any]) -> Entity:
-    """The inverse of `row_of_entity`; drivers may hand `data` back as a buffer, not bytes."""
-    return Entity(row[0], row[1], row[2], row[3], bytes(row[4]), row[5], row[6], row[7])
-
-
-class SqlTxn:
+class SqlTxn(EntityRows):
     """`Txn` over a DB-API cursor, inside the batch's transaction.
 
     The SQL is written once with `%s` placeholders; a backend's subclass sets
@@ -251,20 +252,20 @@ class SqlTxn:
     LOCK: ClassVar[str] = ""  # " FOR UPDATE" where concurrent writers exist
     _translated: ClassVar[dict[str, str]]
 
-    __slots__ = ("_cursor", "written", "_reservations", "_entities")
+    __slots__ = ("_cursor", "_tables", "written", "_read")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._translated = {}
 
-    def __init__(self, cursor: Any) -> None:
+    def __init__(self, cursor: Any, tables: Sequence[Table[Any]] = CORE_TABLES) -> None:
         self._cursor = cursor
+        self._tables = tables
         self.written: dict[str, int] = {}
         # Rows this move has read or written: the engine's version check and
-        # the move itself read the same reservation, and one read (one round
-        # trip, one row lock) serves both. A Txn lives for one move attempt.
-        self._reservations: dict[str, Reservation | None] = {}
-        self._entities: dict[str, Entity | None] = {}
+        # the move itself read the same row, and one read (one round trip,
+        # one row lock) serves both. A Txn lives for one move attempt.
+        self._read: dict[tuple[str, str], Any] = {}
 
     def _execute(self, sql: str, params: Row = ()) -> Any:
         text = self._translated.get(sql)
@@ -285,147 +286,77 @@ class SqlTxn:
         if cursor.rowcount != 1:
             raise Contended("the idempotency key was recorded by a concurrent move")
 
-    def stock(self, sku_id: str) -> Stock | None:
-        row = self._execute(
-            "SELECT sku_id, total, available, held, sold, version FROM stock WHERE sku_id = %s" + self.LOCK, (sku_id,)
-        ).fetchone()
-        return None if row is None else Stock(*row)
+    def row(self, table: Table[R], key: str) -> R | None:
+        cached = self._read.get((table.name, key), _UNREAD)
+        if cached is not _UNREAD:
+            return cached  # type: ignore[no-any-return]
+        found = self._execute(_select(table) + self.LOCK, (key,)).fetchone()
+        row = None if found is None else table.row(found)
+        self._read[(table.name, key)] = row
+        return row
 
-    def put_stock(self, stock: Stock) -> None:
-        stock.check()
-        self._execute(
-            "INSERT INTO stock (sku_id, total, available, held, sold, version) VALUES (%s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT (sku_id) DO UPDATE SET total = excluded.total, available = excluded.available,"
-            " held = excluded.held, sold = excluded.sold, version = excluded.version",
-            (stock.sku_id, stock.total, stock.available, stock.held, stock.sold, stock.version),
-        )
-
-    def take_stock(self, sku_id: str, quantity: int) -> bool:
-        """Conditional hold: racing reserves of one SKU never conflict, the
-        ones that find too little stock simply do not take it."""
-        assert quantity > 0
-        cursor = self._execute(
-            "UPDATE stock SET available = available - %s, held = held + %s, version = version + 1"
-            " WHERE sku_id = %s AND available >= %s",
-            (quantity, quantity, sku_id, quantity),
-        )
-        taken: bool = cursor.rowcount == 1
-        return taken
-
-    def settle_stock(self, sku_id: str, quantity: int, sold: bool) -> None:
-        column = "sold" if sold else "available"
-        cursor = self._execute(
-            f"UPDATE stock SET held = held - %s, {column} = {column} + %s, version = version + 1"
-            " WHERE sku_id = %s AND held >= %s",
-            (quantity, quantity, sku_id, quantity),
-        )
-        assert cursor.rowcount == 1, f"settling {quantity} of {sku_id} that is not held"
-
-    def reservation(self, reservation_id: str) -> Reservation | None:
-        if reservation_id in self._reservations:
-            return self._reservations[reservation_id]
-        row = self._execute(
-            f"SELECT {RESERVATION_COLUMNS} FROM reservation WHERE reservation_id = %s" + self.LOCK, (reservation_id,)
-        ).fetchone()
-        found = None if row is None else reservation_of_row(row)
-        self._reservations[reservation_id] = found
-        return found
-
-    def save_reservation(self, r: Reservation, expected_version: int) -> None:
-        """Compare-and-set on the version; a new reservation expects version 0.
-        A lost race raises `Contended`, so the move reruns on the winner's state."""
-        assert r.version == expected_version + 1, "a move advances the version by exactly one"
-        values = (r.order_id, r.sku_id, r.quantity, int(r.state), r.version, r.expires_at_ms, r.retry_count, r.release_reason, r.reservation_id)
+    def save(self, table: Table[R], row: R, expected_version: int) -> None:
+        version = table.advanced(row, expected_version)
+        key = table.key(row)
+        cached = self._read.get((table.name, key))
+        assert (refixed := table.refixed(cached, row)) is None, refixed
+        values = table.values(row)
         if expected_version == 0:
-            cursor = self._execute(
-                "INSERT INTO reservation (order_id, sku_id, quantity, state, version, expires_at_ms,"
-                " retry_count, release_reason, reservation_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (reservation_id) DO NOTHING",
-                values,
-            )
+            cursor = self._execute(_insert(table), values)
         else:
-            cursor = self._execute(
-                "UPDATE reservation SET order_id = %s, sku_id = %s, quantity = %s, state = %s, version = %s,"
-                " expires_at_ms = %s, retry_count = %s, release_reason = %s WHERE reservation_id = %s AND version = %s",
-                (*values, expected_version),
-            )
+            updated = tuple(value for column, value in zip(table.columns, values) if column.name in table.updated)
+            cursor = self._execute(_update(table), (*updated, key, expected_version))
         if cursor.rowcount != 1:
-            raise Contended(f"reservation {r.reservation_id} moved past version {expected_version}")
-        self.written[r.reservation_id] = r.version
-        self._reservations[r.reservation_id] = r
+            raise Contended(table.moved_past(key, expected_version))
+        if table.snapshot:
+            self.written[key] = version
+        self._read[(table.name, key)] = row
 
-    def due_holds(self, now_ms: int, limit: int) -> list[Reservation]:
-        rows = self._execute(
-            f"SELECT {RESERVATION_COLUMNS} FROM reservation WHERE state = %s AND expires_at_ms <= %s"
-            " ORDER BY expires_at_ms, reservation_id LIMIT %s",
-            (int(State.RESERVED), now_ms, limit),
-        ).fetchall()
-        return [reservation_of_row(row) for row in rows]
+    def put(self, table: Table[R], row: R) -> None:
+        assert not table.versioned, f"table {table.name} is versioned: save its rows"
+        self._execute(_upsert(table), table.values(row))
+        self._read[(table.name, table.key(row))] = row
 
-    def intents(self, limit: int) -> list[Reservation]:
-        states = tuple(sorted(int(s) for s in INTENTS))
-        rows = self._execute(
-            f"SELECT {RESERVATION_COLUMNS} FROM reservation WHERE state IN (%s, %s, %s) ORDER BY reservation_id LIMIT %s",
-            (*states, limit),
-        ).fetchall()
-        return [reservation_of_row(row) for row in rows]
+    def select(self, table: Table[R], query: Query[R], params: tuple[Any, ...], limit: int) -> list[R]:
+        sql = f"SELECT {', '.join(table.names)} FROM {table.name} WHERE {query.where} ORDER BY {query.order_by} LIMIT %s"
+        return [table.row(found) for found in self._execute(sql, (*params, limit)).fetchall()]
 
     def versions(self, after: str, limit: int) -> list[tuple[str, int]]:
-        """Reservations' and entities' versions in one id order (their ids
-        never collide: reservation ids start with "rsv_"), as the snapshot
-        holds both."""
-        rows = self._execute(
-            "SELECT reservation_id, version FROM reservation WHERE reservation_id > %s"
-            " UNION ALL SELECT entity_id, version FROM entity WHERE entity_id > %s ORDER BY 1 LIMIT %s",
-            (after, after, limit),
-        ).fetchall()
+        """The snapshot tables' versions in one key order (their keys never
+        collide: each app prefixes its ids), as the snapshot holds them all."""
+        tables = [table for table in self._tables if table.snapshot]
+        union = " UNION ALL ".join(f"SELECT {t.key_column}, version FROM {t.name} WHERE {t.key_column} > %s" for t in tables)
+        rows = self._execute(f"{union} ORDER BY 1 LIMIT %s", (*[after] * len(tables), limit)).fetchall()
         return [(row_id, version) for row_id, version in rows]
 
-    # -- entities of services built on the framework --
 
-    def entity(self, entity_id: str) -> Entity | None:
-        """One entity, locked like a reservation; one read serves the
-        engine's version check and the move alike."""
-        if entity_id in self._entities:
-            return self._entities[entity_id]
-        row = self._execute(f"SELECT {ENTITY_COLUMNS} FROM entity WHERE entity_id = %s" + self.LOCK, (entity_id,)).fetchone()
-        found = None if row is None else entity_of_row(row)
-        self._entities[entity_id] = found
-        return found
+_UNREAD = object()
 
-    def save_entity(self, entity: Entity, expected_version: int) -> None:
-        """Compare-and-set on the version, as `save_reservation`: a new
-        entity expects version 0, a lost race raises `Contended`. The kind is
-        written once, on insert: a machine never turns into another."""
-        assert entity.version == expected_version + 1, "a move advances the version by exactly one"
-        cached = self._entities.get(entity.entity_id)
-        assert cached is None or cached.kind == entity.kind, f"entity {entity.entity_id} would change its kind"
-        if expected_version == 0:
-            cursor = self._execute(
-                f"INSERT INTO entity ({ENTITY_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (entity_id) DO NOTHING",
-                row_of_entity(entity),
-            )
-        else:
-            cursor = self._execute(
-                "UPDATE entity SET state = %s, version = %s, data = %s, lease_owner = %s, lease_until_ms = %s,"
-                " due_at_ms = %s WHERE entity_id = %s AND version = %s",
-                (*row_of_entity(entity)[2:], entity.entity_id, expected_version),
-            )
-        if cursor.rowcount != 1:
-            raise Contended(f"entity {entity.entity_id} moved past version {expected_version}")
-        self.written[entity.entity_id] = entity.version
-        self._entities[entity.entity_id] = entity
 
-    def due_entities(self, kind: str, now_ms: int, limit: int) -> list[Entity]:
-        """The entities of `kind` whose timeout is due, oldest first: what a
-        reaper fires timeout events for (due_at_ms 0 means no timeout)."""
-        rows = self._execute(
-            f"SELECT {ENTITY_COLUMNS} FROM entity WHERE kind = %s AND due_at_ms > 0 AND due_at_ms <= %s"
-            " ORDER BY due_at_ms, entity_id LIMIT %s",
-            (kind, now_ms, limit),
-        ).fetchall()
-        return [entity_of_row(row) for row in rows]
+# A table's statements, with `%s` placeholders, built once per table.
+@functools.cache
+def _select(table: Table[Any]) -> str:
+    return f"SELECT {', '.join(table.names)} FROM {table.name} WHERE {table.key_column} = %s"
+
+
+@functools.cache
+def _insert(table: Table[Any]) -> str:
+    marks = ", ".join(["%s"] * len(table.columns))
+    return f"INSERT INTO {table.name} ({', '.join(table.names)}) VALUES ({marks}) ON CONFLICT ({table.key_column}) DO NOTHING"
+
+
+@functools.cache
+def _update(table: Table[Any]) -> str:
+    sets = ", ".join(f"{name} = %s" for name in table.updated)
+    return f"UPDATE {table.name} SET {sets} WHERE {table.key_column} = %s AND version = %s"
+
+
+@functools.cache
+def _upsert(table: Table[Any]) -> str:
+    marks = ", ".join(["%s"] * len(table.columns))
+    sets = ", ".join(f"{name} = excluded.{name}" for name in table.updated)
+    return (f"INSERT INTO {table.name} ({', '.join(table.names)}) VALUES ({marks})"
+            f" ON CONFLICT ({table.key_column}) DO UPDATE SET {sets}")
 
 
 @dataclass(slots=True)
@@ -458,14 +389,21 @@ class GroupCommitStore:
     # text (holdfast.redaction.secrets_of): a backend with one sets it.
     secrets: tuple[str, ...] = ()
 
-    def __init__(self, workers: int = 1, batch_max: int = 256) -> None:
+    def __init__(self, workers: int = 1, batch_max: int = 256, tables: Sequence[Table[Any]] = ()) -> None:
         assert workers > 0 and batch_max > 0
+        self.tables = tables_of(tables)
         self._workers = workers
         self._batch_max = batch_max
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._claims = threading.Lock()
+
+    def table(self, name: str) -> Table[Any]:
+        """The declaration of the store's table `name`."""
+        found = next((table for table in self.tables if table.name == name), None)
+        assert found is not None, f"{self.describe()} has no table {name!r}"
+        return found
 
     # -- what a backend supplies ----------------------------------------------------
 
@@ -686,7 +624,7 @@ class GroupCommitStore:
             return None, BudgetSpent()
         if not isolated:
             try:
-                return job.work(self.TXN(cursor)), None
+                return job.work(self.TXN(cursor, self.tables)), None
             except Exception as error:
                 if self._is_unavailable(error) or self._is_retryable(error):
                     raise  # the whole batch fails or reruns
@@ -694,7 +632,7 @@ class GroupCommitStore:
         for _ in range(self.CONTENDED_RERUNS):
             cursor.execute("SAVEPOINT move")
             try:
-                value = job.work(self.TXN(cursor))
+                value = job.work(self.TXN(cursor, self.tables))
             except Contended:
                 cursor.execute("ROLLBACK TO SAVEPOINT move")
                 continue
@@ -724,7 +662,7 @@ def _deliver(results: list[JobResult]) -> None:
 
 
 async def version_pages(store: Store, page: int = 1000) -> AsyncIterator[dict[str, int]]:
-    """Every reservation's and entity's version, a page per transaction: what
+    """Every version of the snapshot's tables, a page per transaction: what
     a snapshot is rebuilt from after it lost writes."""
     after = ""
     while rows := await store.transact(_versions_after(after, page)):

@@ -22,6 +22,7 @@ import pytest
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
 from holdfast.server import Config, Running, start
+from tests.support import BUILT_IN_APPS
 
 pytest_plugins = ["tests.backends"]
 
@@ -55,7 +56,7 @@ def config(tmp_path, backend: str, request: pytest.FixtureRequest) -> Config:
     else:
         store = request.getfixturevalue("postgres_url")
         snapshot = request.getfixturevalue("redis_cluster_url" if backend.endswith("cluster") else "redis_url")
-    return Config(listen="127.0.0.1:0", store=store, snapshot=snapshot, reaper_interval_ms=20)
+    return Config(listen="127.0.0.1:0", store=store, snapshot=snapshot, reaper_interval_ms=20, apps=BUILT_IN_APPS)
 
 
 @pytest.fixture

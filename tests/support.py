@@ -10,6 +10,13 @@ from grpc_status import rpc_status
 
 from holdfast.inventory.v1 import inventory_pb2 as pb  # noqa: F401  (re-exported for the suites)
 
+from holdfast.cli import BUILT_IN
+
+# holdfast's own apps, as `holdfast serve` hosts them when none is named.
+# The server hosts none by default (Config.apps is empty: it names no app),
+# so a suite that starts one in process names them.
+BUILT_IN_APPS = tuple(BUILT_IN.values())
+
 
 @dataclass(frozen=True)
 class Failure:

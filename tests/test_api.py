@@ -20,7 +20,7 @@ from holdfast.inventory.v1 import inventory_pb2 as pb
 
 from holdfast.clock import ManualClock
 from holdfast.server import Config, start
-from tests.support import Failure, failure_of, raw_call
+from tests.support import BUILT_IN_APPS, Failure, failure_of, raw_call
 
 SERVICE = "/holdfast.inventory.v1.InventoryService"
 SKU = "sku-1"
@@ -569,7 +569,8 @@ async def test_two_fresh_servers_give_same_answers(tmp_path, clock):
     servers = []
     try:
         for name in ("a", "b"):
-            config = Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/{name}.db", snapshot="memory://", reaper_interval_ms=20)
+            config = Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/{name}.db", snapshot="memory://",
+                            reaper_interval_ms=20, apps=BUILT_IN_APPS)
             servers.append(await start(config, ManualClock() if clock == "manual" else None))
         first, second = [await _play(s.port) for s in servers]
     finally:

@@ -15,9 +15,10 @@ import sqlite3
 import psycopg
 import pytest
 
-from holdfast.machine import State
+from holdfast.apps.inventory_machine import State
 from holdfast.backends import open_store
-from holdfast.store import Prefetch, Record, Reservation, Stock
+from holdfast.store import Prefetch, Record
+from holdfast.apps.inventory_store import TABLES, Reservation, Stock, due_holds, put_stock, reservation, save_reservation, stock, take_stock
 
 KEY = b"k" * 32
 THEIRS = Record(b"their fingerprint", None, b"their reply")
@@ -25,9 +26,9 @@ OURS = Record(b"our fingerprint", None, b"our reply")
 
 
 async def _opened(url: str):
-    opened = open_store(url)
+    opened = open_store(url, tables=TABLES)
     await opened.open()
-    await opened.transact(lambda txn: txn.put_stock(Stock("sku", 100, 100, 0, 0, 1)))
+    await opened.transact(lambda txn: put_stock(txn, Stock("sku", 100, 100, 0, 0, 1)))
     return opened
 
 
@@ -52,7 +53,7 @@ def _elsewhere(url: str, sql: str, params: tuple) -> None:
 
 
 def _stock(store):
-    return store.transact(lambda txn: txn.stock("sku"))
+    return store.transact(lambda txn: stock(txn, "sku"))
 
 
 async def test_a_key_recorded_elsewhere_after_the_prefetch_replays_and_batch_mates_apply_once(pg_store, postgres_url):
@@ -75,7 +76,7 @@ async def test_a_key_recorded_elsewhere_after_the_prefetch_replays_and_batch_mat
         return OURS
 
     taken, answer = await asyncio.gather(
-        store.transact(lambda txn: txn.take_stock("sku", 3)),
+        store.transact(lambda txn: take_stock(txn, "sku", 3)),
         store.transact(record_unless_recorded, prefetch=Prefetch(keys=(KEY,))),
     )
 
@@ -92,7 +93,7 @@ async def test_a_reservation_created_elsewhere_after_the_prefetch_loses_the_comp
     outcomes: list[str] = []
 
     def create(txn):
-        if txn.reservation("r1") is not None:
+        if reservation(txn, "r1") is not None:
             outcomes.append("exists")
             return "exists"
         if not outcomes:
@@ -103,25 +104,25 @@ async def test_a_reservation_created_elsewhere_after_the_prefetch_loses_the_comp
                 (int(State.RESERVED),),
             )
         outcomes.append("created")
-        assert txn.take_stock("sku", 2)
-        txn.save_reservation(hold, 0)
+        assert take_stock(txn, "sku", 2)
+        save_reservation(txn, hold, 0)
         return "created"
 
-    assert await store.transact(create, prefetch=Prefetch(reservations=("r1",), skus=("sku",))) == "exists"
+    assert await store.transact(create, prefetch=Prefetch(rows={"reservation": ("r1",), "stock": ("sku",)})) == "exists"
     assert outcomes == ["created", "exists"]
-    assert (await store.transact(lambda txn: txn.reservation("r1"))).order_id == "theirs"
+    assert (await store.transact(lambda txn: reservation(txn, "r1"))).order_id == "theirs"
     assert await _stock(store) == Stock("sku", 100, 100, 0, 0, 1)  # our take was undone with the batch
 
 
 async def test_a_statement_error_inside_a_move_fails_that_move_alone(store):
     def take_then_break(txn):
-        assert txn.take_stock("sku", 5)
+        assert take_stock(txn, "sku", 5)
         txn._execute("SELECT no_such_column FROM stock")
 
     results = await asyncio.gather(
-        store.transact(lambda txn: txn.take_stock("sku", 1)),
+        store.transact(lambda txn: take_stock(txn, "sku", 1)),
         store.transact(take_then_break),
-        store.transact(lambda txn: txn.take_stock("sku", 2)),
+        store.transact(lambda txn: take_stock(txn, "sku", 2)),
         return_exceptions=True,
     )
 
@@ -134,8 +135,8 @@ async def test_a_range_query_sees_the_writes_of_earlier_moves_in_its_batch(store
     hold = Reservation("due", "o1", "sku", 1, State.RESERVED, 1, 50)
 
     saved, due = await asyncio.gather(
-        store.transact(lambda txn: txn.save_reservation(hold, 0)),
-        store.transact(lambda txn: [r.reservation_id for r in txn.due_holds(100, 10)]),
+        store.transact(lambda txn: save_reservation(txn, hold, 0)),
+        store.transact(lambda txn: [r.reservation_id for r in due_holds(txn, 100, 10)]),
     )
 
     assert saved is None and due == ["due"]
@@ -147,8 +148,8 @@ async def test_a_move_that_writes_then_asks_a_range_query_sees_its_own_write(sto
     hold = Reservation("due", "o1", "sku", 1, State.RESERVED, 1, 50)
 
     def write_then_query(txn):
-        txn.save_reservation(hold, 0)
-        return [r.reservation_id for r in txn.due_holds(100, 10)]
+        save_reservation(txn, hold, 0)
+        return [r.reservation_id for r in due_holds(txn, 100, 10)]
 
     assert await store.transact(write_then_query) == ["due"]
-    assert (await store.transact(lambda txn: txn.reservation("due"))) == hold
+    assert (await store.transact(lambda txn: reservation(txn, "due"))) == hold

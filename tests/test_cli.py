@@ -162,11 +162,20 @@ def test_a_signal_stops_the_server_cleanly(tmp_path, sig):
         again.close()
 
 
-def test_the_built_in_names_are_the_servers_default_apps():
-    """`--services` names what the server hosts by default, without the CLI importing the server."""
-    from holdfast.server import DEFAULT_APPS
+def test_the_built_in_names_are_apps_the_cli_alone_names():
+    """The CLI is the one layer that names holdfast's own apps: each is a
+    Service class, `simulate` takes some of them by name, and the server
+    hosts none unless given them."""
+    from holdfast.framework import Service
+    from holdfast.server import Config, load_attribute
 
-    assert tuple(cli.BUILT_IN.values()) == DEFAULT_APPS
+    assert Config().apps == ()
+    for spec in cli.BUILT_IN.values():
+        found = load_attribute(spec)
+        assert isinstance(found, type) and issubclass(found, Service), spec
+    assert set(cli.SIMULATED.values()) <= set(cli.BUILT_IN.values())
+    assert cli.SIMULATED_BY_DEFAULT in cli.SIMULATED
+    assert cli.HANDED["replay"] == {"default_apps": tuple(cli.BUILT_IN.values())}
 
 
 @pytest.mark.parametrize(("argv", "apps", "settings"), [

@@ -33,7 +33,7 @@ from holdfast.apps.fulfillment import SERVICE as DISPATCH_SERVICE
 from holdfast.apps.inventory import SERVICE
 from holdfast.server import Config, Running, start
 from tests.process import ROOT
-from tests.support import failure_of
+from tests.support import BUILT_IN_APPS, failure_of
 
 # Every service the generated code holds, in the order codegen writes them (by proto file).
 SERVICES = (DISPATCH_SERVICE, SERVICE)
@@ -53,7 +53,8 @@ def injected(method: str) -> float:
 async def serving(tmp_path: Path, faults: str) -> AsyncIterator[Running]:
     path = tmp_path / "faults.toml"
     path.write_text(faults)
-    running = await start(Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db", faults=str(path)))
+    running = await start(Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db", faults=str(path),
+                                 apps=BUILT_IN_APPS))
     try:
         yield running
     finally:

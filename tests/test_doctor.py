@@ -17,6 +17,7 @@ from holdfast.contracts import codegen
 from holdfast import doctor
 from holdfast.server import Config, start
 from tests.process import free_port
+from tests.support import BUILT_IN_APPS
 
 FAIL_WITHIN_S = 5.0  # the bound the doctor promises for a failing check
 CHECKS = ["grpc packages", "protobuf", "generated with", "generated code", "store", "snapshot"]
@@ -70,7 +71,7 @@ def test_passes_on_the_repository_with_sqlite_and_memory(tmp_path, capsys):
 
 
 async def test_reads_the_schema_of_a_database_a_server_made(tmp_path, capsys):
-    running = await start(Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db"))
+    running = await start(Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db", apps=BUILT_IN_APPS))
     await running.stop(0)
     code, rows = diagnose(capsys, *embedded(tmp_path))
     assert code == 0 and f"holdfast schema {doctor.SCHEMA_VERSION}" in rows["store"]

@@ -17,21 +17,21 @@ from holdfast import metrics
 from holdfast.apps.inventory import InventoryReason
 from holdfast.clock import ManualClock
 from holdfast.engine import Move
-from holdfast.machine import State
+from holdfast.apps.inventory_machine import State
 from holdfast.outcome import Reason, failure, success
 from holdfast.server import start
 from holdfast.backends import open_store
-from holdfast.store import Reservation, Stock
+from holdfast.apps.inventory_store import RESERVATIONS, TABLES, Reservation, Stock, put_stock, reservation, save_reservation, stock, take_stock
 from tests.support import failure_of
 
 
 def _move(key: bytes, apply, entity: str | None = None, fingerprint: bytes = b"fp") -> Move:
-    return Move("/test/Move", hashlib.sha256(key).digest(), fingerprint, entity, apply)
+    return Move("/test/Move", hashlib.sha256(key).digest(), fingerprint, entity, apply, RESERVATIONS)
 
 
 def _take(quantity: int):
     def apply(txn, now_ms):
-        if not txn.take_stock("sku", quantity):
+        if not take_stock(txn, "sku", quantity):
             return failure(InventoryReason.INSUFFICIENT_STOCK, "short")
         return success(b"took %d" % quantity)
 
@@ -39,11 +39,11 @@ def _take(quantity: int):
 
 
 async def _stocked(engine, total: int = 10) -> None:
-    await engine.store.transact(lambda txn: txn.put_stock(Stock("sku", total, total, 0, 0, 1)))
+    await engine.store.transact(lambda txn: put_stock(txn, Stock("sku", total, total, 0, 0, 1)))
 
 
 async def _available(engine) -> int:
-    return (await engine.store.transact(lambda txn: txn.stock("sku"))).available
+    return (await engine.store.transact(lambda txn: stock(txn, "sku"))).available
 
 
 async def test_recorded_outcome_replays_with_the_same_payload(server):
@@ -144,14 +144,14 @@ async def test_hold_expires_exactly_at_expires_at(config, elapsed_ms, reason):
 async def test_recovery_resolves_intents_left_in_the_store(config):
     """A crashed writer that persisted intents: RESERVING goes back (nothing
     held), CONFIRMING and RELEASING go forward (their units were held)."""
-    store = open_store(config.store)
+    store = open_store(config.store, tables=TABLES)
     await store.open()
     intents = (("back", State.RESERVING, 1), ("sold", State.CONFIRMING, 2), ("freed", State.RELEASING, 3))
 
     def seed(txn):
-        txn.put_stock(Stock("sku", 10, 5, 5, 0, 3))  # held: 2 confirming + 3 releasing
+        put_stock(txn, Stock("sku", 10, 5, 5, 0, 3))  # held: 2 confirming + 3 releasing
         for rid, state, quantity in intents:
-            txn.save_reservation(Reservation(rid, "o", "sku", quantity, state, 1, 10**15), 0)
+            save_reservation(txn, Reservation(rid, "o", "sku", quantity, state, 1, 10**15), 0)
 
     await store.transact(seed)
     await store.close()
@@ -159,16 +159,16 @@ async def test_recovery_resolves_intents_left_in_the_store(config):
     running = await start(config)
     try:
         found = {
-            rid: await running.engine.store.transact(lambda txn, rid=rid: txn.reservation(rid))
+            rid: await running.engine.store.transact(lambda txn, rid=rid: reservation(txn, rid))
             for rid in ("back", "sold", "freed")
         }
-        stock = await running.engine.store.transact(lambda txn: txn.stock("sku"))
+        books = await running.engine.store.transact(lambda txn: stock(txn, "sku"))
     finally:
         await running.stop(0)
     assert (found["back"].state, found["back"].version, found["back"].retry_count) == (State.AVAILABLE, 2, 1)
     assert (found["sold"].state, found["sold"].version) == (State.CONFIRMED, 2)
     assert (found["freed"].state, found["freed"].version) == (State.RELEASED, 2)
-    assert stock == Stock("sku", 10, 8, 0, 2, 5)
+    assert books == Stock("sku", 10, 8, 0, 2, 5)
 
 
 async def test_reserve_out_of_budget_answers_budget_exceeded_and_changes_nothing(server, stub):

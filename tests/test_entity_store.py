@@ -25,7 +25,7 @@ import psycopg
 import pytest
 
 from holdfast.backends import open_store
-from holdfast.machine import State
+from holdfast.apps.inventory_machine import State
 from holdfast.memory import MemoryStore, RowRefused
 from holdfast.sqlite import SqliteStore
 from holdfast.store import (
@@ -33,12 +33,12 @@ from holdfast.store import (
     Contended,
     Entity,
     Prefetch,
-    Reservation,
     SchemaTooNew,
     StoreUnavailable,
     Txn,
     version_pages,
 )
+from holdfast.apps.inventory_store import TABLES, Reservation, reservation, save_reservation
 from tests.test_group_commit import CountingStore, in_one_batch, read_outside
 
 KIND = "fulfillment"
@@ -46,17 +46,21 @@ KIND = "fulfillment"
 DATA = b"\x00waybill caf\xc3\xa9 \xff\xfe"
 
 
+def store_of(request: pytest.FixtureRequest, tmp_path, tables) -> CountingStore:
+    """The store of record `request.param` names (the SQL ones as
+    tests/conftest.py's `store_url` opens them), with `tables`, counting
+    what it is handed."""
+    if request.param == "memory":
+        return CountingStore(MemoryStore(tables=tables))
+    if request.param == "sqlite":
+        return CountingStore(open_store(f"sqlite:///{tmp_path}/store.db", tables=tables))
+    return CountingStore(open_store(request.getfixturevalue("postgres_url"), tables=tables))
+
+
 @pytest.fixture(params=["sqlite", "postgresql", "memory"])
 async def store(request: pytest.FixtureRequest, tmp_path):
-    """Each store of record in turn (the SQL ones as tests/conftest.py's
-    `store_url` opens them), counting what it is handed."""
-    if request.param == "memory":
-        inner = MemoryStore()
-    elif request.param == "sqlite":
-        inner = open_store(f"sqlite:///{tmp_path}/store.db")
-    else:
-        inner = open_store(request.getfixturevalue("postgres_url"))
-    opened = CountingStore(inner)
+    """Each store of record in turn."""
+    opened = store_of(request, tmp_path, TABLES)
     await opened.open()
     yield opened
     await opened.close()
@@ -142,7 +146,7 @@ async def test_an_entity_id_with_a_nul_byte_is_simply_not_found(store):
     """PostgreSQL text cannot hold NUL, so no stored id has one; SQLite agrees."""
     await _seed(store, _waybill("wb_1"))
     assert await _entity(store, "wb_1\x00") is None
-    assert await store.transact(lambda txn: txn.entity("wb_1\x00"), prefetch=Prefetch(entities=("wb_1\x00", "wb_1"))) is None
+    assert await store.transact(lambda txn: txn.entity("wb_1\x00"), prefetch=Prefetch(rows={"entity": ("wb_1\x00", "wb_1")})) is None
     assert await store.transact(lambda txn: txn.due_entities(KIND + "\x00", 10, 10)) == []
 
 
@@ -172,7 +176,7 @@ async def test_moves_on_entities_in_one_batch_commit_and_one_that_loses_a_compar
         txn.save_entity(_advanced(_waybill("wb_a"), state=99), 1)
 
     works = [_advancing("wb_a", 1), _advancing("wb_b", 1), creates_then_loses]
-    prefetches = [Prefetch(entities=("wb_a",)), Prefetch(entities=("wb_b",)), Prefetch(entities=("wb_a", "wb_c"))]
+    prefetches = [Prefetch(rows={"entity": ("wb_a",)}), Prefetch(rows={"entity": ("wb_b",)}), Prefetch(rows={"entity": ("wb_a", "wb_c")})]
     results = await in_one_batch([store], [store.transact(w, prefetch=p) for w, p in zip(works, prefetches)])
 
     assert results[:2] == [2, 2]
@@ -201,7 +205,7 @@ async def test_a_batch_that_creates_and_advances_entities_runs_each_move_once(st
         counted("advance b", _advancing("wb_b", 1)),
         counted("create c", lambda txn: txn.save_entity(_waybill("wb_c"), 0)),
     ]
-    prefetch = Prefetch(entities=("wb_a", "wb_b", "wb_c"))
+    prefetch = Prefetch(rows={"entity": ("wb_a", "wb_b", "wb_c")})
     results = await in_one_batch([store], [store.transact(w, prefetch=prefetch) for w in works])
 
     assert results == [2, 2, None]
@@ -218,7 +222,7 @@ async def test_each_move_in_a_batch_sees_the_entity_writes_queued_before_it(stor
         _advancing("wb_new", 2),
         lambda txn: txn.entity("wb_new"),
     ]
-    results = await in_one_batch([store], [store.transact(w, prefetch=Prefetch(entities=("wb_new",))) for w in works])
+    results = await in_one_batch([store], [store.transact(w, prefetch=Prefetch(rows={"entity": ("wb_new",)})) for w in works])
 
     assert results == [None, None, 2, 3, _waybill("wb_new", version=3, state=3)]
     assert await _entity(store, "wb_new") == _waybill("wb_new", version=3, state=3)
@@ -234,7 +238,7 @@ async def test_an_entity_changed_in_place_by_a_failing_move_is_read_unchanged_by
         found.state, found.data = 42, b"half done"
         raise RuntimeError("the move's own failure")
 
-    prefetch = Prefetch(entities=("wb_a",))
+    prefetch = Prefetch(rows={"entity": ("wb_a",)})
     results = await in_one_batch(
         [store], [store.transact(changes_in_place_then_fails, prefetch=prefetch), store.transact(_advancing("wb_a", 1), prefetch=prefetch)]
     )
@@ -268,7 +272,7 @@ async def test_an_entity_created_elsewhere_after_the_prefetch_loses_the_compare_
     the flush writes fewer rows than it holds, the batch reruns on the
     savepoint path, and the move sees their row. (PostgreSQL alone: SQLite's
     file lock keeps a second writer out of a batch.)"""
-    store = open_store(postgres_url)
+    store = open_store(postgres_url, tables=TABLES)
     await store.open()
     attempts: list[str] = []
 
@@ -287,7 +291,7 @@ async def test_an_entity_created_elsewhere_after_the_prefetch_loses_the_compare_
         return "created"
 
     try:
-        assert await store.transact(create, prefetch=Prefetch(entities=("wb_race",))) == "exists"
+        assert await store.transact(create, prefetch=Prefetch(rows={"entity": ("wb_race",)})) == "exists"
         assert attempts == ["created", "exists"]
         assert await _entity(store, "wb_race") == Entity("wb_race", KIND, 5, 1, b"theirs")
     finally:
@@ -299,7 +303,7 @@ async def test_a_prefetched_entity_is_loaded_and_locked_before_its_move_reads_it
     the move's read needs no statement of its own; an entity not named is
     read, and locked, only when the move asks for it. Seen from another
     client: the named row is locked before the move has read anything."""
-    store = open_store(postgres_url)
+    store = open_store(postgres_url, tables=TABLES)
     await store.open()
 
     def locked_elsewhere(entity_id: str) -> bool:
@@ -317,7 +321,7 @@ async def test_a_prefetched_entity_is_loaded_and_locked_before_its_move_reads_it
 
     try:
         await _seed(store, _waybill("wb_named"), _waybill("wb_unnamed"))
-        locked = await store.transact(work, prefetch=Prefetch(entities=("wb_named",)))
+        locked = await store.transact(work, prefetch=Prefetch(rows={"entity": ("wb_named",)}))
         assert locked == {"wb_named": True, "wb_unnamed": False}
     finally:
         await store.close()
@@ -362,7 +366,7 @@ async def test_due_entities_inside_a_batch_see_the_entity_writes_of_earlier_move
         clear_timeout,
         lambda txn: [e.entity_id for e in txn.due_entities(KIND, 100, 10)],
     ]
-    prefetch = Prefetch(entities=("wb_due", "wb_cleared"))
+    prefetch = Prefetch(rows={"entity": ("wb_due", "wb_cleared")})
     results = await in_one_batch([store], [store.transact(w, prefetch=prefetch) for w in works])
 
     assert results == [None, None, ["wb_due"]]
@@ -382,9 +386,9 @@ async def test_a_move_that_saves_an_entity_then_asks_for_due_ones_sees_its_own_w
 
 async def test_versions_merge_entity_and_reservation_versions_in_id_order(store):
     hold = Reservation("rsv_1", "o1", "sku", 1, State.RESERVED, 1, 1_000)
-    await store.transact(lambda txn: txn.save_reservation(hold, 0))
-    await store.transact(lambda txn: txn.save_reservation(replace(hold, version=2, state=State.CONFIRMED), 1))
-    await store.transact(lambda txn: txn.save_reservation(Reservation("rsv_2", "o2", "sku", 1, State.RESERVED, 1, 1), 0))
+    await store.transact(lambda txn: save_reservation(txn, hold, 0))
+    await store.transact(lambda txn: save_reservation(txn, replace(hold, version=2, state=State.CONFIRMED), 1))
+    await store.transact(lambda txn: save_reservation(txn, Reservation("rsv_2", "o2", "sku", 1, State.RESERVED, 1, 1), 0))
     await _seed(store, _waybill("bk_1", kind="booking"), _waybill("wb_1"), _waybill("rsv_0x"))
     await store.transact(_advancing("wb_1", 1))
     await store.transact(_advancing("wb_1", 2))
@@ -458,12 +462,12 @@ async def test_a_version_1_store_gains_the_entity_table_and_is_stamped_2(store_u
     _made_by_an_older_holdfast(store_url, stamp=1)
     assert not _has_entity_table(store_url)
 
-    store = open_store(store_url)
+    store = open_store(store_url, tables=TABLES)
     await store.open()
     try:
         assert await store.transact(_saving(_waybill(), 0)) == "saved"
         assert await _entity(store, "wb_1") == _waybill()
-        assert (await store.transact(lambda txn: txn.reservation("rsv_old"))).version == 1  # its rows are kept
+        assert (await store.transact(lambda txn: reservation(txn, "rsv_old"))).version == 1  # its rows are kept
     finally:
         await store.close()
     assert _has_entity_table(store_url)
@@ -473,5 +477,5 @@ async def test_a_version_1_store_gains_the_entity_table_and_is_stamped_2(store_u
 async def test_a_store_stamped_3_is_refused(store_url):
     _made_by_an_older_holdfast(store_url, stamp=3)
     with pytest.raises(SchemaTooNew, match="schema version 3"):
-        await open_store(store_url).open()
+        await open_store(store_url, tables=TABLES).open()
     assert read_outside(store_url, "SELECT version FROM holdfast_schema") == [(3,)]

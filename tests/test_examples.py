@@ -108,6 +108,7 @@ def test_the_tutorial_quotes_the_example_and_every_python_block_is_a_quote():
         "examples/tables/sla.toml",
         "examples/tables/tables.py",
         "examples/tables/test_tables.py",
+        "service/apps/inventory_store.py",  # a table of an app's own, as the inventory declares its stock
     }
 
 

@@ -21,7 +21,7 @@ from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 from holdfast import cli, faults
 from holdfast.server import Config, Running, start
 from tests.process import run_holdfast
-from tests.support import failure_of
+from tests.support import BUILT_IN_APPS, failure_of
 
 SERVICE = "holdfast.inventory.v1.InventoryService"
 # The methods a fault may name on a server hosting inventory alone.
@@ -41,7 +41,8 @@ def fault_file(tmp_path: Path, text: str) -> Path:
 async def serving(tmp_path: Path, text: str) -> AsyncIterator[tuple[Running, pb_grpc.InventoryServiceStub]]:
     """An embedded server with `text` as its fault file, and a plain stub
     (no service config: every attempt here is one call)."""
-    config = Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db", faults=str(fault_file(tmp_path, text)))
+    config = Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db", apps=BUILT_IN_APPS,
+                    faults=str(fault_file(tmp_path, text)))
     running = await start(config)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
@@ -225,6 +226,7 @@ async def test_a_bad_fault_file_stops_the_start_before_any_backend_opens(tmp_pat
     config = Config(
         listen="127.0.0.1:0",
         store=f"sqlite:///{tmp_path}/holdfast.db",
+        apps=BUILT_IN_APPS,
         faults=str(fault_file(tmp_path, f'["{RESERVE}"]\nstatus = "NOPE"\n')),
     )
     with pytest.raises(ValueError, match="unknown gRPC status code 'NOPE'"):

@@ -19,15 +19,17 @@ PUBLIC = {
     "Machine", "Service", "Change", "Entity", "Outcome", "Reason", "success", "failure", "derive_id", "shown_id",
     "lease_held",
     "encode_data", "decode_data", "states_of", "text_violations", "invalid", "Call", "Contract", "current_call", "idempotency_key", "Engine", "Move", "Txn",
+    "Table", "Column", "Query",
     "AppReason", "Refusal", "refusal", "Clock", "SystemClock", "ManualClock", "Config", "Running", "ServiceFactory", "start",
     "serve", "channel", "aio_channel",
 }
 
 # Each built-in app may import the public API, its own generated code and
-# its own modules; nothing else of holdfast's (inventory's machine and rows
-# still live in the core's modules: holdfast.machine, holdfast.store).
+# its own modules; nothing else of holdfast's.
 OWN_MODULES = {
-    "service/apps/inventory.py": {"holdfast", "holdfast.inventory.v1", "holdfast.machine", "holdfast.store"},
+    "service/apps/inventory.py": {
+        "holdfast", "holdfast.inventory.v1", "holdfast.apps", "holdfast.apps.inventory_machine", "holdfast.apps.inventory_store",
+    },
     # Dispatch reads reservations through inventory's moves (Dispatch.from_settings).
     "service/apps/fulfillment.py": {"holdfast", "holdfast.fulfillment.v1", "holdfast.apps.carrier", "holdfast.apps.inventory"},
 }

@@ -44,7 +44,7 @@ from holdfast.inventory.v1 import inventory_pb2 as pb
 
 from holdfast.outcome import DOMAIN, Reason, reason_named
 from holdfast.server import Config, Running
-from tests.support import failure_of
+from tests.support import BUILT_IN_APPS, failure_of
 
 SEED = int(os.environ.get("HOLDFAST_FUZZ_SEED", "20261126"))
 SERVICE = "/holdfast.inventory.v1.InventoryService"
@@ -152,7 +152,7 @@ def config(tmp_path, backend: str, request: pytest.FixtureRequest) -> Config:
         store, snapshot = f"sqlite:///{tmp_path}/holdfast.db", "memory://"
     else:
         store, snapshot = request.getfixturevalue("postgres_url"), request.getfixturevalue("redis_url")
-    return Config(listen="127.0.0.1:0", store=store, snapshot=snapshot, reaper_interval_ms=3_600_000)
+    return Config(listen="127.0.0.1:0", store=store, snapshot=snapshot, reaper_interval_ms=3_600_000, apps=BUILT_IN_APPS)
 
 
 def dump(txn) -> tuple[tuple, tuple, dict]:

@@ -46,19 +46,18 @@ from holdfast.clock import ManualClock
 from holdfast.engine import Engine, Move
 from holdfast.apps.inventory import InventoryReason, reservation_id
 from holdfast.backends import open_snapshot, open_store
-from holdfast.machine import State
+from holdfast.apps.inventory_machine import State
 from holdfast.outcome import AnyReason, Outcome, Reason, failure, success
 from holdfast.sqlite import SqliteStore
 from holdfast.store import (
     Contended,
     Record,
-    Reservation,
-    Stock,
     Store,
     StoreUnavailable,
     Txn,
     version_pages,
 )
+from holdfast.apps.inventory_store import RESERVATIONS, TABLES, Reservation, Stock, put_stock, reservation, save_reservation, settle_stock, stock, take_stock
 from tests.load import Answer, invoke
 from tests.process import ServerProcess, start_server
 
@@ -216,9 +215,9 @@ def wait_sessions_gone(url: str) -> None:
 
 @pytest.fixture
 async def store(store_url):
-    opened = CountingStore(open_store(store_url))
+    opened = CountingStore(open_store(store_url, tables=TABLES))
     await opened.open()
-    await opened.transact(lambda txn: txn.put_stock(Stock(SKU, TOTAL, TOTAL, 0, 0, 1)))
+    await opened.transact(lambda txn: put_stock(txn, Stock(SKU, TOTAL, TOTAL, 0, 0, 1)))
     yield opened
     await opened.close()
 
@@ -236,8 +235,8 @@ def _reserving(rid: str) -> Callable[[Txn], str]:
     reservation, record its outcome under its key."""
 
     def work(txn: Txn) -> str:
-        assert txn.take_stock(SKU, 1)
-        txn.save_reservation(_hold(rid), 0)
+        assert take_stock(txn, SKU, 1)
+        save_reservation(txn, _hold(rid), 0)
         txn.record(_key(rid), Record(b"fp", None, rid.encode()), NOW_MS)
         return rid
 
@@ -245,11 +244,11 @@ def _reserving(rid: str) -> Callable[[Txn], str]:
 
 
 async def _stock(store) -> Stock:
-    return await store.transact(lambda txn: txn.stock(SKU))
+    return await store.transact(lambda txn: stock(txn, SKU))
 
 
 async def _reservations(store, rids) -> dict[str, Reservation | None]:
-    return await store.transact(lambda txn: {rid: txn.reservation(rid) for rid in rids})
+    return await store.transact(lambda txn: {rid: reservation(txn, rid) for rid in rids})
 
 
 async def _records(store, keys) -> list[Record | None]:
@@ -268,7 +267,7 @@ async def test_queued_moves_commit_together_as_one_batch(store, store_url):
     seen_inside: list[int] = []
 
     def last(txn: Txn) -> str:
-        seen_inside.append(txn.stock(SKU).available)
+        seen_inside.append(stock(txn, SKU).available)
         inside.set()
         if not looked.is_set():
             assert looked.wait(TIMEOUT_S)
@@ -302,10 +301,10 @@ async def test_batch_of_moves_takes_one_postgresql_transaction(postgres_url):
     statistics do. The counter is cluster-wide; the slack of two covers an
     autovacuum ANALYZE that happens to take one meanwhile.
     """
-    store = CountingStore(open_store(postgres_url))
+    store = CountingStore(open_store(postgres_url, tables=TABLES))
     await store.open()
     try:
-        await store.transact(lambda txn: txn.put_stock(Stock(SKU, TOTAL, TOTAL, 0, 0, 1)))
+        await store.transact(lambda txn: put_stock(txn, Stock(SKU, TOTAL, TOTAL, 0, 0, 1)))
         rids = [f"r{n}" for n in range(32)]
         before = (await asyncio.to_thread(read_outside, postgres_url, "SELECT txid_current()"))[0][0]
         results = await in_one_batch([store], [store.transact(_reserving(r)) for r in rids])
@@ -326,27 +325,27 @@ async def test_each_move_in_a_batch_sees_the_moves_queued_before_it(store):
     record = Record(b"fp", None, b"reply")
 
     def create(txn: Txn) -> str:
-        txn.save_reservation(_hold("r1", quantity=3), 0)
+        save_reservation(txn, _hold("r1", quantity=3), 0)
         txn.record(_key("r1"), record, NOW_MS)
         return "created"
 
     def advance(txn: Txn) -> int:
-        found = txn.reservation("r1")
-        txn.save_reservation(replace(found, state=State.RELEASING, version=2), 1)
+        found = reservation(txn, "r1")
+        save_reservation(txn, replace(found, state=State.RELEASING, version=2), 1)
         return found.version
 
     works = [
-        lambda txn: txn.stock(SKU),
-        lambda txn: txn.reservation("r1"),
+        lambda txn: stock(txn, SKU),
+        lambda txn: reservation(txn, "r1"),
         lambda txn: txn.recorded(_key("r1")),
-        lambda txn: txn.take_stock(SKU, 40),
-        lambda txn: txn.take_stock(SKU, 40),
+        lambda txn: take_stock(txn, SKU, 40),
+        lambda txn: take_stock(txn, SKU, 40),
         create,
-        lambda txn: txn.take_stock(SKU, 15),
-        lambda txn: txn.take_stock(SKU, 15),  # only 5 are left
+        lambda txn: take_stock(txn, SKU, 15),
+        lambda txn: take_stock(txn, SKU, 15),  # only 5 are left
         advance,
         lambda txn: txn.recorded(_key("r1")),
-        lambda txn: txn.stock(SKU),
+        lambda txn: stock(txn, SKU),
     ]
     results = await in_one_batch([store], [store.transact(w) for w in works])
     assert results == [
@@ -361,28 +360,28 @@ async def test_each_move_in_a_batch_sees_the_moves_queued_before_it(store):
 
 
 def _raises(txn: Txn) -> None:
-    assert txn.take_stock(SKU, 4)
+    assert take_stock(txn, SKU, 4)
     raise RuntimeError("the move's own failure")
 
 
 def _loses_every_compare_and_set(txn: Txn) -> None:
-    assert txn.take_stock(SKU, 4)
-    txn.save_reservation(_hold(HELD, quantity=2, version=4, state=State.CONFIRMED), 3)  # it is at version 1
+    assert take_stock(txn, SKU, 4)
+    save_reservation(txn, _hold(HELD, quantity=2, version=4, state=State.CONFIRMED), 3)  # it is at version 1
 
 
 def _records_a_recorded_key(txn: Txn) -> None:
-    assert txn.take_stock(SKU, 4)
+    assert take_stock(txn, SKU, 4)
     txn.record(_key(HELD), Record(b"other", None, b"other reply"), NOW_MS)
 
 
 def _settles_what_nobody_holds(txn: Txn) -> None:
-    assert txn.take_stock(SKU, 4)
-    txn.settle_stock(SKU, TOTAL * 2, sold=True)
+    assert take_stock(txn, SKU, 4)
+    settle_stock(txn, SKU, TOTAL * 2, sold=True)
 
 
 def _violates_a_check_constraint(txn: Txn) -> None:
-    assert txn.take_stock(SKU, 4)
-    txn.save_reservation(_hold("r-empty", quantity=0), 0)  # the table says quantity > 0
+    assert take_stock(txn, SKU, 4)
+    save_reservation(txn, _hold("r-empty", quantity=0), 0)  # the table says quantity > 0
 
 
 # One row per way a move's work fails, after taking stock in the shared transaction,
@@ -401,8 +400,8 @@ async def test_batch_with_one_failing_move_commits_the_others(store, store_url, 
     held_record = Record(b"fp", None, b"held reply")
 
     def seed(txn: Txn) -> None:
-        assert txn.take_stock(SKU, 2)
-        txn.save_reservation(_hold(HELD, quantity=2), 0)
+        assert take_stock(txn, SKU, 2)
+        save_reservation(txn, _hold(HELD, quantity=2), 0)
         txn.record(_key(HELD), held_record, NOW_MS)
 
     await store.transact(seed)
@@ -427,8 +426,8 @@ async def test_move_that_loses_races_in_a_batch_reruns_and_commits_once(store):
     attempts: list[int] = []
 
     def loses_two_races(txn: Txn) -> str:
-        assert txn.take_stock(SKU, 10)
-        attempts.append(txn.stock(SKU).available)
+        assert take_stock(txn, SKU, 10)
+        attempts.append(stock(txn, SKU).available)
         if len(attempts) <= 2:
             raise Contended("a concurrent writer won")
         return "won"
@@ -455,7 +454,7 @@ def backends(request, tmp_path) -> tuple[str, str]:
 
 
 async def _open_engine(store_url: str, snapshot_url: str) -> Engine:
-    store = CountingStore(open_store(store_url))
+    store = CountingStore(open_store(store_url, tables=TABLES))
     snapshot = open_snapshot(snapshot_url)
     await store.open()
     await snapshot.open(lambda: version_pages(store))
@@ -473,7 +472,7 @@ async def engine(backends):
     through it, so its snapshot knows HELD at version 1."""
     opened = await _open_engine(*backends)
     try:
-        await opened.store.transact(lambda txn: txn.put_stock(Stock(SKU, TOTAL, TOTAL, 0, 0, 1)))
+        await opened.store.transact(lambda txn: put_stock(txn, Stock(SKU, TOTAL, TOTAL, 0, 0, 1)))
         made = await opened.move(reserve("held", 2))
         assert made.ok and await opened.snapshot.version(HELD) == 1
         yield opened
@@ -485,12 +484,12 @@ def reserve(name: str, quantity: int = 1) -> Move:
     rid = f"rsv-{name}"
 
     def apply(txn: Txn, now_ms: int) -> Outcome:
-        if not txn.take_stock(SKU, quantity):
+        if not take_stock(txn, SKU, quantity):
             return failure(InventoryReason.INSUFFICIENT_STOCK, f"{SKU} has fewer than {quantity} units available")
-        txn.save_reservation(Reservation(rid, name, SKU, quantity, State.RESERVED, 1, now_ms + HOLD_MS), 0)
+        save_reservation(txn, Reservation(rid, name, SKU, quantity, State.RESERVED, 1, now_ms + HOLD_MS), 0)
         return success(f"{rid} holds {quantity} until {now_ms + HOLD_MS}".encode())
 
-    return Move("/test/Reserve", _key(f"reserve:{name}"), b"quantity=%d" % quantity, rid, apply)
+    return Move("/test/Reserve", _key(f"reserve:{name}"), b"quantity=%d" % quantity, rid, apply, RESERVATIONS)
 
 
 def settle(rid: str, sold: bool) -> Move:
@@ -498,19 +497,19 @@ def settle(rid: str, sold: bool) -> Move:
     method, target = ("/test/Confirm", State.CONFIRMED) if sold else ("/test/Release", State.RELEASED)
 
     def apply(txn: Txn, now_ms: int) -> Outcome:
-        found = txn.reservation(rid)
+        found = reservation(txn, rid)
         if found is None or found.state != State.RESERVED:
             return failure(Reason.INVALID_TRANSITION, f"{rid} is not held")
-        txn.settle_stock(found.sku_id, found.quantity, sold=sold)
-        txn.save_reservation(replace(found, state=target, version=found.version + 1), found.version)
+        settle_stock(txn, found.sku_id, found.quantity, sold=sold)
+        save_reservation(txn, replace(found, state=target, version=found.version + 1), found.version)
         return success(f"{rid} {target.name} at version {found.version + 1}".encode())
 
-    return Move(method, _key(f"{method}:{rid}"), method.encode(), rid, apply)
+    return Move(method, _key(f"{method}:{rid}"), method.encode(), rid, apply, RESERVATIONS)
 
 
 def _raising_move() -> Move:
     def apply(txn: Txn, now_ms: int) -> Outcome:
-        assert txn.take_stock(SKU, 4)
+        assert take_stock(txn, SKU, 4)
         raise RuntimeError("the move's own failure")
 
     return Move("/test/Broken", _key("broken"), b"fp", None, apply)
@@ -520,8 +519,8 @@ def _stale_move() -> Move:
     """Writes HELD at a version it never read: loses every compare-and-set."""
 
     def apply(txn: Txn, now_ms: int) -> Outcome:
-        assert txn.take_stock(SKU, 4)
-        txn.save_reservation(_hold(HELD, quantity=2, version=4, state=State.CONFIRMED), 3)
+        assert take_stock(txn, SKU, 4)
+        save_reservation(txn, _hold(HELD, quantity=2, version=4, state=State.CONFIRMED), 3)
         return success(b"never")
 
     return Move("/test/Stale", _key("stale"), b"fp", None, apply)
@@ -645,7 +644,7 @@ async def test_same_key_from_two_instances_commits_once_and_replays_the_stored_b
     first = await _open_engine(postgres_url, redis_url)
     second = await _open_engine(postgres_url, redis_url)
     try:
-        await first.store.transact(lambda txn: txn.put_stock(Stock(SKU, TOTAL, TOTAL, 0, 0, 1)))
+        await first.store.transact(lambda txn: put_stock(txn, Stock(SKU, TOTAL, TOTAL, 0, 0, 1)))
         dup_a, dup_b = reserve("dup-a", 3), reserve("dup-b", 5)
         mine = [reserve(f"first-{n}") for n in range(3)]
         theirs = [reserve(f"second-{n}") for n in range(3)]
@@ -676,8 +675,8 @@ async def test_key_recorded_in_an_earlier_batch_replays_inside_a_later_batch(eng
     assert first.ok == (first_answer == "committed") and not first.replayed
 
     def restock(txn: Txn) -> None:  # enough for anything now
-        s = txn.stock(SKU)
-        txn.put_stock(Stock(SKU, s.total + TOTAL, s.available + TOTAL, s.held, s.sold, s.version + 1))
+        s = stock(txn, SKU)
+        put_stock(txn, Stock(SKU, s.total + TOTAL, s.available + TOTAL, s.held, s.sold, s.version + 1))
 
     await engine.store.transact(restock)
     others = [reserve(f"later-{n}") for n in range(4)]

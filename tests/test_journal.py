@@ -27,7 +27,9 @@ from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast import replay
 from holdfast.clock import ManualClock
 from holdfast.server import Config, start
+from holdfast.apps.inventory_store import due_holds
 from tests.process import run_holdfast, start_server
+from tests.support import BUILT_IN_APPS
 
 SERVICE = "/holdfast.inventory.v1.InventoryService/"
 LANES = 8
@@ -133,7 +135,7 @@ async def _reaped(running, clock: ManualClock) -> None:
     """Waits until the reaper has expired every due hold and finished its round
     (its journal lines written) before the next round's calls go out."""
     now_ms = clock.now_ms()
-    while await running.engine.store.transact(lambda txn: txn.due_holds(now_ms, 1)):
+    while await running.engine.store.transact(lambda txn: due_holds(txn, now_ms, 1)):
         await asyncio.sleep(REAPER_INTERVAL_MS / 1000)
     await asyncio.sleep(4 * REAPER_INTERVAL_MS / 1000)
 
@@ -143,7 +145,7 @@ async def _record(folder: Path) -> tuple[Path, Counter]:
     journal = folder / "journal.jsonl"
     config = Config(
         listen="127.0.0.1:0", store=f"sqlite:///{folder}/recorded.db", snapshot="memory://",
-        reaper_interval_ms=REAPER_INTERVAL_MS, journal=str(journal),
+        reaper_interval_ms=REAPER_INTERVAL_MS, journal=str(journal), apps=BUILT_IN_APPS,
     )
     running = await start(config, clock=clock)
     outcomes: Counter = Counter()
@@ -294,3 +296,51 @@ def test_a_journal_that_is_not_one_is_a_usage_error(tmp_path: Path) -> None:
 
     assert result.returncode == 2
     assert f"{broken}:1: a call line without time_ms, request, code" in result.stderr
+
+
+
+def _as_format_1(lines: list[str]) -> list[str]:
+    """A journal as format 1 wrote it: a start line naming no apps (holdfast's
+    built-in ones were hosted) with the default hold, and each hold's expiry
+    as an `expire` line naming its reservation, with no service or version."""
+    old = [json.dumps({"kind": "start", "format": 1, "hold_default_ms": 15 * 60 * 1000, "hold_max_ms": 7 * 86_400_000})]
+    for line in lines[1:]:
+        entry = json.loads(line)
+        if entry["kind"] == "timeout":
+            entry = {"kind": "expire", "reservation_id": entry["entity_id"], "time_ms": entry["time_ms"],
+                     "reason": entry["reason"], "payload": entry["payload"], "replayed": entry["replayed"]}
+        old.append(json.dumps(entry))
+    return old
+
+
+def test_a_format_1_journal_replays_identically_on_the_built_in_apps(recorded: tuple[Path, Counter], tmp_path: Path) -> None:
+    """`holdfast replay` hosts the built-in apps for a journal that names
+    none, and inventory reads its `expire` lines (Service.legacy_timeouts)."""
+    journal, _ = recorded
+    lines = journal.read_text().splitlines()
+    timeouts = [n for n, line in enumerate(lines) if '"kind":"timeout"' in line]
+    prefix = lines[: timeouts[4] + 1]  # five expiries, and the calls around them
+    old = tmp_path / "format-1.jsonl"
+    old.write_text("\n".join(_as_format_1(prefix)) + "\n")
+    calls = sum(1 for line in prefix if '"kind":"call"' in line)
+
+    result = run_holdfast("replay", str(old), timeout=120)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"replayed {calls} calls and 5 timeouts from {old}" in result.stdout and ": identical" in result.stdout
+    # Called as a library, replay names no app: a journal naming none needs them given.
+    with pytest.raises(replay.JournalError, match=r"names no apps \(format 1 named none\): give them with --app"):
+        replay.replay(old)
+    assert replay.replay(old, default_apps=BUILT_IN_APPS).identical
+
+
+def test_a_line_of_a_kind_no_hosted_app_wrote_is_refused(recorded: tuple[Path, Counter], tmp_path: Path) -> None:
+    journal, _ = recorded
+    lines = journal.read_text().splitlines()[:3]
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text("\n".join([*lines, '{"kind":"expire","time_ms":5}', '{"kind":"mystery"}']) + "\n")
+    with pytest.raises(replay.JournalError, match=r"odd.jsonl:4: a expire line without reservation_id"):
+        replay.replay(odd)
+    odd.write_text("\n".join([*lines, '{"kind":"mystery"}']) + "\n")
+    with pytest.raises(replay.JournalError, match=r"odd.jsonl:4: unknown line kind 'mystery'"):
+        replay.replay(odd)

@@ -20,10 +20,9 @@ check alone, because they never run: with `from __future__ import
 annotations` two modules of one layer may name each other's types without
 either importing the other when the program runs.
 
-What today's code still does wrong, in files its owners are rewriting, is
-listed below (`KNOWN_*`), one entry per edge or module with what would remove
-it. The lists may only shrink: a new violation fails, and so does an entry
-that no longer matches anything (remove it).
+Exceptions would be listed below (`KNOWN_*`), one entry per edge or module
+with what would remove it; all three lists are empty, and a new violation
+fails. An entry that no longer matches anything fails too (remove it).
 
 Plain `ast` rather than import-linter: import-linter finds modules by walking
 one package's folder, but holdfast is one import package spread over three
@@ -62,6 +61,7 @@ LAYERS: dict[str, int] = {
     "holdfast.framework": CORE,  # the Service base a team's app subclasses
     "holdfast.engine": CORE,
     "holdfast.store": CORE,  # the Txn and Store interfaces, and the SQL the backends share
+    "holdfast.table": CORE,  # an app's own tables, declared
     "holdfast.snapshot": CORE,  # the Snapshot interface
     "holdfast.clock": CORE,
     "holdfast.redaction": CORE,  # every backend scrubs passwords out of its errors
@@ -97,6 +97,7 @@ LAYERS: dict[str, int] = {
     "holdfast.gateway": SERVER,
     "holdfast.limits": SERVER,
     "holdfast.security": SERVER,
+    "holdfast.recorder": SERVER,  # the journal's writer, for `serve --journal`; holdfast.journal reads it back
     "holdfast.faults": SERVER,
     "holdfast.reaper": SERVER,
     "holdfast.workers": SERVER,
@@ -117,6 +118,8 @@ LAYERS: dict[str, int] = {
     # -- apps: inventory, fulfillment, and their generated code.
     "holdfast.apps": APPS,
     "holdfast.apps.inventory": APPS,
+    "holdfast.apps.inventory_machine": APPS,
+    "holdfast.apps.inventory_store": APPS,
     "holdfast.apps.inventory_workload": APPS,
     "holdfast.apps.fulfillment": APPS,
     "holdfast.apps.fulfillment_workload": APPS,
@@ -153,30 +156,7 @@ NOT_MODULES = {
 }
 
 # Imports that go up a layer: (importer, imported) -> what would remove it.
-KNOWN_UPWARD: dict[tuple[str, str], str] = {
-    # server.py records the journal (`serve --journal`): the recorder is
-    # the server's, the reader and replay the testing layer's. Moving the
-    # recording interceptor into a server-layer module (or the CLI handing
-    # Config an interceptor) removes it.
-    ("holdfast.server", "holdfast.journal"): "server.py: `from holdfast import journal`",
-    # DEFAULT_APPS names "holdfast.apps.inventory:Inventory" and
-    # "holdfast.apps.fulfillment:Dispatch", which start() loads when
-    # Config.apps is left as it is: the default belongs to the CLI (which
-    # already spells the same table, cli.BUILT_IN) and to replay's reading
-    # of old journals, so Config.apps would default to ().
-    ("holdfast.server", "holdfast.apps.inventory"): "server.py: DEFAULT_APPS",
-    ("holdfast.server", "holdfast.apps.fulfillment"): "server.py: DEFAULT_APPS",
-    # The simulator's table of built-in workloads ("inventory" ->
-    # "holdfast.apps.inventory_workload:InventoryWorkload", "dispatch" -> ...)
-    # and its default SKUs. Each app naming its own workload (an attribute of
-    # its Service, read through the loaded app) removes both.
-    ("holdfast.simulate", "holdfast.apps.inventory_workload"): "simulate.py: WORKLOADS and `import SKUS`",
-    ("holdfast.simulate", "holdfast.apps.fulfillment_workload"): "simulate.py: WORKLOADS",
-    # The pytest plugin's holdfast_channel fixture opens a stub of
-    # holdfast's own InventoryService; the app's own fixture (or a stub
-    # class the caller names) removes it.
-    ("holdfast.pytest_plugin", "holdfast.inventory.v1.inventory_pb2_grpc"): "pytest_plugin.py: holdfast_channel's inventory stub",
-}
+KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 
 # Runtime imports that close a cycle: (importer, imported) -> what would remove it.
 KNOWN_CYCLES: dict[tuple[str, str], str] = {}
@@ -186,66 +166,7 @@ KNOWN_CYCLES: dict[tuple[str, str], str] = {}
 # The nouns are the apps' (inventory: SKU, stock, reservation; fulfillment:
 # waybill, carrier), as words of an identifier (snake_case or CamelCase,
 # singular or plural: `sku_id`, `take_stock`, `Reservation`, `SKUS`).
-KNOWN_NOUNS: dict[str, frozenset[str]] = {
-    # The inventory's rows are core tables: `Stock` and `Reservation`, the
-    # Txn's stock/reservation methods and their SQL (tables `stock`,
-    # `reservation`). Removed when the inventory keeps its rows as entities
-    # of the generic entity table (Txn.entity / save_entity, like
-    # fulfillment's waybills) or declares its own tables: store.py, batch.py,
-    # sqlite.py, postgres.py, memory.py, engine.py and apps/inventory.py
-    # change together, with a schema migration.
-    "holdfast.store": frozenset({
-        "RESERVATION_COLUMNS", "Reservation", "Stock", "_reservations", "put_stock", "reservation",
-        "reservation_due", "reservation_id", "reservation_of_row", "reservations", "row_of_reservation",
-        "save_reservation", "settle_stock", "sku_id", "skus", "stock", "take_stock",
-    }),
-    "holdfast.batch": frozenset({
-        "Reservation", "Stock", "_stored_stocks", "loaded_reservation", "loaded_stock", "put_stock", "reservation",
-        "reservation_id", "reservations", "row_of_reservation", "save_reservation", "settle_stock", "sku", "sku_id",
-        "skus", "stock", "stocks", "take_stock",
-    }),
-    "holdfast.sqlite": frozenset({
-        "INSERT_RESERVATIONS", "RESERVATION_COLUMNS", "Stock", "UPDATE_RESERVATIONS", "UPSERT_STOCKS",
-        "loaded_reservation", "loaded_stock", "reservation", "reservation_id", "reservation_of_row", "reservations",
-        "sku", "sku_id", "sku_params", "skus", "stock", "stocks",
-    }),
-    "holdfast.postgres": frozenset({
-        "FLUSH_STOCK", "PREFETCH_RESERVATIONS", "PREFETCH_STOCK", "RESERVATION_COLUMNS", "Reservation", "Stock",
-        "_RESERVATION", "_STOCK", "found_reservations", "loaded_reservation", "loaded_stock", "reservation",
-        "reservation_id", "reservation_of_row", "reservations", "sku", "sku_id", "sku_list", "skus", "stock", "stocks",
-    }),
-    "holdfast.memory": frozenset({
-        "Reservation", "Stock", "_all_reservations", "_copy_reservation", "_copy_stock", "_reservations", "_stock",
-        "put_stock", "reservation", "reservation_id", "reservations", "save_reservation", "settle_stock", "sku_id",
-        "skus", "stock", "take_stock",
-    }),
-    # engine.py: Move.skus (the stock a move prefetches), the snapshot check's
-    # `txn.reservation` for a non-generic move, and VERSION_CONFLICT's
-    # message and metadata key "reservation_id". Gone with the tables above
-    # (every move generic; the app adds its own conflict metadata).
-    "holdfast.engine": frozenset({"reservation", "reservation_id", "skus"}),
-    # machine.py holds the inventory's State enum, TABLE (events STOCK_SHORT,
-    # STOCK_RETURNED) and the INVENTORY machine beside the generic Machine:
-    # they move to apps/inventory.py, as fulfillment's WAYBILL lives in its app.
-    "holdfast.machine": frozenset({"STOCK_RETURNED", "STOCK_SHORT"}),
-    # security.py's ADMIN_METHODS names "/holdfast.inventory.v1.InventoryService/PutStock":
-    # the admin-only methods should come from the hosted apps (a Service
-    # attribute, or a role in the method's contract) through server.py.
-    "holdfast.security": frozenset({"PutStock"}),
-    # replay.py reads format-1 journals, whose "expire" records carry a
-    # reservation_id: an inventory reader the app hands replay, or dropping
-    # format 1, removes it.
-    "holdfast.replay": frozenset({"reservation_id"}),
-    # The simulator and its auditor still keep the inventory's books (being
-    # moved into apps/inventory_workload.py).
-    "holdfast.simulate": frozenset({
-        "Reservation", "SKUS", "Stock", "all_reservations", "all_stock", "reservation", "reservation_id",
-        "reservations", "sku_id", "stock",
-    }),
-    "holdfast.auditor": frozenset({
-        "Reservation", "Stock", "all_reservations", "all_stock", "reservation", "reservation_id", "sku_id", "stock",
-    }),
-}
+KNOWN_NOUNS: dict[str, frozenset[str]] = {}
 
 APP_NOUNS = frozenset({"sku", "stock", "reservation", "waybill", "carrier"})
 

@@ -31,7 +31,7 @@ from holdfast.limits import MiB, PUSHBACK, Limits
 from holdfast.outcome import DOMAIN, Reason
 from holdfast.server import Config, start
 from tests.process import ServerProcess, start_server
-from tests.support import failure_of
+from tests.support import BUILT_IN_APPS, failure_of
 
 SKU = "sku-flood"
 BOUND = 16
@@ -205,7 +205,8 @@ async def test_the_default_size_limit_takes_the_fuzzers_megabyte_and_refuses_mor
     """1 MiB by default: a 1,000,000-byte string (test_fuzz's largest) gets a
     defined answer; a request over 1 MiB is RESOURCE_EXHAUSTED."""
     assert Limits().max_message_bytes == MiB
-    running = await start(Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/h.db", snapshot="memory://"))
+    running = await start(Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/h.db", snapshot="memory://",
+                                 apps=BUILT_IN_APPS))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = pb_grpc.InventoryServiceStub(channel)
@@ -240,7 +241,7 @@ async def test_a_client_whose_retry_policy_lists_resource_exhausted_waits_the_pu
     faults = tmp_path / "slow.toml"
     faults.write_text('["holdfast.inventory.v1.InventoryService/Reserve"]\ndelay_ms = 400\n')
     config = Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/h.db", snapshot="memory://",
-                    faults=str(faults), limits=Limits(max_concurrent_rpcs=1, retry_pushback_ms=300))
+                    faults=str(faults), limits=Limits(max_concurrent_rpcs=1, retry_pushback_ms=300), apps=BUILT_IN_APPS)
     retrying = json.dumps({"methodConfig": [{
         "name": [{"service": "holdfast.inventory.v1.InventoryService"}],
         "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.01s", "maxBackoff": "0.01s",
@@ -277,7 +278,7 @@ async def test_holdfasts_own_client_channel_retries_an_overloaded_refusal_after_
     faults = tmp_path / "slow.toml"
     faults.write_text('["holdfast.inventory.v1.InventoryService/Reserve"]\ndelay_ms = 200\n')
     config = Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/h.db", snapshot="memory://",
-                    faults=str(faults), limits=Limits(max_concurrent_rpcs=1, retry_pushback_ms=600))
+                    faults=str(faults), limits=Limits(max_concurrent_rpcs=1, retry_pushback_ms=600), apps=BUILT_IN_APPS)
     running = await start(config)
     try:
         async with client.aio_channel(f"127.0.0.1:{running.port}") as channel:

@@ -4,8 +4,8 @@ import pytest
 
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
-from holdfast import machine
-from holdfast.machine import State
+from holdfast.apps import inventory_machine as machine
+from holdfast.apps.inventory_machine import State
 
 
 def test_machine_has_the_seven_states_of_the_wire_enum():

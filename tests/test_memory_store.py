@@ -10,6 +10,7 @@ import pytest
 
 from holdfast.memory import MemoryStore
 from holdfast.store import Record
+from holdfast.apps.inventory_store import TABLES
 from tests.test_store import (  # noqa: F401  (collected here, on the fixture below)
     test_concurrent_moves_all_commit_with_exact_totals,
     test_contended_move_is_undone_and_rerun_on_the_new_state,
@@ -25,7 +26,7 @@ from tests.test_store import (  # noqa: F401  (collected here, on the fixture be
 
 @pytest.fixture
 async def store():
-    opened = MemoryStore()
+    opened = MemoryStore(tables=TABLES)
     await opened.open()
     yield opened
     await opened.close()
@@ -34,13 +35,13 @@ async def store():
 async def test_the_rows_outlive_the_store_over_them():
     """What a simulated crash relies on: a new store over the same rows
     finds every committed move, and nothing of one that failed."""
-    first = MemoryStore()
+    first = MemoryStore(tables=TABLES)
     await first.open()
     await first.transact(lambda txn: txn.record(b"key", _record(), 1))
     with pytest.raises(RuntimeError):
         await first.transact(lambda txn: (txn.record(b"lost", _record(), 1), _fail()))
     await first.close()
-    second = MemoryStore(first.rows)
+    second = MemoryStore(first.rows, tables=TABLES)
     await second.open()
     try:
         assert await second.transact(lambda txn: (txn.recorded(b"key"), txn.recorded(b"lost"))) == (_record(), None)

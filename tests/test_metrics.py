@@ -32,7 +32,7 @@ from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 from holdfast import metrics, stats
 from holdfast.server import Config, Running, start
 from tests.process import free_port, run_holdfast, start_server
-from tests.support import failure_of
+from tests.support import BUILT_IN_APPS, failure_of
 
 SERVICE = "/holdfast.inventory.v1.InventoryService"
 RESERVE = f"{SERVICE}/Reserve"
@@ -126,7 +126,8 @@ async def test_latency_is_observed_per_method_and_consistency_per_written_move(s
 
 async def test_an_unreachable_redis_counts_snapshot_degradations(tmp_path):
     config = Config(
-        listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db", snapshot=f"redis://127.0.0.1:{free_port()}"
+        listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db", snapshot=f"redis://127.0.0.1:{free_port()}",
+        apps=BUILT_IN_APPS,
     )
     before = sample("holdfast_snapshot_degradations_total")
     async with serving(config) as (_, stub):
@@ -152,7 +153,8 @@ async def test_a_fault_delay_past_the_budget_is_a_counted_fallback(tmp_path):
     delay spends it, so the move never starts: the server answers
     BUDGET_EXCEEDED (before the client's 10 s deadline), counts one fallback,
     and nothing changes."""
-    config = Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db", faults=fault_file(tmp_path, 2500))
+    config = Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db", faults=fault_file(tmp_path, 2500),
+                    apps=BUILT_IN_APPS)
     async with serving(config) as (_, stub):
         await stocked(stub)
         fallbacks = sample("holdfast_timeout_fallback_total", method=RESERVE)

@@ -6,12 +6,25 @@ The first test below is the README's example, character for character;
 
 import base64
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
 import pytest
 
 from holdfast.inventory.v1 import inventory_pb2 as pb
+from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
+
+
+@pytest.fixture
+def holdfast_apps():
+    return ["holdfast.apps.inventory:Inventory"]  # what holdfast_server hosts
+
+
+@pytest.fixture
+def holdfast_stub():
+    return pb_grpc.InventoryServiceStub  # what holdfast_client is
 
 
 @pytest.mark.asyncio
@@ -78,9 +91,7 @@ async def test_replay_journal_fails_the_test_with_the_first_difference(
         replay_journal(altered)
 
 
-# -- a team's own services: holdfast_services and holdfast_channel -----------------------
-
-HOLDFASTS_OWN = {"holdfast.inventory.v1.InventoryService", "holdfast.fulfillment.v1.DispatchService"}
+# -- what is hosted: holdfast_apps, holdfast_services; holdfast_channel ---------------------
 
 
 TABLES = Path(__file__).resolve().parents[1] / "examples" / "tables"
@@ -99,9 +110,13 @@ def tables_service(engine):
     return Tables(engine)
 
 
-async def test_by_default_the_server_hosts_holdfasts_own_services(holdfast_services, holdfast_server) -> None:
+async def test_the_server_hosts_the_apps_the_test_names(holdfast_apps, holdfast_services, holdfast_server) -> None:
+    """This module's `holdfast_apps` (the README's): inventory alone, which
+    the journal's start line names, so a replay hosts it again."""
     assert tuple(holdfast_services) == ()
-    assert set(holdfast_server.running.services) == HOLDFASTS_OWN
+    assert set(holdfast_server.running.services) == {"holdfast.inventory.v1.InventoryService"}
+    start = json.loads(holdfast_server.journal.read_text().splitlines()[0])
+    assert start["apps"] == list(holdfast_apps) == ["holdfast.apps.inventory:Inventory"]
 
 
 async def test_the_channel_fixture_is_a_channel_to_the_server(holdfast_server, holdfast_channel) -> None:
@@ -113,12 +128,12 @@ async def test_the_channel_fixture_is_a_channel_to_the_server(holdfast_server, h
     assert (reply.sku_id, reply.available, reply.version) == ("sku-4", 2, 1)
 
 
-@pytest.mark.parametrize("holdfast_services", [[tables_service]])
+@pytest.mark.parametrize(("holdfast_apps", "holdfast_services"), [((), [tables_service])])
 async def test_overridden_services_are_hosted_alone(
     tables_project, holdfast_server, holdfast_channel, holdfast_client
 ) -> None:
-    """A test (or a conftest.py) that overrides holdfast_services gets a
-    server with those services and none of holdfast's."""
+    """A test (or a conftest.py) that overrides holdfast_services and names
+    no app gets a server with those services alone."""
     from restaurant.tables.v1 import tables_pb2, tables_pb2_grpc
 
     assert list(holdfast_server.running.services) == ["restaurant.tables.v1.TableService"]
@@ -130,3 +145,23 @@ async def test_overridden_services_are_hosted_alone(
     with pytest.raises(grpc.aio.AioRpcError) as unserved:
         await holdfast_client.GetStock(pb.GetStockRequest(sku_id="sku-1"))
     assert unserved.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_the_plugin_names_no_app_so_a_test_says_what_to_host_and_which_stub(tmp_path: Path) -> None:
+    """Without `holdfast_apps` or `holdfast_services` the server fixture says
+    what to override, and so does the client fixture without `holdfast_stub`."""
+    (tmp_path / "test_unnamed.py").write_text(
+        "import pytest\n\n\n"
+        "@pytest.mark.asyncio\n"
+        "async def test_nothing_is_named(holdfast_server):\n    pass\n\n\n"
+        "@pytest.mark.asyncio\n"
+        "@pytest.mark.parametrize('holdfast_apps', [['holdfast.apps.inventory:Inventory']])\n"
+        "async def test_no_stub_is_named(holdfast_client):\n    pass\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_unnamed.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert "2 errors" in done.stdout, done.stdout + done.stderr
+    assert "holdfast_server hosts nothing: override holdfast_apps" in done.stdout, done.stdout
+    assert "holdfast_client needs a stub class: override holdfast_stub" in done.stdout, done.stdout

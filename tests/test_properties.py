@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from holdfast.auditor import Request
-from holdfast.simulate import NO_FAULTS, SKUS, Simulation
+from holdfast.apps.inventory_workload import SKUS, InventoryWorkload, reservation_of
+from holdfast.simulate import NO_FAULTS, Simulation
 
 skus = st.sampled_from(SKUS[:3])
 quantities = st.integers(min_value=1, max_value=6)
@@ -26,7 +27,7 @@ class Inventory(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        self.sim = Simulation(seed=0, faults=NO_FAULTS)
+        self.sim = Simulation(seed=0, faults=NO_FAULTS, workload=InventoryWorkload)
         self.sent: list[Request] = []
 
     def teardown(self) -> None:
@@ -89,7 +90,7 @@ class Inventory(RuleBasedStateMachine):
     @invariant()
     def versions_only_move_forward(self) -> None:
         for rid, held in self.sim.auditor.holds.items():
-            found = self.sim.store.reservation(rid)
+            found = reservation_of(self.sim.store, rid)
             assert found is None or found.version >= held.version
 
 

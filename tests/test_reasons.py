@@ -20,6 +20,7 @@ from holdfast.apps.inventory import InventoryReason
 from holdfast.backends import open_snapshot, open_store
 from holdfast.clock import ManualClock
 from holdfast.outcome import DOMAIN, reason_key, reason_named
+from holdfast.apps.inventory_store import TABLES
 
 
 class SpotReason(AppReason, domain="spots.parking.example.com"):
@@ -95,7 +96,7 @@ def test_a_built_in_apps_reason_answers_the_same_bytes_as_before():
 
 
 async def test_a_recorded_insufficient_stock_is_stored_by_name_and_replays_identical_bytes(tmp_path):
-    store = open_store(f"sqlite:///{tmp_path}/store.db")
+    store = open_store(f"sqlite:///{tmp_path}/store.db", tables=TABLES)
     await store.open()
     try:
         engine = Engine(store, open_snapshot("memory://"), ManualClock(1_000))

@@ -24,12 +24,17 @@ from holdfast.fulfillment.v1 import fulfillment_pb2_grpc as fpb_grpc
 from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast.inventory.v1 import inventory_pb2_grpc as pb_grpc
 
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
 from holdfast import client, redaction, security
-from holdfast.apps.inventory import InventoryReason
+from holdfast.apps.fulfillment import Dispatch
+from holdfast.apps.inventory import Inventory, InventoryReason
+from holdfast.engine import Engine
 from holdfast.outcome import DOMAIN, Reason
 from holdfast.server import Config, start
 from tests.process import ServerProcess, free_port, run_holdfast, start_server
-from tests.support import failure_of
+from tests.support import BUILT_IN_APPS, failure_of
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl binary")
 
@@ -95,7 +100,7 @@ def token_file(tmp_path_factory) -> str:
 
 def _config(tmp_path: Path, **kwargs) -> Config:
     return Config(listen="127.0.0.1:0", store=f"sqlite:///{tmp_path}/holdfast.db", snapshot="memory://",
-                  reaper_interval_ms=3_600_000, **kwargs)
+                  reaper_interval_ms=3_600_000, **{"apps": BUILT_IN_APPS, **kwargs})
 
 
 def _ssl(pki: Pki, ca: str = "ca.pem", cert: str | None = None, key: str | None = None) -> grpc.ChannelCredentials:
@@ -249,6 +254,70 @@ async def test_health_and_reflection_answer_without_a_token(tmp_path, token_file
             assert "holdfast.inventory.v1.InventoryService" in names
     finally:
         await running.stop(0)
+
+
+class _OperatedDispatch(Dispatch):
+    """Dispatch keeping one RPC of its own for operators: what a team's app
+    declares with `admin_methods`, as inventory does PutStock."""
+
+    admin_methods = ("GetWaybill",)
+
+
+def _operated_dispatch(engine: Engine) -> Dispatch:
+    return _OperatedDispatch.from_settings(engine, {})
+
+
+def _error_info(error: grpc.aio.AioRpcError) -> tuple[str, str, dict[str, str]]:
+    status = rpc_status.from_call(error)
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason, info.domain, dict(info.metadata)
+    raise AssertionError(f"no ErrorInfo in {error!r}")
+
+
+async def test_an_apps_own_admin_method_is_refused_to_a_client_token_as_put_stock_is(tmp_path, token_file):
+    running = await start(_config(tmp_path, auth_tokens=token_file, apps=("holdfast.apps.inventory:Inventory",)),
+                          services=[_operated_dispatch])
+    target = f"127.0.0.1:{running.port}"
+    try:
+        async with client.aio_channel(target, token=CLIENT_TOKEN) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as put:
+                await pb_grpc.InventoryServiceStub(channel).PutStock(
+                    pb.PutStockRequest(sku_id=SKU, total=1, request_id="r1"), timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as own:
+                await fpb_grpc.DispatchServiceStub(channel).GetWaybill(
+                    fpb.GetWaybillRequest(waybill_id="wb_x"), timeout=10)
+            # Its other RPCs stay the client's.
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await fpb_grpc.DispatchServiceStub(channel).Acknowledge(
+                    fpb.AcknowledgeRequest(waybill_id="wb_x"), timeout=10)
+            assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        assert own.value.code() == put.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert _error_info(own.value) == _error_info(put.value) == (
+            Reason.PERMISSION_DENIED.name, DOMAIN, {"token": "shop", "role": "admin"})
+        assert own.value.details() == (
+            "token 'shop' lacks the role 'admin' that holdfast.fulfillment.v1.DispatchService/GetWaybill needs")
+        async with client.aio_channel(target, token=ADMIN_TOKEN) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as admitted:
+                await fpb_grpc.DispatchServiceStub(channel).GetWaybill(
+                    fpb.GetWaybillRequest(waybill_id="wb_x"), timeout=10)
+            assert admitted.value.code() == grpc.StatusCode.NOT_FOUND  # through: the waybill is simply unknown
+    finally:
+        await running.stop(0)
+
+
+class _Misspelt(Inventory):
+    admin_methods = ("PutStocks",)
+
+
+async def test_an_admin_method_its_app_does_not_have_stops_the_start(tmp_path):
+    """A misspelt name would leave the RPC it meant open to every client."""
+    with pytest.raises(ValueError, match=r"_Misspelt.admin_methods names 'PutStocks', an RPC"
+                                         r" holdfast.inventory.v1.InventoryService does not have"):
+        await start(_config(tmp_path, apps=()), services=[_Misspelt])
 
 
 def test_the_journal_never_holds_the_token(tmp_path, token_file):

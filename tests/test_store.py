@@ -12,13 +12,14 @@ import time
 
 import pytest
 
-from holdfast.machine import State
+from holdfast.apps.inventory_machine import State
 from holdfast.backends import open_store
-from holdfast.store import SCHEMA_VERSION, BudgetSpent, Contended, Record, Reservation, SchemaTooNew, Stock
+from holdfast.store import SCHEMA_VERSION, BudgetSpent, Contended, Record, SchemaTooNew
+from holdfast.apps.inventory_store import TABLES, Reservation, Stock, due_holds, intents, put_stock, reservation, save_reservation, settle_stock, stock, take_stock
 
 @pytest.fixture
 async def store(store_url):
-    opened = open_store(store_url)
+    opened = open_store(store_url, tables=TABLES)
     await opened.open()
     yield opened
     await opened.close()
@@ -29,27 +30,27 @@ def _hold(rid: str = "r1", version: int = 1, state: State = State.RESERVED, expi
 
 
 async def _stock(store, sku: str = "sku") -> Stock | None:
-    return await store.transact(lambda txn: txn.stock(sku))
+    return await store.transact(lambda txn: stock(txn, sku))
 
 
 async def test_take_stock_holds_only_when_enough_is_available(store):
-    await store.transact(lambda txn: txn.put_stock(Stock("sku", 3, 3, 0, 0, 1)))
-    assert await store.transact(lambda txn: txn.take_stock("sku", 2)) is True
-    assert await store.transact(lambda txn: txn.take_stock("sku", 2)) is False
+    await store.transact(lambda txn: put_stock(txn, Stock("sku", 3, 3, 0, 0, 1)))
+    assert await store.transact(lambda txn: take_stock(txn, "sku", 2)) is True
+    assert await store.transact(lambda txn: take_stock(txn, "sku", 2)) is False
     assert await _stock(store) == Stock("sku", 3, 1, 2, 0, 2)
 
 
 async def test_settle_stock_moves_held_units_to_sold_or_back(store):
-    await store.transact(lambda txn: txn.put_stock(Stock("sku", 5, 1, 4, 0, 1)))
-    await store.transact(lambda txn: txn.settle_stock("sku", 3, sold=True))
-    await store.transact(lambda txn: txn.settle_stock("sku", 1, sold=False))
+    await store.transact(lambda txn: put_stock(txn, Stock("sku", 5, 1, 4, 0, 1)))
+    await store.transact(lambda txn: settle_stock(txn, "sku", 3, sold=True))
+    await store.transact(lambda txn: settle_stock(txn, "sku", 1, sold=False))
     assert await _stock(store) == Stock("sku", 5, 2, 0, 3, 3)
 
 
 def _saving(reservation: Reservation, expected_version: int):
     def work(txn):
         try:
-            txn.save_reservation(reservation, expected_version)
+            save_reservation(txn, reservation, expected_version)
         except Contended:
             return "contended"
         return "saved"
@@ -63,16 +64,16 @@ async def test_save_reservation_is_a_compare_and_set_on_version(store):
     confirmed = _hold(version=2, state=State.CONFIRMED)
     assert await store.transact(_saving(confirmed, 1)) == "saved"
     assert await store.transact(_saving(_hold(version=2, state=State.RELEASED), 1)) == "contended"
-    assert await store.transact(lambda txn: txn.reservation("r1")) == confirmed
+    assert await store.transact(lambda txn: reservation(txn, "r1")) == confirmed
 
 
 async def test_contended_move_is_undone_and_rerun_on_the_new_state(store):
-    await store.transact(lambda txn: txn.put_stock(Stock("sku", 10, 10, 0, 0, 1)))
+    await store.transact(lambda txn: put_stock(txn, Stock("sku", 10, 10, 0, 0, 1)))
     attempts = []
 
     def loses_first_race(txn):
-        assert txn.take_stock("sku", 4)
-        attempts.append(txn.stock("sku").available)
+        assert take_stock(txn, "sku", 4)
+        attempts.append(stock(txn, "sku").available)
         if len(attempts) == 1:
             raise Contended("a concurrent writer won")
         return "done"
@@ -90,16 +91,16 @@ async def test_recorded_outcome_round_trips_its_exact_bytes(store):
 
 
 async def test_failed_move_is_undone_alone_within_a_shared_transaction(store):
-    await store.transact(lambda txn: txn.put_stock(Stock("sku", 10, 10, 0, 0, 1)))
+    await store.transact(lambda txn: put_stock(txn, Stock("sku", 10, 10, 0, 0, 1)))
 
     def take_then_fail(txn):
-        assert txn.take_stock("sku", 4)
+        assert take_stock(txn, "sku", 4)
         raise RuntimeError("the move's own failure")
 
     results = await asyncio.gather(
-        store.transact(lambda txn: txn.take_stock("sku", 1)),
+        store.transact(lambda txn: take_stock(txn, "sku", 1)),
         store.transact(take_then_fail),
-        store.transact(lambda txn: txn.take_stock("sku", 2)),
+        store.transact(lambda txn: take_stock(txn, "sku", 2)),
         return_exceptions=True,
     )
     assert results[0] is True and results[2] is True
@@ -108,36 +109,36 @@ async def test_failed_move_is_undone_alone_within_a_shared_transaction(store):
 
 
 async def test_spent_budget_refuses_the_move_before_it_runs(store):
-    await store.transact(lambda txn: txn.put_stock(Stock("sku", 10, 10, 0, 0, 1)))
+    await store.transact(lambda txn: put_stock(txn, Stock("sku", 10, 10, 0, 0, 1)))
     with pytest.raises(BudgetSpent):
-        await store.transact(lambda txn: txn.take_stock("sku", 1), deadline=time.monotonic() - 0.001)
+        await store.transact(lambda txn: take_stock(txn, "sku", 1), deadline=time.monotonic() - 0.001)
     assert await _stock(store) == Stock("sku", 10, 10, 0, 0, 1)
 
 
 async def test_concurrent_moves_all_commit_with_exact_totals(store):
-    await store.transact(lambda txn: txn.put_stock(Stock("sku", 1000, 1000, 0, 0, 1)))
-    taken = await asyncio.gather(*(store.transact(lambda txn: txn.take_stock("sku", 3)) for _ in range(500)))
+    await store.transact(lambda txn: put_stock(txn, Stock("sku", 1000, 1000, 0, 0, 1)))
+    taken = await asyncio.gather(*(store.transact(lambda txn: take_stock(txn, "sku", 3)) for _ in range(500)))
     assert taken.count(True) == 333
     assert await _stock(store) == Stock("sku", 1000, 1, 999, 0, 334)
 
 
 async def test_due_holds_and_intents_are_found_in_order(store):
-    await store.transact(lambda txn: txn.save_reservation(_hold("b", expires_at_ms=50), 0))
-    await store.transact(lambda txn: txn.save_reservation(_hold("a", expires_at_ms=50), 0))
-    await store.transact(lambda txn: txn.save_reservation(_hold("c", expires_at_ms=500), 0))
-    await store.transact(lambda txn: txn.save_reservation(_hold("i", state=State.CONFIRMING), 0))
-    due = await store.transact(lambda txn: txn.due_holds(100, 10))
+    await store.transact(lambda txn: save_reservation(txn, _hold("b", expires_at_ms=50), 0))
+    await store.transact(lambda txn: save_reservation(txn, _hold("a", expires_at_ms=50), 0))
+    await store.transact(lambda txn: save_reservation(txn, _hold("c", expires_at_ms=500), 0))
+    await store.transact(lambda txn: save_reservation(txn, _hold("i", state=State.CONFIRMING), 0))
+    due = await store.transact(lambda txn: due_holds(txn, 100, 10))
     assert [r.reservation_id for r in due] == ["a", "b"]
-    intents = await store.transact(lambda txn: txn.intents(10))
-    assert [(r.reservation_id, r.state) for r in intents] == [("i", State.CONFIRMING)]
+    found = await store.transact(lambda txn: intents(txn, 10))
+    assert [(r.reservation_id, r.state) for r in found] == [("i", State.CONFIRMING)]
 
 
 async def test_committed_moves_survive_reopening(store_url):
-    first = open_store(store_url)
+    first = open_store(store_url, tables=TABLES)
     await first.open()
-    await first.transact(lambda txn: txn.put_stock(Stock("sku", 4, 4, 0, 0, 1)))
+    await first.transact(lambda txn: put_stock(txn, Stock("sku", 4, 4, 0, 0, 1)))
     await first.close()
-    second = open_store(store_url)
+    second = open_store(store_url, tables=TABLES)
     await second.open()
     try:
         assert await _stock(second) == Stock("sku", 4, 4, 0, 0, 1)
@@ -153,9 +154,9 @@ def test_store_url_must_name_a_supported_backend():
 
 
 async def test_store_written_by_a_newer_schema_is_refused_at_start_up(store_url):
-    first = open_store(store_url)
+    first = open_store(store_url, tables=TABLES)
     await first.open()
     await first.transact(lambda txn: txn._execute("UPDATE holdfast_schema SET version = %s", (SCHEMA_VERSION + 1,)))
     await first.close()
     with pytest.raises(SchemaTooNew, match=f"schema version {SCHEMA_VERSION + 1}"):
-        await open_store(store_url).open()
+        await open_store(store_url, tables=TABLES).open()

@@ -29,9 +29,23 @@ from holdfast import (
     shown_id,
     success,
 )
-from holdfast import machine
-from holdfast.machine import State
-from holdfast.store import Reservation, Stock
+from holdfast.apps import inventory_machine as machine
+from holdfast.apps.inventory_machine import State
+from holdfast.apps.inventory_store import (
+    RESERVATIONS,
+    STOCK,
+    TABLES,
+    Reservation,
+    Stock,
+    due_holds,
+    intents,
+    put_stock,
+    reservation,
+    save_reservation,
+    settle_stock,
+    stock,
+    take_stock,
+)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["InventoryService"]
 ID_LENGTH_MAX = 128
@@ -79,12 +93,16 @@ def reservation_id(key: bytes) -> str:
 
 
 class Inventory(Service):
-    """The servicer of InventoryService. Its moves work on the store's own
-    stock and reservation rows (the lower level of holdfast.framework), not
-    on generic entities: a Reserve is the hot path."""
+    """The servicer of InventoryService. Its moves work on its own tables
+    (holdfast.apps.inventory_store: the lower level of holdfast.framework),
+    not on generic entities: a Reserve is the hot path."""
 
     DESCRIPTOR = SERVICE
     MACHINE = machine.INVENTORY
+    tables = TABLES
+    admin_methods = ("PutStock",)  # setting a SKU's total is the operator's, not a shop's
+    workload = "holdfast.apps.inventory_workload:InventoryWorkload"
+    legacy_timeouts = {"expire": "reservation_id"}  # format 1 journaled a hold's expiry as an `expire` line
 
     def __init__(self, engine: Engine, holds: Holds = Holds()) -> None:
         super().__init__(engine)
@@ -117,8 +135,8 @@ class Inventory(Service):
         sku_id = request.sku_id
 
         def read(txn: Txn, now_ms: int) -> Outcome:
-            stock = txn.stock(sku_id)
-            return _sku_not_found(sku_id) if stock is None else success(_stock_reply(stock))
+            found = stock(txn, sku_id)
+            return _sku_not_found(sku_id) if found is None else success(_stock_reply(found))
 
         return await self.engine.read(read, current_call().deadline)
 
@@ -168,7 +186,7 @@ class Inventory(Service):
         rid = request.reservation_id
 
         def read(txn: Txn, now_ms: int) -> Outcome:
-            found = txn.reservation(rid)
+            found = reservation(txn, rid)
             return _reservation_not_found(rid) if found is None else success(_reservation_reply(found))
 
         return await self.engine.read(read, current_call().deadline)
@@ -179,7 +197,7 @@ class Inventory(Service):
 
     async def reap(self, now_ms: int, batch: int) -> int:
         """Releases the holds due by `now_ms`, each by its own move."""
-        due = await self.engine.store.transact(lambda txn: txn.due_holds(now_ms, batch))
+        due = await self.engine.store.transact(lambda txn: due_holds(txn, now_ms, batch))
         outcomes = await asyncio.gather(*(self.expire(hold) for hold in due))
         return sum(1 for outcome in outcomes if outcome.ok)
 
@@ -193,14 +211,14 @@ class Inventory(Service):
         hold in its transaction, so `version` only names what the reaper saw."""
         key = idempotency_key(REAPER_METHOD, (entity_id,))
         return await self.engine.move(
-            Move(REAPER_METHOD, key, key, entity_id, lambda txn, now_ms: _expire(txn, entity_id, now_ms))
+            Move(REAPER_METHOD, key, key, entity_id, lambda txn, now_ms: _expire(txn, entity_id, now_ms), RESERVATIONS)
         )
 
     async def recover(self, batch: int) -> int:
         """Resolves every intent a crashed writer left in the store."""
         moved = 0
-        while intents := await self.engine.store.transact(lambda txn: txn.intents(batch)):
-            for intent in intents:
+        while left := await self.engine.store.transact(lambda txn: intents(txn, batch)):
+            for intent in left:
                 outcome = await self.recover_intent(intent)
                 assert outcome.ok, f"recovery of {intent.reservation_id} failed: {outcome.reason}"
                 moved += 1
@@ -210,7 +228,7 @@ class Inventory(Service):
         """Drives an intent left in the store forward or back (machine.RECOVERY)."""
         key = idempotency_key(RECOVERY_METHOD, (intent.reservation_id, intent.state.name, intent.retry_count))
         rid = intent.reservation_id
-        return await self.engine.move(Move(RECOVERY_METHOD, key, key, rid, lambda txn, now_ms: _recover(txn, rid)))
+        return await self.engine.move(Move(RECOVERY_METHOD, key, key, rid, lambda txn, now_ms: _recover(txn, rid), RESERVATIONS))
 
     async def confirmation(self, reservation_id: str, deadline: float | None = None) -> Outcome | None:
         """None when `reservation_id` is CONFIRMED (terminal: it stays so);
@@ -218,7 +236,7 @@ class Inventory(Service):
         the store's failure). What fulfillment asks before creating a waybill."""
 
         def read(txn: Txn, now_ms: int) -> Outcome | None:
-            found = txn.reservation(reservation_id)
+            found = reservation(txn, reservation_id)
             if found is None:
                 return _reservation_not_found(reservation_id)
             if found.state != State.CONFIRMED:
@@ -232,7 +250,8 @@ class Inventory(Service):
         return await self.engine.read(read, deadline)
 
     async def _move(self, call: Call, entity: str | None, apply, skus: tuple[str, ...] = ()) -> Outcome:
-        move = Move(call.contract.method, call.key, call.fingerprint, entity, apply, skus)
+        prefetch = {STOCK.name: skus} if skus else {}
+        move = Move(call.contract.method, call.key, call.fingerprint, entity, apply, RESERVATIONS, prefetch)
         return await self.engine.move(move, call.deadline)
 
 
@@ -240,32 +259,32 @@ class Inventory(Service):
 
 
 def _put_stock(txn: Txn, sku_id: str, total: int) -> Outcome:
-    stock = txn.stock(sku_id)
-    if stock is None:
-        stock = Stock(sku_id, total, total, 0, 0, 1)
+    current = stock(txn, sku_id)
+    if current is None:
+        row = Stock(sku_id, total, total, 0, 0, 1)
     else:
-        committed = stock.held + stock.sold
+        committed = current.held + current.sold
         if total < committed:
             return failure(
                 InventoryReason.STOCK_BELOW_COMMITTED,
                 f"total {total} is below the {committed} units held or sold for {sku_id}",
                 metadata={"sku_id": sku_id, "committed": str(committed)},
             )
-        stock = Stock(sku_id, total, total - committed, stock.held, stock.sold, stock.version + 1)
-    txn.put_stock(stock)
-    return success(_stock_reply(stock))
+        row = Stock(sku_id, total, total - committed, current.held, current.sold, current.version + 1)
+    put_stock(txn, row)
+    return success(_stock_reply(row))
 
 
 def _reserve(txn: Txn, rid: str, order_id: str, sku_id: str, quantity: int, expires_at_ms: int) -> Outcome:
-    existing = txn.reservation(rid)
+    existing = reservation(txn, rid)
     state = State.AVAILABLE if existing is None else existing.state
     version = 0 if existing is None else existing.version
     if machine.walk(state, machine.RESERVE) is None:
         return _invalid_transition(rid, state, "reserve")
-    if not txn.take_stock(sku_id, quantity):
+    if not take_stock(txn, sku_id, quantity):
         # The conditional update found no row to take from; only now is it
         # worth a read to say which: no such SKU, or too little of it.
-        if txn.stock(sku_id) is None:
+        if stock(txn, sku_id) is None:
             return _sku_not_found(sku_id)
         return failure(
             InventoryReason.INSUFFICIENT_STOCK,
@@ -274,12 +293,12 @@ def _reserve(txn: Txn, rid: str, order_id: str, sku_id: str, quantity: int, expi
         )
     retry_count = 0 if existing is None else existing.retry_count
     held = Reservation(rid, order_id, sku_id, quantity, State.RESERVED, version + 1, expires_at_ms, retry_count)
-    txn.save_reservation(held, version)
+    save_reservation(txn, held, version)
     return success(_reservation_reply(held))
 
 
 def _confirm(txn: Txn, rid: str, expected_version: int, now_ms: int) -> Outcome:
-    found = txn.reservation(rid)
+    found = reservation(txn, rid)
     if found is None:
         return _reservation_not_found(rid)
     if expected_version and expected_version != found.version:
@@ -296,7 +315,7 @@ def _confirm(txn: Txn, rid: str, expected_version: int, now_ms: int) -> Outcome:
 
 
 def _release(txn: Txn, rid: str, why: str) -> Outcome:
-    found = txn.reservation(rid)
+    found = reservation(txn, rid)
     if found is None:
         return _reservation_not_found(rid)
     if found.state == State.RELEASED and found.release_reason == EXPIRED:
@@ -307,7 +326,7 @@ def _release(txn: Txn, rid: str, why: str) -> Outcome:
 
 
 def _expire(txn: Txn, rid: str, now_ms: int) -> Outcome:
-    found = txn.reservation(rid)
+    found = reservation(txn, rid)
     if found is None:  # a replayed expiry on an instance that never had the hold
         return _reservation_not_found(rid)
     if found.expires_at_ms > now_ms or machine.walk(found.state, machine.EXPIRE) is None:
@@ -318,22 +337,22 @@ def _expire(txn: Txn, rid: str, now_ms: int) -> Outcome:
 def _recover(txn: Txn, rid: str) -> Outcome:
     """An intent holds the stock of the state it left; completing it applies
     the effect, abandoning a reserve returns it to AVAILABLE with nothing held."""
-    found = txn.reservation(rid)
+    found = reservation(txn, rid)
     assert found is not None and found.state in machine.RECOVERY, f"no intent to recover at {rid}"
     target = machine.walk(found.state, machine.RECOVERY[found.state])
     assert target is not None
     if found.state == State.RESERVING:
         back = replace(found, state=target, version=found.version + 1, retry_count=found.retry_count + 1)
-        txn.save_reservation(back, found.version)
+        save_reservation(txn, back, found.version)
         return success(_reservation_reply(back))
     sold = found.state == State.CONFIRMING
     return _settle(txn, found, target, sold=sold, why="" if sold else found.release_reason or "recovered")
 
 
 def _settle(txn: Txn, found: Reservation, target: State, sold: bool, why: str) -> Outcome:
-    txn.settle_stock(found.sku_id, found.quantity, sold=sold)
+    settle_stock(txn, found.sku_id, found.quantity, sold=sold)
     done = replace(found, state=target, version=found.version + 1, release_reason=why)
-    txn.save_reservation(done, found.version)
+    save_reservation(txn, done, found.version)
     return success(_reservation_reply(done))
 
 

@@ -25,10 +25,10 @@ from holdfast.auditor import TRANSIENT, Auditor, Books, Kind, Request, require
 from holdfast.engine import Engine
 from holdfast.framework import Service
 from holdfast.call import idempotency_key, serving
-from holdfast.machine import INTENTS, State
+from holdfast.apps.inventory_machine import INTENTS, State
 from holdfast.memory import Changes, MemTxn, Rows
 from holdfast.outcome import AnyReason, Outcome, Reason
-from holdfast.store import Reservation, Stock
+from holdfast.apps.inventory_store import RESERVATIONS, STOCK, TABLES, Reservation, Stock, save_reservation
 from holdfast.workload import Client, Seen, call_of, contracts_of
 
 CONTRACTS = contracts_of(Inventory)
@@ -87,10 +87,10 @@ class InventoryWorkload:
         candidates = sorted(rid for rid in self.auditor.reserved if rid not in uncertain)
         if not candidates:
             return Changes()
-        found = rows.reservations[self.rng.choice(candidates)]
+        found = rows.of(RESERVATIONS)[self.rng.choice(candidates)]
         intent = self.rng.choice((State.CONFIRMING, State.RELEASING))
-        txn = MemTxn(rows)
-        txn.save_reservation(replace(found, state=intent, version=found.version + 1), found.version)
+        txn = MemTxn(rows, TABLES)
+        save_reservation(txn, replace(found, state=intent, version=found.version + 1), found.version)
         return txn.commit()
 
     # -- requests, built as a client would ---------------------------------------------
@@ -216,6 +216,25 @@ class _ObservedInventory(Inventory):
 
 def _background(method: str, key: bytes, hold: Reservation) -> StockRequest:
     return StockRequest(method, None, key, key, (hold.reservation_id, hold.sku_id), hold, sku=hold.sku_id, rid=hold.reservation_id)
+
+
+# -- the books: inventory's own tables as the simulation's store committed them -----------
+
+
+def stock_of(books: Books, sku_id: str) -> Stock | None:
+    return books.rows.of(STOCK).get(sku_id)
+
+
+def reservation_of(books: Books, reservation_id: str) -> Reservation | None:
+    return books.rows.of(RESERVATIONS).get(reservation_id)
+
+
+def all_stock(books: Books) -> Iterable[Stock]:
+    return books.rows.of(STOCK).values()
+
+
+def all_reservations(books: Books) -> Iterable[Reservation]:
+    return books.rows.of(RESERVATIONS).values()
 
 
 # -- the auditor ---------------------------------------------------------------------------
@@ -366,17 +385,17 @@ class StockAuditor(Auditor):
 
     def check(self, books: Books, changes: Changes, requests: Iterable[Request] = ()) -> None:
         requests = list(requests)
-        skus = changes.skus | {r.sku for r in requests if r.sku}
-        rids = changes.reservations | {r.rid for r in requests if r.rid}
+        skus = changes.of(STOCK.name) | {r.sku for r in requests if r.sku}
+        rids = changes.of(RESERVATIONS.name) | {r.rid for r in requests if r.rid}
         self._check(books, sorted(skus), sorted(rids))
 
     def _check(self, books: Books, skus: Iterable[str], rids: Iterable[str]) -> None:
         """Every invariant, for the SKUs and reservations named."""
         uncertain_skus, uncertain_rids = self.uncertain_skus(), self.uncertain_rids()
         for sku_id in skus:
-            self._check_stock(books.stock(sku_id), sku_id, exact=sku_id not in uncertain_skus)
+            self._check_stock(stock_of(books, sku_id), sku_id, exact=sku_id not in uncertain_skus)
         for rid in rids:
-            self._check_reservation(books.reservation(rid), rid, exact=rid not in uncertain_rids)
+            self._check_reservation(reservation_of(books, rid), rid, exact=rid not in uncertain_rids)
 
     def sweep(self, books: Books) -> None:
         """Every invariant, for every row, including the store's own sums
@@ -384,14 +403,14 @@ class StockAuditor(Auditor):
         held: dict[str, int] = {}
         sold: dict[str, int] = {}
         rids = set(self.holds)
-        for r in books.all_reservations():
+        for r in all_reservations(books):
             rids.add(r.reservation_id)
             if r.state is State.RESERVED:
                 held[r.sku_id] = held.get(r.sku_id, 0) + r.quantity
             elif r.state is State.CONFIRMED:
                 sold[r.sku_id] = sold.get(r.sku_id, 0) + r.quantity
         skus = set(self.skus)
-        for s in books.all_stock():
+        for s in all_stock(books):
             skus.add(s.sku_id)
             require((s.held, s.sold) == (held.get(s.sku_id, 0), sold.get(s.sku_id, 0)), f"stock of {s.sku_id} disagrees with its reservations: {s}")
         require(set(held) | set(sold) <= skus, "reservations hold stock of a SKU that has none")

@@ -1,0 +1,189 @@
+"""The inventory's rows: stock per SKU and reservations, as tables of its
+own (holdfast.table), and the stock effects its moves make on them.
+
+Their own tables rather than generic entities: a Reserve reads and writes
+both on the hot path, and the CHECKs (`available + held + sold = total`,
+none negative, a positive quantity) keep the books adding up in the
+database itself, even against a bug. The tables' names and columns are
+the ones every store written so far holds, so nothing migrates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from holdfast import Column, Query, Table, Txn
+from holdfast.apps.inventory_machine import INTENTS, State
+
+
+@dataclass(slots=True)
+class Stock:
+    sku_id: str
+    total: int
+    available: int
+    held: int
+    sold: int
+    version: int
+
+    def check(self) -> None:
+        assert self.available + self.held + self.sold == self.total, f"stock of {self.sku_id} does not add up: {self}"
+        assert min(self.available, self.held, self.sold) >= 0, f"negative stock for {self.sku_id}: {self}"
+
+
+@dataclass(slots=True)
+class Reservation:
+    reservation_id: str
+    order_id: str
+    sku_id: str
+    quantity: int
+    state: State
+    version: int
+    expires_at_ms: int
+    retry_count: int = 0
+    # Why it was released: the client's reason, or "hold expired" for the reaper.
+    release_reason: str = ""
+
+
+def _reservation_of(values: Sequence[Any]) -> Reservation:
+    return Reservation(values[0], values[1], values[2], values[3], State(values[4]), *values[5:])
+
+
+def _values_of(r: Reservation) -> tuple[Any, ...]:
+    """The state as a plain int: a driver would write an IntEnum by its name."""
+    return (r.reservation_id, r.order_id, r.sku_id, r.quantity, int(r.state), r.version, r.expires_at_ms,
+            r.retry_count, r.release_reason)
+
+
+def _stock_of(values: Sequence[Any]) -> Stock:
+    return Stock(*values)
+
+
+def _copy_stock(s: Stock) -> Stock:
+    return Stock(s.sku_id, s.total, s.available, s.held, s.sold, s.version)
+
+
+def _stock_refused(s: Stock) -> str | None:
+    if min(s.total, s.available, s.held, s.sold) < 0 or s.available + s.held + s.sold != s.total:
+        return f"stock {s.sku_id!r}: CHECK (available + held + sold = total), none negative, refuses {s}"
+    return None
+
+
+def _reservation_refused(r: Reservation) -> str | None:
+    return None if r.quantity > 0 else f"reservation {r.reservation_id}: quantity must be positive (CHECK quantity > 0)"
+
+
+# The holds whose time is up: what the reaper releases, oldest first.
+DUE_HOLDS: Query[Reservation] = Query(
+    where="state = %s AND expires_at_ms <= %s",
+    order_by="expires_at_ms, reservation_id",
+    matches=lambda r, params: r.state == params[0] and r.expires_at_ms <= params[1],
+    order=lambda r: (r.expires_at_ms, r.reservation_id),
+    candidate=lambda r: r.state is State.RESERVED,
+)
+# Write-ahead intents a crashed writer left: what recovery drives on.
+_INTENT_STATES = tuple(sorted(int(s) for s in INTENTS))
+OPEN_INTENTS: Query[Reservation] = Query(
+    where="state IN (" + ", ".join(["%s"] * len(_INTENT_STATES)) + ")",
+    order_by="reservation_id",
+    matches=lambda r, params: r.state in INTENTS,
+    order=lambda r: r.reservation_id,
+)
+
+RESERVATIONS: Table[Reservation] = Table(
+    "reservation",
+    (
+        Column("reservation_id", "text"),
+        Column("order_id", "text"),
+        Column("sku_id", "text"),
+        Column("quantity", "integer", "NOT NULL CHECK (quantity > 0)"),
+        Column("state", "integer"),
+        Column("version", "integer"),
+        Column("expires_at_ms", "integer"),
+        Column("retry_count", "integer", "NOT NULL DEFAULT 0"),
+        Column("release_reason", "text", "NOT NULL DEFAULT ''"),
+    ),
+    Reservation,
+    snapshot=True,
+    noun="reservation",
+    indexes=(("reservation_due", "state, expires_at_ms"),),
+    refused=_reservation_refused,
+    of_values=_reservation_of,
+    values_of=_values_of,
+    queries=(DUE_HOLDS, OPEN_INTENTS),
+)
+# Stock is written under its row lock, not by compare-and-set: racing
+# Reserves of one SKU never conflict, those that find too little simply
+# do not take it. A move on a reservation locks its SKU's stock with it.
+STOCK: Table[Stock] = Table(
+    "stock",
+    (
+        Column("sku_id", "text"),
+        Column("total", "integer", "NOT NULL CHECK (total >= 0)"),
+        Column("available", "integer", "NOT NULL CHECK (available >= 0)"),
+        Column("held", "integer", "NOT NULL CHECK (held >= 0)"),
+        Column("sold", "integer", "NOT NULL CHECK (sold >= 0)"),
+        Column("version", "integer"),
+    ),
+    Stock,
+    versioned=False,
+    noun="stock",
+    checks=("available + held + sold = total",),
+    locked_with=(("reservation", "sku_id"),),
+    refused=_stock_refused,
+    of_values=_stock_of,
+    values_of=lambda s: (s.sku_id, s.total, s.available, s.held, s.sold, s.version),
+)
+# In this order: a batch locks reservations before stock, on every instance.
+TABLES: tuple[Table[Any], ...] = (RESERVATIONS, STOCK)
+
+
+# -- what the inventory's moves do with them, inside their transaction --------------
+
+
+def stock(txn: Txn, sku_id: str) -> Stock | None:
+    return txn.row(STOCK, sku_id)
+
+
+def put_stock(txn: Txn, row: Stock) -> None:
+    row.check()
+    txn.put(STOCK, row)
+
+
+def take_stock(txn: Txn, sku_id: str, quantity: int) -> bool:
+    """The conditional hold: False (nothing taken) when the SKU has fewer
+    than `quantity` units available, or no stock at all."""
+    assert quantity > 0
+    found = txn.row(STOCK, sku_id)
+    if found is None or found.available < quantity:
+        return False
+    put_stock(txn, Stock(sku_id, found.total, found.available - quantity, found.held + quantity, found.sold,
+                         found.version + 1))
+    return True
+
+
+def settle_stock(txn: Txn, sku_id: str, quantity: int, sold: bool) -> None:
+    """Held units leave the hold: sold, or back to available."""
+    found = txn.row(STOCK, sku_id)
+    assert found is not None and found.held >= quantity, f"settling {quantity} of {sku_id} that is not held"
+    back = 0 if sold else quantity
+    put_stock(txn, Stock(sku_id, found.total, found.available + back, found.held - quantity,
+                         found.sold + quantity - back, found.version + 1))
+
+
+def reservation(txn: Txn, reservation_id: str) -> Reservation | None:
+    return txn.row(RESERVATIONS, reservation_id)
+
+
+def save_reservation(txn: Txn, row: Reservation, expected_version: int) -> None:
+    """Compare-and-set on the version; a new reservation expects version 0."""
+    txn.save(RESERVATIONS, row, expected_version)
+
+
+def due_holds(txn: Txn, now_ms: int, limit: int) -> list[Reservation]:
+    return txn.select(RESERVATIONS, DUE_HOLDS, (int(State.RESERVED), now_ms), limit)
+
+
+def intents(txn: Txn, limit: int) -> list[Reservation]:
+    return txn.select(RESERVATIONS, OPEN_INTENTS, _INTENT_STATES, limit)
