@@ -39,7 +39,7 @@ The guarantees are the savepoint path's, kept in memory:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,32 +111,25 @@ class Rows:
 
     __slots__ = ("outcomes", "new_outcomes", "tables", "stored", "declared")
 
-    def __init__(self) -> None:
+    def __init__(self, tables: Sequence[Table[Any]]) -> None:
         self.outcomes: dict[bytes, Record | None] = {}
         self.new_outcomes: dict[bytes, tuple[Record, int]] = {}  # recorded by this batch, not yet written
-        self.tables: dict[str, dict[str, Any]] = {}  # table -> key -> row, None for none
-        self.stored: dict[str, dict[str, Any]] = {}
-        self.declared: dict[str, Table[Any]] = {}
+        # By table name, one dict for each of the store's tables: key -> row (None for none).
+        self.tables: dict[str, dict[str, Any]] = {table.name: {} for table in tables}
+        self.stored: dict[str, dict[str, Any]] = {table.name: {} for table in tables}
+        self.declared: dict[str, Table[Any]] = {table.name: table for table in tables}
 
     def loaded_outcome(self, key: bytes, record: Record | None) -> None:
         self.outcomes[key] = record
 
     def loaded(self, table: Table[Any], key: str, row: Any) -> None:
-        rows = self.tables.get(table.name)
-        if rows is None:
-            rows = self.tables[table.name] = {}
-            self.stored[table.name] = {}
-            self.declared[table.name] = table
-        rows[key] = row
+        self.of(table)[key] = row
         self.stored[table.name][key] = (0 if row is None else row.version) if table.versioned else row
 
     def of(self, table: Table[Any]) -> dict[str, Any]:
-        """The batch's rows of `table` by key (an empty dict the first time)."""
+        """The batch's rows of `table` by key."""
         rows = self.tables.get(table.name)
-        if rows is None:
-            rows = self.tables[table.name] = {}
-            self.stored[table.name] = {}
-            self.declared[table.name] = table
+        assert rows is not None, f"table {table.name} is not the store's: list it in the app's `tables`"
         return rows
 
     def changes(self) -> Changes:
@@ -233,33 +226,36 @@ class BatchTxn(EntityRows):
     # framework's entities) is copied in and out: the batch's rows, which
     # its batch-mates read and `undo` restores, must not change with it.
 
-    def _current(self, table: Table[R], key: str) -> R | None:
-        rows = self._rows.of(table)
+    def _current(self, table: Table[R], rows: dict[str, Any], key: str) -> R | None:
+        """The batch's row of `table` under `key` (its dict `rows`), loaded
+        (and locked) first if the prefetch missed it."""
         if key not in rows:
             self._rows.loaded(table, key, self._db.row(table, key))
         found: R | None = rows[key]
         return found
 
     def row(self, table: Table[R], key: str) -> R | None:
-        found = self._current(table, key)
+        found = self._current(table, self._rows.of(table), key)
         return table.copy(found) if found is not None and table.in_place else found
 
     def save(self, table: Table[R], row: R, expected_version: int) -> None:
         version = table.advanced(row, expected_version)
         key = table.key(row)
-        current = self._current(table, key)
+        rows = self._rows.of(table)
+        current = self._current(table, rows, key)
         if table.stored(current) != expected_version:
             raise Contended(table.moved_past(key, expected_version))
         assert (refixed := table.refixed(current, row)) is None, refixed
-        self._set(self._rows.of(table), key, table.copy(row) if table.in_place else row)
+        self._set(rows, key, table.copy(row) if table.in_place else row)
         if table.snapshot:
             self.written[key] = version
 
     def put(self, table: Table[R], row: R) -> None:
         assert not table.versioned, f"table {table.name} is versioned: save its rows"
         key = table.key(row)
-        self._current(table, key)  # loaded (and locked) first, so the flush knows what it replaces
-        self._set(self._rows.of(table), key, table.copy(row) if table.in_place else row)
+        rows = self._rows.of(table)
+        self._current(table, rows, key)  # loaded (and locked) first, so the flush knows what it replaces
+        self._set(rows, key, table.copy(row) if table.in_place else row)
 
     # -- range queries: the database's answer, after the batch's writes --
 

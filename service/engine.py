@@ -96,8 +96,7 @@ class Engine:
     async def _move(self, move: Move, deadline: float | None) -> Outcome:
         seen = None if move.entity is None else await self.snapshot.version(move.entity)
         try:
-            named = move.prefetch if move.entity is None else {**move.prefetch, move.table.name: (move.entity,)}
-            rows = Prefetch((move.key,), named)
+            rows = Prefetch((move.key,), _named(move))
             result = await self.store.transact(lambda txn: self._decide(txn, move, seen), deadline, rows)
         except BudgetSpent:  # counted as a timeout fallback by the gateway, which answers it
             return failure(Reason.BUDGET_EXCEEDED, "the call's budget ran out before the move could start; nothing changed")
@@ -156,6 +155,16 @@ class Engine:
             f"{noun} {conflict.entity} moved concurrently (now at version {conflict.store_version}); re-read and retry",
             metadata={table.key_column: conflict.entity, "version": str(conflict.store_version)},
         )
+
+
+def _named(move: Move) -> Mapping[str, tuple[str, ...]]:
+    """The rows `move` names for its batch's prefetch: its own, and those it
+    said it will read."""
+    if move.entity is None:
+        return move.prefetch
+    if not move.prefetch:
+        return {move.table.name: (move.entity,)}
+    return {**move.prefetch, move.table.name: (move.entity,)}
 
 
 def _replay(recorded: Record, fingerprint: bytes) -> Outcome:

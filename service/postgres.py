@@ -197,7 +197,7 @@ class PostgresStore(BufferedStore):
         """BEGIN and one SELECT per table a job named rows of, in one round
         trip, each locking its rows in key order and the tables in their
         declared order, so two batches never wait on each other in a cycle."""
-        rows = Rows()
+        rows = Rows(self.tables)
         if not named:
             connection.execute("BEGIN")
             return rows

@@ -88,6 +88,11 @@ class SqliteStore(BufferedStore):
         # Every table's rows come back from one UNION ALL, each padded to
         # the widest: column 0 says which table (or outcome) a row is of.
         self._width = max([4, *(len(table.columns) for table in self.tables)])
+        self._selects = [
+            f"SELECT {n}, {', '.join(t.names)}{', NULL' * (self._width - len(t.columns))} FROM {t.name} WHERE "
+            for n, t in enumerate(self.tables)
+        ]
+        self._keys = {table.name: table.key_column for table in self.tables}
 
     @classmethod
     def from_url(cls, url: str, tables: Sequence[Table[Any]] = ()) -> SqliteStore:
@@ -121,22 +126,21 @@ class SqliteStore(BufferedStore):
         `locked_with` (the stock of the reservations named), told apart by
         a first column."""
         connection.execute(self.BEGIN)
-        rows = Rows()
+        rows = Rows(self.tables)
         if not named:
             return rows
         keys, key_params = _in(named.keys)
         pad = ", NULL" * (self._width - 4)
         selects = [f"SELECT -1, key, fingerprint, reason, payload{pad} FROM outcome WHERE key IN {keys}"]
         params: list[Any] = [*key_params]
-        wanted: list[tuple[Table[Any], Row]] = []
+        wanted: list[tuple[int, Table[Any], Row]] = []
         for n, table in enumerate(self.tables):
             where, table_params = self._where(table, named)
             if where is None:
                 continue
-            pad = ", NULL" * (self._width - len(table.columns))
-            selects.append(f"SELECT {n}, {', '.join(table.names)}{pad} FROM {table.name} WHERE {where}")
+            selects.append(self._selects[n] + where)
             params += table_params
-            wanted.append((table, tuple(named.rows.get(table.name, ()))))
+            wanted.append((n, table, tuple(named.rows.get(table.name, ()))))
         found: dict[int, dict[Any, Sequence[Any]]] = {}
         for n, *row in connection.execute(" UNION ALL ".join(selects), params):
             found.setdefault(n, {})[row[0]] = row
@@ -144,11 +148,12 @@ class SqliteStore(BufferedStore):
         for key in key_params:
             row = outcomes.get(key)
             rows.loaded_outcome(key, None if row is None else Record(row[1], row[2], row[3]))
-        for table, names in wanted:
-            of_table = found.get(self.tables.index(table), {})
+        for n, table, names in wanted:
+            of_table = found.get(n, {})
+            width = len(table.columns)
             for key in {*names, *of_table}:
                 row = of_table.get(key)
-                rows.loaded(table, key, None if row is None else table.row(row[: len(table.columns)]))
+                rows.loaded(table, key, None if row is None else table.row(row[:width]))
         return rows
 
     def _where(self, table: Table[Any], named: Named) -> tuple[str | None, Row]:
@@ -165,8 +170,7 @@ class SqliteStore(BufferedStore):
             others = named.rows.get(other)
             if others:
                 marks, values = _in(others)
-                other_key = self.table(other).key_column
-                clauses.append(f"{table.key_column} IN (SELECT {column} FROM {other} WHERE {other_key} IN {marks})")
+                clauses.append(f"{table.key_column} IN (SELECT {column} FROM {other} WHERE {self._keys[other]} IN {marks})")
                 params += values
         return (" OR ".join(clauses) if clauses else None), tuple(params)
 

@@ -181,7 +181,9 @@ async def test_a_prefetch_of_a_spot_loads_its_lot_in_the_same_statements(store_u
             connection.close()
     finally:
         await store.close()
-    assert rows.tables == {"parking_spot": {"s1": _held("s1"), "s2": None}, "parking_lot": {"lot-a": Lot("lot-a", 4, 1)}}
+    assert rows.tables == {
+        "entity": {}, "parking_spot": {"s1": _held("s1"), "s2": None}, "parking_lot": {"lot-a": Lot("lot-a", 4, 1)},
+    }
 
 
 async def test_versions_list_every_snapshot_table(store):
