@@ -445,6 +445,25 @@ def _ping(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
         return False
 
 
+def _served_by(port: int, pid: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+    """Whether the redis-server answering on `port` is process `pid`: two
+    servers handed the same free port would otherwise both seem started
+    (the second's PING reaches the first), as a cluster of three nodes on
+    two ports once did in CI."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"INFO server\r\n")
+            answer = b""
+            while b"process_id:" not in answer or not answer.split(b"process_id:", 1)[1].count(b"\r\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    return False
+                answer += chunk
+    except OSError:
+        return False
+    return int(answer.split(b"process_id:", 1)[1].split(b"\r\n", 1)[0]) == pid
+
+
 class RedisServer(_Closable):
     """redis-server as a child process on 127.0.0.1:`port`, no persistence.
 
@@ -503,7 +522,7 @@ class RedisServer(_Closable):
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     break
-                if _ping(self.port):
+                if _ping(self.port) and _served_by(self.port, self.proc.pid):
                     self._auto_port = False
                     return
                 time.sleep(0.01)
@@ -582,6 +601,13 @@ class RedisClusterServer(_Closable):
     def __init__(self, masters: int = 3) -> None:
         self.root = _mkdtemp("holdfast-redis-cluster-")
         self.nodes = [RedisServer(self.root, cluster=True) for _ in range(masters)]
+        # Each node's ports were free when it was made, but not reserved: the
+        # system may hand one port out twice. Nodes pick again until distinct.
+        taken: set[int] = set()
+        for node in self.nodes:
+            while node.port in taken or node.cluster_port in taken or node.port == node.cluster_port:
+                node.port, node.cluster_port = free_port(), free_port()
+            taken |= {node.port, node.cluster_port}
         self._track()
 
     @property
