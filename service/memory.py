@@ -145,6 +145,9 @@ class MemTxn(EntityRows):
         written = self._written.get(table.name)
         keys: Iterable[str]
         if query.candidate is not None:
+            # Commits keep an index for each query the table declares; one it
+            # does not would find an empty index and answer nothing.
+            assert any(q is query for q in table.queries), f"table {table.name}: declare the query in its `queries`"
             keys = self._rows.index(query) | (set(written[1]) if written is not None else set())
         else:
             keys = {*self._rows.of(table), *(written[1] if written is not None else ())}

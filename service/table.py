@@ -18,7 +18,7 @@ dataclass); the first column is its key (text), and a versioned table's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, Generic, Literal, TypeVar
@@ -27,11 +27,18 @@ R = TypeVar("R")
 ColumnType = Literal["text", "integer", "blob"]
 
 
+class ColumnNotAddable(ValueError):
+    """A declared column an existing table lacks cannot be added to it."""
+
+
 @dataclass(frozen=True, slots=True)
 class Column:
     """One column. `constraint` is SQL after the type (`NOT NULL CHECK
     (quantity > 0)`); `fixed` ones are written when the row is inserted
-    and never again (an entity's kind: a machine never turns into another)."""
+    and never again (an entity's kind: a machine never turns into another).
+    A column declared after a table has rows in some database carries a
+    DEFAULT in its constraint: the store adds it to the existing table
+    (`Table.added`) and the old rows read as the default."""
 
     name: str
     type: ColumnType
@@ -71,7 +78,9 @@ class Table(Generic[R]):
     row loaded and locked in the same prefetch. `in_place`: moves may
     change a row they read in place, so a batch copies rows in and out.
     `refused` says what the SQL schema's CHECKs would refuse, for the
-    in-memory store; the column types it checks by itself.
+    in-memory store; the column types it checks by itself. `queries` lists
+    the range queries asked of the table: the in-memory store keeps the
+    index of each that has a `candidate`, and refuses one it was not told of.
     """
 
     name: str
@@ -161,14 +170,34 @@ class Table(Generic[R]):
     def ddl(self, integer: str, blob: str) -> str:
         """CREATE TABLE (and its indexes) IF NOT EXISTS, in a backend's names
         for 64-bit integers and bytes: a store written before keeps its rows."""
-        types = {"text": "TEXT", "integer": integer, "blob": blob}
         lines = [f"{self.key_column} TEXT PRIMARY KEY"]
-        lines += [f"{c.name} {types[c.type]} {c.constraint}".rstrip() for c in self.columns[1:]]
+        lines += [_column_sql(c, integer, blob) for c in self.columns[1:]]
         lines += [f"CHECK ({check})" for check in self.checks]
         body = ",\n    ".join(lines)
         statements = [f"CREATE TABLE IF NOT EXISTS {self.name} (\n    {body}\n);"]
         statements += [f"CREATE INDEX IF NOT EXISTS {index} ON {self.name} ({columns});" for index, columns in self.indexes]
         return "\n".join(statements)
+
+    def added(self, existing: Collection[str], integer: str, blob: str) -> list[str]:
+        """ALTER TABLE ... ADD COLUMN for each declared column a table made
+        by an older declaration lacks (`existing`: the database's column
+        names). Its rows gain the column's DEFAULT, so a column may only be
+        added with one; a table the database lacks altogether is CREATE
+        TABLE's, not ours. Columns are only ever added: one the database has
+        and the declaration no longer names is left alone."""
+        if not existing:
+            return []
+        statements = []
+        for column in self.columns:
+            if column.name in existing:
+                continue
+            if column is self.columns[0] or "DEFAULT" not in column.constraint.upper():
+                raise ColumnNotAddable(
+                    f"table {self.name}: column {column.name} is missing from the database and has no DEFAULT"
+                    " for the rows it holds, so it cannot be added"
+                )
+            statements.append(f"ALTER TABLE {self.name} ADD COLUMN {_column_sql(column, integer, blob)}")
+        return statements
 
     def refusal(self, row: R) -> str | None:
         """What the SQL schema would refuse of `row`: a column of the wrong
@@ -185,3 +214,9 @@ class Table(Generic[R]):
             elif column.type == "blob" and not isinstance(value, bytes):
                 return f"{self.name} {self.key(row)!r}: {column.name} must be bytes (NOT NULL), got {type(value).__name__}"
         return None if self.refused is None else self.refused(row)
+
+
+def _column_sql(column: Column, integer: str, blob: str) -> str:
+    """A column's definition, in a backend's names for 64-bit integers and bytes."""
+    types = {"text": "TEXT", "integer": integer, "blob": blob}
+    return f"{column.name} {types[column.type]} {column.constraint}".rstrip()

@@ -237,6 +237,18 @@ def test_the_tables_exist_after_open_with_their_columns(store_url):
     assert columns == ["spot_id", "lot_id", "driver", "state", "version", "until_ms"]
 
 
+async def test_the_memory_store_refuses_an_indexed_query_its_table_does_not_declare():
+    """Its index would be empty, so the query would answer nothing."""
+    store = MemoryStore(tables=TABLES)
+    await store.open()
+    undeclared = replace(EXPIRED_BY, where="until_ms <= %s")
+    try:
+        with pytest.raises(AssertionError, match="declare the query in its `queries`"):
+            await store.transact(lambda txn: txn.select(SPOTS, undeclared, (500,), 10))
+    finally:
+        await store.close()
+
+
 def test_two_different_tables_of_one_name_are_refused():
     other = Table("parking_lot", (Column("lot_id", "text"), Column("spaces", "integer")), Lot, versioned=False)
     with pytest.raises(ValueError, match="two different tables are declared as 'parking_lot'"):
