@@ -7,6 +7,7 @@ the gateway enforces exactly what the linter checked.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,14 @@ class Retry:
     retryable_codes: tuple[str, ...]
 
 
+class OnDuplicate(enum.Enum):
+    """What a call does while a call with its idempotency key runs (the
+    contract's `on_duplicate`; the proto enum's numbers are the values)."""
+
+    REFUSE = contract_pb2.ON_DUPLICATE_REFUSE  # REQUEST_IN_FLIGHT at once: today's answer, the default
+    WAIT = contract_pb2.ON_DUPLICATE_WAIT  # the running call's recorded outcome, replayed, within its own budget
+
+
 @dataclass(frozen=True, slots=True)
 class Contract:
     """One RPC's contract. `method` is the gRPC path, `/pkg.Service/Method`."""
@@ -38,6 +47,7 @@ class Contract:
     lock_ttl_ms: int
     sla: str
     mutating: bool
+    on_duplicate: OnDuplicate = OnDuplicate.REFUSE
 
     @property
     def timeout_s(self) -> float:
@@ -68,7 +78,18 @@ def of_method(method: descriptor.MethodDescriptor) -> Contract | None:
         lock_ttl_ms=raw.lock_ttl_ms,
         sla=raw.sla,
         mutating=options.idempotency_level != no_side_effects,
+        on_duplicate=_on_duplicate(method, raw.on_duplicate),
     )
+
+
+def _on_duplicate(method: descriptor.MethodDescriptor, number: int) -> OnDuplicate:
+    """proto3 enums are open: a number this holdfast does not know (a newer
+    contract.proto's) is refused, never served as some other behaviour."""
+    try:
+        return OnDuplicate(number)
+    except ValueError:
+        raise ValueError(f"{method.full_name}: on_duplicate {number} is not one this holdfast knows"
+                         f" ({', '.join(f'{m.name} = {m.value}' for m in OnDuplicate)})") from None
 
 
 def of_service(service: descriptor.ServiceDescriptor) -> dict[str, Contract]:
@@ -83,6 +104,10 @@ def of_service(service: descriptor.ServiceDescriptor) -> dict[str, Contract]:
         if found is None:
             raise ValueError(f"{method.full_name} declares no (holdfast.contract.v1.contract) option")
         _check_key_fields(method, found)
+        if found.on_duplicate is OnDuplicate.WAIT and not found.idempotency_key:
+            # Without a key, the key is the request's fingerprint: two
+            # callers sending the same bytes would be told one's answer.
+            raise ValueError(f"{method.full_name}: on_duplicate WAIT needs idempotency_key fields")
         contracts[found.method] = found
     return contracts
 

@@ -110,6 +110,31 @@ def contract_lock_ttl_below_timeout(context: Context) -> Report:
             )
 
 
+# What `on_duplicate` may be: the numbers of holdfast.contract.v1.OnDuplicate.
+_ON_DUPLICATE = {0: "ON_DUPLICATE_REFUSE", 1: "ON_DUPLICATE_WAIT"}
+_WAIT = 1
+
+
+def contract_on_duplicate_known(context: Context) -> Report:
+    known = ", ".join(f"{name} ({number})" for number, name in _ON_DUPLICATE.items())
+    for rpc, contract in _contracted(context):
+        if contract.on_duplicate not in _ON_DUPLICATE:
+            yield rpc.option_site("on_duplicate"), (
+                f"Contract of {rpc.method} has on_duplicate {contract.on_duplicate}, which is not one holdfast knows "
+                f"({known}); the server would refuse to serve it."
+            )
+
+
+def contract_on_duplicate_wait_keyed(context: Context) -> Report:
+    for rpc, contract in _contracted(context):
+        # A mutating RPC without a key is CONTRACT_KEY_REQUIRED's finding; adding the key fixes both.
+        if contract.on_duplicate == _WAIT and not contract.idempotency_key and rpc.read_only:
+            yield rpc.option_site("on_duplicate"), (
+                f"Contract of {rpc.method} waits for duplicates (on_duplicate: ON_DUPLICATE_WAIT) but declares no "
+                "idempotency_key; without a key no two calls are duplicates, so there is nothing to wait for."
+            )
+
+
 # -- SLA: each contract fits its entry in the SLA registry ------------------------------------
 
 
@@ -222,6 +247,12 @@ RULES: tuple[Rule, ...] = (
     Rule("CONTRACT_LOCK_TTL_BELOW_TIMEOUT", "CONTRACT",
          "A contract's lock_ttl_ms is below its timeout_ms, so a lock held by a call that died expires before a retry's budget does.",
          contract_lock_ttl_below_timeout),
+    Rule("CONTRACT_ON_DUPLICATE_KNOWN", "CONTRACT",
+         "A contract's on_duplicate is ON_DUPLICATE_REFUSE or ON_DUPLICATE_WAIT, because the server refuses to serve a behaviour it does not know.",
+         contract_on_duplicate_known),
+    Rule("CONTRACT_ON_DUPLICATE_WAIT_KEYED", "CONTRACT",
+         "A contract with on_duplicate ON_DUPLICATE_WAIT declares an idempotency key, because only calls that share a key are duplicates.",
+         contract_on_duplicate_wait_keyed),
     Rule("CONTRACT_SLA_DEFINED", "SLA",
          "A contract's sla names an entry of the SLA registry, which bounds its timeout and its retries.",
          contract_sla_defined),

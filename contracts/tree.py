@@ -184,6 +184,7 @@ class ContractOption:
     fixed_delay_ms: int
     lock_ttl_ms: int
     sla: str
+    on_duplicate: int = 0  # the OnDuplicate number, as written (proto3 enums are open)
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,6 +454,7 @@ def _contract_option(raw) -> ContractOption:
         fixed_delay_ms=getattr(retry, "fixed_delay_ms", 0),
         lock_ttl_ms=getattr(raw, "lock_ttl_ms", 0),
         sla=getattr(raw, "sla", ""),
+        on_duplicate=getattr(raw, "on_duplicate", 0),
     )
 
 

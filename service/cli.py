@@ -118,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
     for name, (_, summary) in DELEGATED.items():
         commands.add_parser(name, add_help=False, help=summary)
 
+    verify = commands.add_parser(
+        "verify", help="check a store's books and its snapshot, read-only (exit 1 naming each finding)"
+    )
+    verify.set_defaults(run=lambda a: __import__("holdfast.verify", fromlist=["command"]).command(a, BUILT_IN))
+    __import__("holdfast.verify", fromlist=["add_arguments"]).add_arguments(verify, BUILT_IN)
+
     codegen = commands.add_parser("codegen", help="generate code from protos/ (or --check its freshness)")
     codegen.add_argument("--check", action="store_true", help="exit 1, naming stale files, if the stamp does not match")
     codegen.add_argument(

@@ -9,17 +9,34 @@
 
 The snapshot is read once before the transaction and written once after it.
 Steps 1-4 run in one store transaction, so a move is all or nothing.
+
+A key already running on this instance is step 0, by the contract's
+`on_duplicate`: REFUSE answers REQUEST_IN_FLIGHT at once; WAIT waits, within
+the duplicate's own budget, for the running move and answers what it
+recorded, exactly as a replay from the store would (the same bytes, marked
+replayed, or IDEMPOTENCY_KEY_REUSED for another payload). A running move
+that recorded nothing (BUDGET_EXCEEDED, DEPENDENCY_UNAVAILABLE, a refusal
+that is not recorded) has no answer to give: the duplicate then runs its own
+move, which replays from the store if the first did commit after all.
+Across instances the store serializes duplicates (step 4's record is unique
+under the key): the loser finds the record and replays it, or, when it
+looked for a record before the winner committed and then found the entity
+moved on (VERSION_CONFLICT), a WAIT move asks the store for the winner's
+record before it answers a conflict.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from holdfast import metrics
+from holdfast.call import current_call
 from holdfast.clock import Clock
+from holdfast.contracts.contract import OnDuplicate
 from holdfast.outcome import Outcome, Reason, failure, reason_key, reason_named
 from holdfast.snapshot import Snapshot
 from holdfast.store import ENTITIES, BudgetSpent, Prefetch, Record, Store, StoreUnavailable, Txn
@@ -38,7 +55,11 @@ class Move:
     is refused rather than silently replayed; `entity` is the key of the row
     of `table` whose version the snapshot double-checks (None when the move
     guards itself otherwise); `prefetch` the other rows it will read, by
-    table name, so that its batch loads them with the rest (holdfast.batch).
+    table name, so that its batch loads them with the rest (holdfast.batch);
+    `on_duplicate` what a move of the same key does while this one runs on
+    this instance: None is the contract's of the call being served when
+    the move is that call's own (its key), else REFUSE, so the moves of
+    time (reaper, recovery) and a call's other steps refuse as they did.
     """
 
     method: str
@@ -48,6 +69,7 @@ class Move:
     apply: Apply
     table: Table[Any] = ENTITIES
     prefetch: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    on_duplicate: OnDuplicate | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,16 +84,52 @@ class Engine:
         self.store = store
         self.snapshot = snapshot
         self.clock = clock
-        self._in_flight: set[bytes] = set()
+        # The keys running on this instance, each with what its move recorded
+        # once it is done (None: nothing), which waiting duplicates read.
+        self._in_flight: dict[bytes, asyncio.Future[Record | None]] = {}
 
     async def move(self, move: Move, deadline: float | None = None) -> Outcome:
-        if move.key in self._in_flight:
-            return failure(Reason.REQUEST_IN_FLIGHT, "a call with this idempotency key is running now; retry shortly")
-        self._in_flight.add(move.key)
+        waits = _on_duplicate(move) is OnDuplicate.WAIT
+        while (running := self._in_flight.get(move.key)) is not None:
+            if not waits:
+                return failure(Reason.REQUEST_IN_FLIGHT, "a call with this idempotency key is running now; retry shortly")
+            answer = await self._wait(running, move, deadline)
+            if answer is not None:
+                return answer
+            # Nothing recorded: run it ourselves, unless another waiter took the key first.
+        done: asyncio.Future[Record | None] = asyncio.get_running_loop().create_future()
+        self._in_flight[move.key] = done
+        recorded: Record | None = None
         try:
-            return await self._move(move, deadline)
+            outcome = await self._move(move, deadline, waits)
+            recorded = _record_of(move, outcome)
+            return outcome
         finally:
-            self._in_flight.discard(move.key)
+            del self._in_flight[move.key]
+            done.set_result(recorded)
+
+    async def _wait(self, running: asyncio.Future[Record | None], move: Move, deadline: float | None) -> Outcome | None:
+        """Step 0 of a WAIT duplicate: the running move's recorded outcome as
+        its replay, BUDGET_EXCEEDED when the duplicate's own budget ends
+        first (it changed nothing; a retry replays), or None when the running
+        move recorded nothing, so this one must run."""
+        remaining = None if deadline is None else deadline - time.monotonic()
+        try:
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError
+            recorded = await asyncio.wait_for(asyncio.shield(running), remaining)
+        except TimeoutError:
+            return failure(
+                Reason.BUDGET_EXCEEDED,
+                "the call's budget ran out while it waited for the running call with this idempotency key;"
+                " this call changed nothing, and a retry answers what that call recorded",
+            )
+        if recorded is None:
+            return None
+        outcome = _replay(recorded, move.fingerprint)
+        if outcome.replayed:
+            metrics.REPLAYS.labels(move.method).inc()
+        return outcome
 
     async def read(self, work: Callable[[Txn, int], R], deadline: float | None = None) -> R | Outcome:
         """A read-only step: same transaction path, nothing recorded."""
@@ -93,7 +151,7 @@ class Engine:
 
         return await self.read(read, deadline)
 
-    async def _move(self, move: Move, deadline: float | None) -> Outcome:
+    async def _move(self, move: Move, deadline: float | None, waits: bool = False) -> Outcome:
         seen = None if move.entity is None else await self.snapshot.version(move.entity)
         try:
             rows = Prefetch((move.key,), _named(move))
@@ -110,6 +168,8 @@ class Engine:
                 f" to learn its outcome: {error}",
             )
         if isinstance(result, _Conflict):
+            if waits and (recorded := await self._recorded_meanwhile(move, deadline)) is not None:
+                return recorded
             return await self._compensate(move.table, result)
         outcome, written = result
         if written:
@@ -119,6 +179,20 @@ class Engine:
         if outcome.replayed:
             metrics.REPLAYS.labels(move.method).inc()
         return outcome
+
+    async def _recorded_meanwhile(self, move: Move, deadline: float | None) -> Outcome | None:
+        """What another instance recorded under the key while this move ran:
+        a duplicate there held the entity's lock, so this move found the
+        entity moved on after it had looked for a record. A WAIT duplicate
+        answers that record, as it would have on the instance that ran it;
+        None when there is none. Only on a conflict: an answer made is
+        answered at once, so answers keep the order the moves ran in."""
+        found = await self.recorded(move.key, move.fingerprint, deadline)
+        if found is None or not (found.replayed or found.reason is Reason.IDEMPOTENCY_KEY_REUSED):
+            return None  # nothing recorded, or the store could not say: the move's own answer stands
+        if found.replayed:
+            metrics.REPLAYS.labels(move.method).inc()
+        return found
 
     def _decide(self, txn: Txn, move: Move, seen: int | None) -> tuple[Outcome, dict[str, int]] | _Conflict:
         """Steps 1-4, on the store's thread inside the transaction."""
@@ -155,6 +229,25 @@ class Engine:
             f"{noun} {conflict.entity} moved concurrently (now at version {conflict.store_version}); re-read and retry",
             metadata={table.key_column: conflict.entity, "version": str(conflict.store_version)},
         )
+
+
+def _on_duplicate(move: Move) -> OnDuplicate:
+    if move.on_duplicate is not None:
+        return move.on_duplicate
+    try:
+        call = current_call()
+    except LookupError:  # no call is being served: a move of time, a tool's
+        return OnDuplicate.REFUSE
+    return call.contract.on_duplicate if call.key == move.key else OnDuplicate.REFUSE
+
+
+def _record_of(move: Move, outcome: Outcome) -> Record | None:
+    """What `outcome` left recorded under the move's key, as the store holds
+    it: a duplicate waiting on this instance replays it without a read."""
+    if not outcome.recorded:
+        return None  # and so nothing committed under the key: a waiter runs its own move
+    reason = None if outcome.reason is None else reason_key(outcome.reason)
+    return Record(move.fingerprint, reason, outcome.payload)
 
 
 def _named(move: Move) -> Mapping[str, tuple[str, ...]]:

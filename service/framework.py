@@ -18,7 +18,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message_factory as _message_factory
 from google.protobuf.message import Message
 
-from holdfast.contracts.contract import Contract, of_service
+from holdfast.contracts.contract import Contract, OnDuplicate, of_service
 from holdfast.engine import Engine, Move
 from holdfast.call import Call, current_call, idempotency_key
 from holdfast.machine import Machine
@@ -185,6 +185,11 @@ class Service:
     # (holdfast.workload), as "MODULE:ATTR"; named, not imported, so that
     # serving never imports the simulation. None: the app ships none.
     workload: ClassVar[str | None] = None
+    # The checks `holdfast verify --app` runs over this service's own rows
+    # (holdfast.verify), as "MODULE:ATTR": a class made with no arguments,
+    # with `async check(books)` and `owner(key, reason, payload)`. None: the
+    # framework's checks alone.
+    verifier: ClassVar[str | None] = None
     # How `holdfast replay` reads the timed moves this service journaled
     # under a kind of line of their own in an older journal format: kind ->
     # the field naming the entity (inventory's format-1 `expire` lines).
@@ -244,7 +249,7 @@ class Service:
         call = call or current_call()
         return await self._run(
             call.contract.method, call.key, call.fingerprint, entity_id, decide, owner, call.contract.lock_ttl_ms,
-            call.deadline,
+            call.deadline, call.contract.on_duplicate,
         )
 
     # -- timeout events --------------------------------------------------------
@@ -298,18 +303,20 @@ class Service:
                 return failure(Reason.VERSION_CONFLICT, f"{shown_id(entity_id)} moved on before its timeout fired")
             return self.on_timeout(entity, event, now_ms)
 
-        return await self._run(f"holdfast.timeout/{machine.name}", key, key, entity_id, decide, "", 0, None)
+        return await self._run(f"holdfast.timeout/{machine.name}", key, key, entity_id, decide, "", 0, None,
+                               OnDuplicate.REFUSE)
 
     async def _run(
         self, method: str, key: bytes, fingerprint: bytes, entity_id: str, decide: Decide, owner: str, ttl_ms: int,
-        deadline: float | None,
+        deadline: float | None, on_duplicate: OnDuplicate,
     ) -> Outcome:
         machine = self.MACHINE
 
         def apply(txn: Txn, now_ms: int) -> Outcome:
             return _apply(txn, machine, entity_id, decide, now_ms, owner, ttl_ms)
 
-        return await self.engine.move(Move(method, key, fingerprint, entity_id, apply), deadline)
+        move = Move(method, key, fingerprint, entity_id, apply, on_duplicate=on_duplicate)
+        return await self.engine.move(move, deadline)
 
     async def read(self, entity_id: str, render: Callable[[Entity], Message], not_found: Outcome) -> Outcome:
         """A read-only answer: `render(entity)`, or `not_found`."""

@@ -81,3 +81,13 @@ DETERMINISTIC_RATIO = Gauge(
     "Share of answers whose outcome the client knows (all but DEPENDENCY_UNAVAILABLE); 1.0 before any answer.",
 )
 DETERMINISTIC_RATIO.set_function(deterministic_ratio)
+
+# `holdfast verify` (service/verify.py): the inconsistencies a run found, by
+# kind (snapshot_ahead, intent_stuck, outcome_orphaned, and the apps' own,
+# such as stock_unbalanced). A one-shot command: `--metrics-file` writes it
+# for a textfile collector.
+VERIFY_FINDINGS = Counter(
+    "holdfast_verify_findings_total",
+    "Inconsistencies `holdfast verify` found between the store's rows, and between the snapshot and the store, by kind.",
+    ["kind"],
+)

@@ -24,7 +24,7 @@ from psycopg import errors
 
 from holdfast.batch import BufferedStore, Changes, Named, Rows
 from holdfast.redaction import redact_url, scrub, secrets_of
-from holdfast.store import Record, Row, SqlTxn, schema
+from holdfast.store import Record, Row, SqlTxn, added_columns, schema
 from holdfast.table import Query, R, Table
 
 # A flush statement fails, rather than reports, a short row count: so the
@@ -42,6 +42,9 @@ END $$;
 SHORT_WRITE = "HF409"  # the SQLSTATE it raises
 # Instances starting together must not race on CREATE TABLE.
 SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('holdfast.schema'))"
+# A table's columns as the database has them, in the schema the connection
+# creates its tables in (the first of its search_path).
+COLUMNS_OF = "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = %s"
 
 
 class PostgresTxn(SqlTxn):
@@ -183,6 +186,13 @@ class PostgresStore(BufferedStore):
         with connection.transaction():
             connection.execute(SCHEMA_LOCK)
             connection.execute(schema(self.tables, integer="BIGINT", blob="BYTEA") + EXPECT_ROWS)
+
+            def columns_of(name: str) -> set[str]:
+                found = connection.execute(COLUMNS_OF, (name,)).fetchall()
+                return {row[0] for row in found}
+
+            for statement in added_columns(self.tables, columns_of, integer="BIGINT", blob="BYTEA"):
+                connection.execute(statement)
             self._stamp_schema(connection)
 
     def _is_unavailable(self, error: BaseException) -> bool:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from holdfast.batch import BufferedStore, Changes, Named, Rows
-from holdfast.store import Record, Row, SqlTxn, schema
+from holdfast.store import Record, Row, SqlTxn, added_columns, schema
 from holdfast.table import Table
 
 # SQLite's primary result codes that mean the database, not the move, failed.
@@ -115,7 +115,18 @@ class SqliteStore(BufferedStore):
     def _create_schema(self, connection: sqlite3.Connection) -> None:
         connection.executescript(schema(self.tables, integer="INTEGER", blob="BLOB"))
         connection.execute("BEGIN IMMEDIATE")
-        self._stamp_schema(connection)
+        try:
+            # Read under the write lock: two processes opening one older
+            # file add each column once.
+            def columns_of(name: str) -> set[str]:
+                return {row[1] for row in connection.execute("SELECT * FROM pragma_table_info(?)", (name,))}
+
+            for statement in added_columns(self.tables, columns_of, integer="INTEGER", blob="BLOB"):
+                connection.execute(statement)
+            self._stamp_schema(connection)
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
         connection.execute("COMMIT")
 
     # -- a batch, buffered --

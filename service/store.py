@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 import functools
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -51,7 +51,12 @@ class SchemaTooNew(ValueError):
 # The tables' layout. Bump it with a migration step in each backend; a store
 # stamped with a higher number than this code knows is refused at start-up.
 # 2: the `entity` table (a version-1 store gains it when it opens).
-SCHEMA_VERSION = 2
+# 3: tables may gain columns (`Table.added`: ALTER TABLE ... ADD COLUMN with
+#    the column's DEFAULT, when the store opens); inventory's `reservation`
+#    gains `confirmed_quantity` and `order_hold_id`, and the `order_hold`
+#    table is new. A version-3 store refuses an older holdfast, which would
+#    not write the new columns.
+SCHEMA_VERSION = 3
 
 
 class Contended(Exception):
@@ -233,6 +238,16 @@ def tables_of(tables: Sequence[Table[Any]]) -> tuple[Table[Any], ...]:
         if other is not table and other != table:
             raise ValueError(f"two different tables are declared as {table.name!r}")
     return tuple(found.values())
+
+
+def added_columns(
+    tables: Sequence[Table[Any]], columns_of: Callable[[str], Collection[str]], integer: str, blob: str
+) -> list[str]:
+    """The ALTER TABLE statements that bring tables made by an older
+    declaration up to `tables` (`columns_of(name)`: the database's column
+    names of a table, none when it has no such table): run after `schema`,
+    in the same schema transaction."""
+    return [statement for table in tables for statement in table.added(columns_of(table.name), integer, blob)]
 
 
 def schema(tables: Sequence[Table[Any]], integer: str, blob: str) -> str:
@@ -511,8 +526,9 @@ class GroupCommitStore:
         if found is None:
             cursor.execute(f"INSERT INTO holdfast_schema (version) VALUES ({SCHEMA_VERSION})")
         elif found < SCHEMA_VERSION:
-            # Every step so far only adds tables (2: entity), which the
-            # schema's CREATE ... IF NOT EXISTS has just made.
+            # Every step so far only adds tables (2: entity) and columns
+            # (3), which the schema's CREATE ... IF NOT EXISTS and
+            # `added_columns` have just made.
             cursor.execute(f"UPDATE holdfast_schema SET version = {SCHEMA_VERSION}")
         elif found > SCHEMA_VERSION:
             raise SchemaTooNew(

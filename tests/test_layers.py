@@ -121,6 +121,7 @@ LAYERS: dict[str, int] = {
     "holdfast.apps.inventory_machine": APPS,
     "holdfast.apps.inventory_store": APPS,
     "holdfast.apps.inventory_workload": APPS,
+    "holdfast.apps.inventory_verify": APPS,  # inventory's checks for `holdfast verify` (Inventory.verifier)
     "holdfast.apps.fulfillment": APPS,
     "holdfast.apps.fulfillment_workload": APPS,
     "holdfast.apps.carrier": APPS,
@@ -138,6 +139,7 @@ LAYERS: dict[str, int] = {
     "holdfast.graph": TOOLS,
     "holdfast.bench": TOOLS,
     "holdfast.stats": TOOLS,
+    "holdfast.verify": TOOLS,  # `holdfast verify`: the books checked read-only, the snapshot repaired
     "holdfast.probe": TOOLS,  # a container's health check: a command, like stats
     "holdfast.contracts.tree": TOOLS,
     "holdfast.contracts.context": TOOLS,

@@ -57,6 +57,16 @@ EXPECTED: dict[str, list[str]] = {
         (f"{PROTO}:14:7: CONTRACT_LOCK_TTL_BELOW_TIMEOUT Contract of acme.v1.OrderService/PlaceOrder has lock_ttl_ms "
         "2000, not below its timeout_ms 2000; the lock lease must end before the call's budget does."),
     ],
+    "CONTRACT_ON_DUPLICATE_KNOWN": [
+        (f"{PROTO}:16:7: CONTRACT_ON_DUPLICATE_KNOWN Contract of acme.v1.OrderService/PlaceOrder has on_duplicate 7, "
+        "which is not one holdfast knows (ON_DUPLICATE_REFUSE (0), ON_DUPLICATE_WAIT (1)); the server would refuse "
+        "to serve it."),
+    ],
+    "CONTRACT_ON_DUPLICATE_WAIT_KEYED": [
+        (f"{PROTO}:25:7: CONTRACT_ON_DUPLICATE_WAIT_KEYED Contract of acme.v1.OrderService/GetOrder waits for "
+        "duplicates (on_duplicate: ON_DUPLICATE_WAIT) but declares no idempotency_key; without a key no two calls "
+        "are duplicates, so there is nothing to wait for."),
+    ],
     "CONTRACT_SLA_DEFINED": [
         (f'{PROTO}:15:7: CONTRACT_SLA_DEFINED Contract of acme.v1.OrderService/PlaceOrder names sla "orders-writes", '
         'which is not an entry of tests/lint_fixtures/sla.toml (entries: "orders-read", "orders-write").'),
@@ -223,7 +233,7 @@ def test_a_teams_slas_are_unknown_to_holdfasts_own_registry():
     assert (status, err) == (1, "")
     proto = EXAMPLE / "protos/restaurant/tables/v1/tables.proto"
     assert [line.split(": CONTRACT_SLA_DEFINED ")[0] for line in out.splitlines()] == [
-        f"{proto}:20:7", f"{proto}:32:7", f"{proto}:43:7", f"{proto}:52:7",
+        f"{proto}:22:7", f"{proto}:35:7", f"{proto}:47:7", f"{proto}:57:7",
     ]
 
 

@@ -304,7 +304,7 @@ async def test_holdfast_stats_prints_a_fresh_servers_metrics_after_a_clean_load(
         assert ("holdfast_outcomes_total", "Reserve", "reason=INSUFFICIENT_STOCK") in rows, table
         latency = [line.split() for line in table.splitlines() if line.startswith("holdfast_request_seconds ")]
         assert {row[1] for row in latency} == {"PutStock", "Reserve", "Confirm", "Release", "GetReservation", "GetStock",
-                                               "CreateWaybill", "Dispatch", "Acknowledge", "Fail", "GetWaybill"}
+                                               "ReserveOrder", "ConfirmOrder", "ReleaseOrder", "GetOrder", "CreateWaybill", "Dispatch", "Acknowledge", "Fail", "GetWaybill"}
         reserve_row = next(row for row in latency if row[1] == "Reserve")
         assert reserve_row[2] == "32" and reserve_row[-1] == "ms", reserve_row  # count, then mean and p99 in ms
         assert "holdfast_state_transition_consistency_seconds" in table

@@ -89,11 +89,38 @@ def _stingy_take(txn, sku_id, quantity):
     return found is not None and found.available > quantity and inventory_store.take_stock(txn, sku_id, quantity)
 
 
+_REAL_RESERVE_ORDER = holdfast.apps.inventory._reserve_order
+
+
+def _second_line_free(txn, *args):
+    """A broken order: it holds every line, but its second line's stock is
+    never taken (each SKU's figures still add up; only the model sees it)."""
+    taken = 0
+
+    def take(txn, sku_id, quantity):
+        nonlocal taken
+        taken += 1
+        return True if taken == 2 else inventory_store.take_stock(txn, sku_id, quantity)
+
+    real, holdfast.apps.inventory.take_stock = holdfast.apps.inventory.take_stock, take
+    try:
+        return _REAL_RESERVE_ORDER(txn, *args)
+    finally:
+        holdfast.apps.inventory.take_stock = real
+
+
+def _sell_the_whole_hold(txn, sku_id, quantity, sold):
+    """A broken partial confirm: the units it should return are sold too."""
+    inventory_store.split_stock(txn, sku_id, quantity, quantity if sold else 0)
+
+
 # (what breaks, the patch): each must be caught, with the seed and step to reproduce it.
 BROKEN = [
     ("settling forgets the stock", holdfast.apps.inventory, "_settle", _forget_stock),
     ("idempotency records are never found", MemTxn, "recorded", lambda self, key: None),
     ("the last units are never sold", holdfast.apps.inventory, "take_stock", _stingy_take),
+    ("an order's second line takes no stock", holdfast.apps.inventory, "_reserve_order", _second_line_free),
+    ("a partial confirm sells the whole hold", holdfast.apps.inventory, "split_stock", _sell_the_whole_hold),
 ]
 
 

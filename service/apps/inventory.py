@@ -7,6 +7,7 @@ transaction.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
@@ -32,17 +33,21 @@ from holdfast import (
 from holdfast.apps import inventory_machine as machine
 from holdfast.apps.inventory_machine import State
 from holdfast.apps.inventory_store import (
+    ORDER_HOLDS,
     RESERVATIONS,
     STOCK,
     TABLES,
+    OrderHold,
     Reservation,
     Stock,
     due_holds,
     intents,
+    order_hold,
     put_stock,
     reservation,
+    save_order_hold,
     save_reservation,
-    settle_stock,
+    split_stock,
     stock,
     take_stock,
 )
@@ -50,6 +55,7 @@ from holdfast.apps.inventory_store import (
 SERVICE = pb.DESCRIPTOR.services_by_name["InventoryService"]
 ID_LENGTH_MAX = 128
 REASON_LENGTH_MAX = 512
+LINES_MAX = 100  # an order's lines: one move locks a stock row per line
 EXPIRED = "hold expired"
 REAPER_METHOD = "holdfast.reaper/HoldExpiry"
 RECOVERY_METHOD = "holdfast.recovery/Intent"
@@ -92,6 +98,17 @@ def reservation_id(key: bytes) -> str:
     return "rsv_" + key.hex()[:24]
 
 
+def order_hold_id(key: bytes) -> str:
+    """Derived from the ReserveOrder key, as a reservation's id is from Reserve's."""
+    return "ord_" + key.hex()[:24]
+
+
+def line_reservation_id(key: bytes, sku_id: str) -> str:
+    """The reservation of an order's line: the order's key and the line's
+    SKU (one line per SKU), so the same journal names the same lines."""
+    return "rsv_" + hashlib.sha256(b"order line\x00" + key + sku_id.encode()).hexdigest()[:24]
+
+
 class Inventory(Service):
     """The servicer of InventoryService. Its moves work on its own tables
     (holdfast.apps.inventory_store: the lower level of holdfast.framework),
@@ -102,6 +119,7 @@ class Inventory(Service):
     tables = TABLES
     admin_methods = ("PutStock",)  # setting a SKU's total is the operator's, not a shop's
     workload = "holdfast.apps.inventory_workload:InventoryWorkload"
+    verifier = "holdfast.apps.inventory_verify:InventoryVerifier"  # `holdfast verify`'s stock and reservation checks
     legacy_timeouts = {"expire": "reservation_id"}  # format 1 journaled a hold's expiry as an `expire` line
 
     def __init__(self, engine: Engine, holds: Holds = Holds()) -> None:
@@ -161,18 +179,19 @@ class Inventory(Service):
         return await self._move(call, rid, apply, skus=(sku_id,))
 
     async def Confirm(self, request: pb.ConfirmRequest, context) -> Outcome:
-        rid, expected = request.reservation_id, request.expected_version
+        if request.quantity < 0:
+            return _invalid([("quantity", f"quantity must be zero (the whole hold) or more, got {request.quantity}")])
+        rid, expected, quantity = request.reservation_id, request.expected_version, request.quantity
 
         def apply(txn: Txn, now_ms: int) -> Outcome:
-            return _confirm(txn, rid, expected, now_ms)
+            return _confirm(txn, rid, expected, quantity, now_ms)
 
         return await self._move(current_call(), rid, apply)
 
     async def Release(self, request: pb.ReleaseRequest, context) -> Outcome:
-        if len(request.reason) > REASON_LENGTH_MAX:
-            return _invalid([("reason", f"reason must be at most {REASON_LENGTH_MAX} characters")])
-        if any(ord(c) < 0x20 and c not in "\t\n" for c in request.reason):
-            return _invalid([("reason", "reason must not contain control characters other than tab and newline")])
+        violations = _reason_violations(request.reason)
+        if violations:
+            return _invalid(violations)
         rid, why = request.reservation_id, request.reason or "released"
 
         def apply(txn: Txn, now_ms: int) -> Outcome:
@@ -191,25 +210,110 @@ class Inventory(Service):
 
         return await self.engine.read(read, current_call().deadline)
 
+    async def ReserveOrder(self, request: pb.ReserveOrderRequest, context) -> Outcome:
+        violations = [*_id_violations(request, "order_id"), *_line_violations(request.lines)]
+        if request.timestamp_ms < 0:
+            violations.append(("timestamp_ms", f"timestamp_ms must not be negative, got {request.timestamp_ms}"))
+        if not 0 <= request.hold_ms <= self.holds.max_ms:
+            violations.append(("hold_ms", f"hold_ms must be within 0..{self.holds.max_ms}, got {request.hold_ms}"))
+        if violations:
+            return _invalid(violations)
+        call = current_call()
+        oid = order_hold_id(call.key)
+        hold_ms = request.hold_ms or self.holds.default_ms
+        order_id = request.order_id
+        lines = tuple((line.sku_id, line.quantity) for line in request.lines)
+        line_ids = tuple(line_reservation_id(call.key, sku_id) for sku_id, _ in lines)
+
+        def apply(txn: Txn, now_ms: int) -> Outcome:
+            return _reserve_order(txn, oid, order_id, lines, line_ids, now_ms + hold_ms)
+
+        prefetch = {STOCK.name: tuple(sorted(sku_id for sku_id, _ in lines)), RESERVATIONS.name: tuple(sorted(line_ids))}
+        move = Move(call.contract.method, call.key, call.fingerprint, oid, apply, ORDER_HOLDS, prefetch)
+        return await self.engine.move(move, call.deadline)
+
+    async def ConfirmOrder(self, request: pb.ConfirmOrderRequest, context) -> Outcome:
+        oid, expected = request.order_hold_id, request.expected_version
+
+        def apply(txn: Txn, now_ms: int) -> Outcome:
+            return _confirm_order(txn, oid, expected, now_ms)
+
+        call = current_call()
+        return await self._order_move(call.contract.method, call.key, call.fingerprint, oid, apply, call.deadline)
+
+    async def ReleaseOrder(self, request: pb.ReleaseOrderRequest, context) -> Outcome:
+        violations = _reason_violations(request.reason)
+        if violations:
+            return _invalid(violations)
+        oid, why = request.order_hold_id, request.reason or "released"
+
+        def apply(txn: Txn, now_ms: int) -> Outcome:
+            return _release_order(txn, oid, why)
+
+        call = current_call()
+        return await self._order_move(call.contract.method, call.key, call.fingerprint, oid, apply, call.deadline)
+
+    async def GetOrder(self, request: pb.GetOrderRequest, context) -> Outcome:
+        if not request.order_hold_id:
+            return _invalid([("order_hold_id", "order_hold_id must be set")])
+        oid = request.order_hold_id
+
+        def read(txn: Txn, now_ms: int) -> Outcome:
+            found = order_hold(txn, oid)
+            return _order_not_found(oid) if found is None else success(_order_reply(found, _lines(txn, found)))
+
+        return await self.engine.read(read, current_call().deadline)
+
+    async def _order_move(
+        self, method: str, key: bytes, fingerprint: bytes, oid: str, apply, deadline: float | None = None
+    ) -> Outcome:
+        """A move on a whole order hold. Its lines are fixed when it is made,
+        so a read before the move learns which reservation and stock rows it
+        will lock, and the batch's prefetch locks them all, in key order, with
+        the order hold: concurrent orders sharing SKUs never wait in a cycle."""
+
+        def rows(txn: Txn, now_ms: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+            found = order_hold(txn, oid)
+            if found is None:
+                return (), ()
+            lines = [reservation(txn, rid) for rid in found.lines]
+            return found.lines, tuple(line.sku_id for line in lines if line is not None)
+
+        named = await self.engine.read(rows, deadline)
+        if isinstance(named, Outcome):
+            return named
+        line_ids, skus = named
+        prefetch = {RESERVATIONS.name: tuple(sorted(line_ids)), STOCK.name: tuple(sorted(skus))} if line_ids else {}
+        return await self.engine.move(Move(method, key, fingerprint, oid, apply, ORDER_HOLDS, prefetch), deadline)
+
     # -- timeout events, as ordinary moves ---------------------------------------
 
     # -- moves made by time and by recovery -------------------------------------
 
     async def reap(self, now_ms: int, batch: int) -> int:
-        """Releases the holds due by `now_ms`, each by its own move."""
+        """Releases the holds due by `now_ms`, each by its own move; the lines
+        of one order (due together) by one move of their order."""
         due = await self.engine.store.transact(lambda txn: due_holds(txn, now_ms, batch))
-        outcomes = await asyncio.gather(*(self.expire(hold) for hold in due))
+        lone = [hold for hold in due if not hold.order_hold_id]
+        orders = {hold.order_hold_id: hold for hold in due if hold.order_hold_id}
+        outcomes = await asyncio.gather(*(self.expire(hold) for hold in (*lone, *orders.values())))
         return sum(1 for outcome in outcomes if outcome.ok)
 
     async def expire(self, hold: Reservation) -> Outcome:
-        """The reaper's move for one due hold."""
-        return await self.timeout(hold.reservation_id, hold.version)
+        """The reaper's move for one due hold: its order's, for a line of one
+        (a line moves with its order, and has the order's version)."""
+        return await self.timeout(hold.order_hold_id or hold.reservation_id, hold.version)
 
     async def timeout(self, entity_id: str, version: int) -> Outcome:
-        """A hold's expiry, under its own idempotency key (the hold's id
-        alone: a hold expires once, whatever its version). The move reads the
-        hold in its transaction, so `version` only names what the reaper saw."""
+        """A hold's (or an order hold's) expiry, under its own idempotency
+        key (the hold's id alone: a hold expires once, whatever its version).
+        The move reads the hold in its transaction, so `version` only names
+        what the reaper saw."""
         key = idempotency_key(REAPER_METHOD, (entity_id,))
+        if entity_id.startswith("ord_"):
+            return await self._order_move(
+                REAPER_METHOD, key, key, entity_id, lambda txn, now_ms: _expire_order(txn, entity_id, now_ms)
+            )
         return await self.engine.move(
             Move(REAPER_METHOD, key, key, entity_id, lambda txn, now_ms: _expire(txn, entity_id, now_ms), RESERVATIONS)
         )
@@ -297,10 +401,14 @@ def _reserve(txn: Txn, rid: str, order_id: str, sku_id: str, quantity: int, expi
     return success(_reservation_reply(held))
 
 
-def _confirm(txn: Txn, rid: str, expected_version: int, now_ms: int) -> Outcome:
+def _confirm(txn: Txn, rid: str, expected_version: int, quantity: int, now_ms: int) -> Outcome:
+    """`quantity` 0 sells the whole hold; fewer units than held sell those
+    and return the rest to available, in the same write of the stock."""
     found = reservation(txn, rid)
     if found is None:
         return _reservation_not_found(rid)
+    if found.order_hold_id:
+        return _line_of_order(found, "confirm")
     if expected_version and expected_version != found.version:
         return failure(
             Reason.VERSION_CONFLICT,
@@ -311,13 +419,20 @@ def _confirm(txn: Txn, rid: str, expected_version: int, now_ms: int) -> Outcome:
         return failure(Reason.HOLD_EXPIRED, f"the hold of reservation {rid} expired at {found.expires_at_ms} ms", metadata={"reservation_id": rid})
     if machine.walk(found.state, machine.CONFIRM) is None:
         return _invalid_transition(rid, found.state, "confirm")
-    return _settle(txn, found, State.CONFIRMED, sold=True, why="")
+    if quantity > found.quantity:
+        # The client's mistake, not the hold's state: nothing recorded, so
+        # the same key may confirm a quantity that fits.
+        return _invalid([("quantity", f"quantity {quantity} is more than the {found.quantity} units reservation {rid} holds")])
+    # The confirmed quantity rides on the row into the settlement (0: all).
+    return _settle(txn, replace(found, confirmed_quantity=quantity), State.CONFIRMED, sold=True, why="")
 
 
 def _release(txn: Txn, rid: str, why: str) -> Outcome:
     found = reservation(txn, rid)
     if found is None:
         return _reservation_not_found(rid)
+    if found.order_hold_id:
+        return _line_of_order(found, "release")
     if found.state == State.RELEASED and found.release_reason == EXPIRED:
         return failure(Reason.HOLD_EXPIRED, f"the hold of reservation {rid} already expired", metadata={"reservation_id": rid})
     if machine.walk(found.state, machine.RELEASE) is None:
@@ -329,6 +444,8 @@ def _expire(txn: Txn, rid: str, now_ms: int) -> Outcome:
     found = reservation(txn, rid)
     if found is None:  # a replayed expiry on an instance that never had the hold
         return _reservation_not_found(rid)
+    if found.order_hold_id:
+        return _line_of_order(found, "expire")
     if found.expires_at_ms > now_ms or machine.walk(found.state, machine.EXPIRE) is None:
         return _invalid_transition(rid, found.state, "expire")
     return _settle(txn, found, State.RELEASED, sold=False, why=EXPIRED)
@@ -346,14 +463,130 @@ def _recover(txn: Txn, rid: str) -> Outcome:
         save_reservation(txn, back, found.version)
         return success(_reservation_reply(back))
     sold = found.state == State.CONFIRMING
-    return _settle(txn, found, target, sold=sold, why="" if sold else found.release_reason or "recovered")
+    why = "" if sold else found.release_reason or "recovered"
+    return _settle(txn, found, target, sold=sold, why=why)
 
 
 def _settle(txn: Txn, found: Reservation, target: State, sold: bool, why: str) -> Outcome:
-    settle_stock(txn, found.sku_id, found.quantity, sold=sold)
-    done = replace(found, state=target, version=found.version + 1, release_reason=why)
-    save_reservation(txn, done, found.version)
+    """The hold leaves: when `sold`, its `confirmed_quantity` sold (0: all)
+    and the rest back to available; otherwise all back to available."""
+    done = _settled(txn, found, target, sold, why, found.confirmed_quantity if sold else 0)
     return success(_reservation_reply(done))
+
+
+def _settled(txn: Txn, found: Reservation, target: State, sold: bool, why: str, confirmed: int = 0) -> Reservation:
+    assert 0 <= confirmed <= found.quantity
+    split_stock(txn, found.sku_id, found.quantity, (confirmed or found.quantity) if sold else 0)
+    done = replace(found, state=target, version=found.version + 1, release_reason=why,
+                   confirmed_quantity=confirmed if sold else 0)
+    save_reservation(txn, done, found.version)
+    return done
+
+
+# -- an order's moves: all its lines in one transaction, read in lock order --------
+
+
+def _reserve_order(
+    txn: Txn, oid: str, order_id: str, lines: tuple[tuple[str, int], ...], line_ids: tuple[str, ...], expires_at_ms: int
+) -> Outcome:
+    """Every line held, or none: each line's stock is checked before any is
+    taken, so a refusal (the first failing line, in the request's order)
+    changes nothing. Stock rows are read in SKU order, as the prefetch locks them."""
+    existing = order_hold(txn, oid)
+    state = State.AVAILABLE if existing is None else existing.state
+    version = 0 if existing is None else existing.version
+    if machine.walk(state, machine.RESERVE) is None:
+        return _order_invalid_transition(oid, state, "reserve")
+    found = {sku_id: stock(txn, sku_id) for sku_id in sorted(sku_id for sku_id, _ in lines)}
+    for n, (sku_id, quantity) in enumerate(lines):
+        row = found[sku_id]
+        if row is None:
+            shown = shown_id(sku_id)
+            return failure(InventoryReason.SKU_NOT_FOUND, f"no stock is recorded for SKU {shown!r} (lines[{n}])",
+                           metadata={"sku_id": shown, "line": str(n)})
+        if row.available < quantity:
+            return failure(
+                InventoryReason.INSUFFICIENT_STOCK,
+                f"{sku_id} has fewer than {quantity} units available (lines[{n}]); nothing of the order is held",
+                metadata={"sku_id": sku_id, "quantity": str(quantity), "line": str(n)},
+            )
+    for sku_id, quantity in sorted(lines):
+        taken = take_stock(txn, sku_id, quantity)
+        assert taken, f"{sku_id} was checked to have {quantity} units available"
+    held = [
+        Reservation(rid, order_id, sku_id, quantity, State.RESERVED, version + 1, expires_at_ms, order_hold_id=oid)
+        for (sku_id, quantity), rid in zip(lines, line_ids)
+    ]
+    for line in sorted(held, key=lambda line: line.reservation_id):
+        save_reservation(txn, line, version)
+    hold = OrderHold(oid, order_id, State.RESERVED, version + 1, expires_at_ms, ",".join(line_ids))
+    save_order_hold(txn, hold, version)
+    return success(_order_reply(hold, held))
+
+
+def _confirm_order(txn: Txn, oid: str, expected_version: int, now_ms: int) -> Outcome:
+    found = order_hold(txn, oid)
+    if found is None:
+        return _order_not_found(oid)
+    if expected_version and expected_version != found.version:
+        return failure(
+            Reason.VERSION_CONFLICT,
+            f"order hold {oid} is at version {found.version}, not the expected {expected_version}",
+            metadata={"order_hold_id": oid, "version": str(found.version)},
+        )
+    if _order_expired(found, now_ms):
+        return failure(Reason.HOLD_EXPIRED, f"the hold of order hold {oid} expired at {found.expires_at_ms} ms",
+                       metadata={"order_hold_id": oid})
+    if machine.walk(found.state, machine.CONFIRM) is None:
+        return _order_invalid_transition(oid, found.state, "confirm")
+    return _settle_order(txn, found, State.CONFIRMED, sold=True, why="")
+
+
+def _release_order(txn: Txn, oid: str, why: str) -> Outcome:
+    found = order_hold(txn, oid)
+    if found is None:
+        return _order_not_found(oid)
+    if found.state == State.RELEASED and found.release_reason == EXPIRED:
+        return failure(Reason.HOLD_EXPIRED, f"the hold of order hold {oid} already expired", metadata={"order_hold_id": oid})
+    if machine.walk(found.state, machine.RELEASE) is None:
+        return _order_invalid_transition(oid, found.state, "release")
+    return _settle_order(txn, found, State.RELEASED, sold=False, why=why)
+
+
+def _expire_order(txn: Txn, oid: str, now_ms: int) -> Outcome:
+    found = order_hold(txn, oid)
+    if found is None:  # a replayed expiry on an instance that never had the order
+        return _order_not_found(oid)
+    if found.expires_at_ms > now_ms or machine.walk(found.state, machine.EXPIRE) is None:
+        return _order_invalid_transition(oid, found.state, "expire")
+    return _settle_order(txn, found, State.RELEASED, sold=False, why=EXPIRED)
+
+
+def _settle_order(txn: Txn, found: OrderHold, target: State, sold: bool, why: str) -> Outcome:
+    """Every line leaves its hold: reservations in id order, then their
+    stock in SKU order (the prefetch's lock order)."""
+    lines = _lines(txn, found)
+    done: dict[str, Reservation] = {}
+    for line in sorted(lines, key=lambda line: line.sku_id):
+        assert (line.state, line.version) == (found.state, found.version), f"line {line.reservation_id} left its order"
+        done[line.reservation_id] = _settled(txn, line, target, sold, why)
+    hold = replace(found, state=target, version=found.version + 1, release_reason=why)
+    save_order_hold(txn, hold, found.version)
+    return success(_order_reply(hold, [done[line.reservation_id] for line in lines]))
+
+
+def _lines(txn: Txn, found: OrderHold) -> list[Reservation]:
+    """The order's line reservations in the request's order, read in id order."""
+    read = {rid: reservation(txn, rid) for rid in sorted(found.lines)}
+    lines = [read[rid] for rid in found.lines]
+    assert all(line is not None for line in lines), f"order hold {found.order_hold_id} lost a line"
+    return [line for line in lines if line is not None]
+
+
+def _order_expired(found: OrderHold, now_ms: int) -> bool:
+    if found.state == State.RELEASED:
+        return found.release_reason == EXPIRED
+    return found.state == State.RESERVED and now_ms >= found.expires_at_ms
 
 
 def _expired(found: Reservation, now_ms: int) -> bool:
@@ -372,7 +605,10 @@ def _stock_reply(s: Stock) -> bytes:
     ).SerializeToString(deterministic=True)
 
 
-def _reservation_reply(r: Reservation) -> bytes:
+def _reservation_message(r: Reservation) -> pb.ReservationReply:
+    """`confirmed_quantity` and `returned_quantity` are set only by a Confirm
+    that named a quantity (0 is unset on the wire): every other reply's
+    bytes are those it had before partial confirms."""
     return pb.ReservationReply(
         reservation_id=r.reservation_id,
         order_id=r.order_id,
@@ -381,6 +617,23 @@ def _reservation_reply(r: Reservation) -> bytes:
         state=int(r.state),
         version=r.version,
         expires_at_ms=r.expires_at_ms,
+        confirmed_quantity=r.confirmed_quantity,
+        returned_quantity=r.quantity - r.confirmed_quantity if r.confirmed_quantity else 0,
+    )
+
+
+def _reservation_reply(r: Reservation) -> bytes:
+    return _reservation_message(r).SerializeToString(deterministic=True)
+
+
+def _order_reply(o: OrderHold, lines: list[Reservation]) -> bytes:
+    return pb.OrderReply(
+        order_hold_id=o.order_hold_id,
+        order_id=o.order_id,
+        state=int(o.state),
+        version=o.version,
+        expires_at_ms=o.expires_at_ms,
+        lines=[_reservation_message(line) for line in lines],
     ).SerializeToString(deterministic=True)
 
 
@@ -401,6 +654,42 @@ def _id_violations(request, *names: str) -> Iterable[tuple[str, str]]:
             yield name, f"{name} must not contain control characters"
 
 
+def _reason_violations(reason: str) -> list[tuple[str, str]]:
+    if len(reason) > REASON_LENGTH_MAX:
+        return [("reason", f"reason must be at most {REASON_LENGTH_MAX} characters")]
+    if any(ord(c) < 0x20 and c not in "\t\n" for c in reason):
+        return [("reason", "reason must not contain control characters other than tab and newline")]
+    return []
+
+
+def _line_violations(lines) -> Iterable[tuple[str, str]]:
+    """An order's lines: at least one, at most LINES_MAX, each a SKU and a
+    positive quantity, one line per SKU. Two lines of one SKU are refused,
+    not merged: a client that sends them has a bug the server must not hide
+    (the second line names the first)."""
+    if not lines:
+        yield "lines", "an order must have at least one line"
+        return
+    if len(lines) > LINES_MAX:
+        yield "lines", f"an order may have at most {LINES_MAX} lines, got {len(lines)}"
+        return
+    first: dict[str, int] = {}
+    for n, line in enumerate(lines):
+        name = f"lines[{n}].sku_id"
+        if not line.sku_id:
+            yield name, f"{name} must be set"
+        elif len(line.sku_id) > ID_LENGTH_MAX:
+            yield name, f"{name} must be at most {ID_LENGTH_MAX} characters, got {len(line.sku_id)}"
+        elif _CONTROL.search(line.sku_id):
+            yield name, f"{name} must not contain control characters"
+        elif line.sku_id in first:
+            yield name, f"{name} repeats the SKU of lines[{first[line.sku_id]}]: one line per SKU"
+        else:
+            first[line.sku_id] = n
+        if line.quantity <= 0:
+            yield f"lines[{n}].quantity", f"lines[{n}].quantity must be positive, got {line.quantity}"
+
+
 def _sku_not_found(sku_id: str) -> Outcome:
     shown = shown_id(sku_id)
     return failure(InventoryReason.SKU_NOT_FOUND, f"no stock is recorded for SKU {shown!r}", metadata={"sku_id": shown})
@@ -416,4 +705,29 @@ def _invalid_transition(rid: str, state: State, what: str) -> Outcome:
         Reason.INVALID_TRANSITION,
         f"cannot {what} reservation {rid} in state {state.name}",
         metadata={"reservation_id": rid, "state": state.name},
+    )
+
+
+def _order_not_found(oid: str) -> Outcome:
+    """An order hold is a reservation of several lines: its unknown id is
+    RESERVATION_NOT_FOUND, named as the request names it."""
+    shown = shown_id(oid)
+    return failure(InventoryReason.RESERVATION_NOT_FOUND, f"no order hold {shown!r}", metadata={"order_hold_id": shown})
+
+
+def _order_invalid_transition(oid: str, state: State, what: str) -> Outcome:
+    return failure(
+        Reason.INVALID_TRANSITION,
+        f"cannot {what} order hold {oid} in state {state.name}",
+        metadata={"order_hold_id": oid, "state": state.name},
+    )
+
+
+def _line_of_order(found: Reservation, what: str) -> Outcome:
+    """A line moves only with its order: moving one alone would leave the
+    order half confirmed, which it promises never to be."""
+    return failure(
+        Reason.INVALID_TRANSITION,
+        f"cannot {what} reservation {found.reservation_id} alone: it is a line of order hold {found.order_hold_id}",
+        metadata={"reservation_id": found.reservation_id, "state": found.state.name, "order_hold_id": found.order_hold_id},
     )

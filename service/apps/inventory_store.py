@@ -1,11 +1,13 @@
-"""The inventory's rows: stock per SKU and reservations, as tables of its
-own (holdfast.table), and the stock effects its moves make on them.
+"""The inventory's rows: stock per SKU, reservations and order holds, as
+tables of its own (holdfast.table), and the stock effects its moves make on
+them.
 
 Their own tables rather than generic entities: a Reserve reads and writes
 both on the hot path, and the CHECKs (`available + held + sold = total`,
 none negative, a positive quantity) keep the books adding up in the
 database itself, even against a bug. The tables' names and columns are
-the ones every store written so far holds, so nothing migrates.
+the ones every store written so far holds; the columns schema 3 added carry
+a DEFAULT, so an older store gains them when it opens (`Table.added`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,39 @@ class Reservation:
     retry_count: int = 0
     # Why it was released: the client's reason, or "hold expired" for the reaper.
     release_reason: str = ""
+    # The units a Confirm that named a quantity sold (the rest of the hold
+    # went back to available); 0 when the whole hold was confirmed without
+    # naming one, as every Confirm before partial confirms did.
+    confirmed_quantity: int = 0
+    # The order hold this reservation is a line of ("" for a lone Reserve's):
+    # a line moves only with its order (holdfast.apps.inventory).
+    order_hold_id: str = ""
+
+    def sold(self) -> int:
+        """The units this reservation sold: none unless CONFIRMED."""
+        if self.state != State.CONFIRMED:
+            return 0
+        return self.confirmed_quantity or self.quantity
+
+
+@dataclass(slots=True)
+class OrderHold:
+    """Several reservations (its lines, one per SKU) held, confirmed,
+    released or expired together, each move in one transaction. Its state
+    is the one every line is in; `line_ids` are the lines' reservation ids
+    in the order of the request's lines, joined by commas (an id has none)."""
+
+    order_hold_id: str
+    order_id: str
+    state: State
+    version: int
+    expires_at_ms: int
+    line_ids: str
+    release_reason: str = ""
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        return tuple(self.line_ids.split(","))
 
 
 def _reservation_of(values: Sequence[Any]) -> Reservation:
@@ -53,7 +88,15 @@ def _reservation_of(values: Sequence[Any]) -> Reservation:
 def _values_of(r: Reservation) -> tuple[Any, ...]:
     """The state as a plain int: a driver would write an IntEnum by its name."""
     return (r.reservation_id, r.order_id, r.sku_id, r.quantity, int(r.state), r.version, r.expires_at_ms,
-            r.retry_count, r.release_reason)
+            r.retry_count, r.release_reason, r.confirmed_quantity, r.order_hold_id)
+
+
+def _order_hold_of(values: Sequence[Any]) -> OrderHold:
+    return OrderHold(values[0], values[1], State(values[2]), *values[3:])
+
+
+def _order_hold_values(o: OrderHold) -> tuple[Any, ...]:
+    return (o.order_hold_id, o.order_id, int(o.state), o.version, o.expires_at_ms, o.line_ids, o.release_reason)
 
 
 def _stock_of(values: Sequence[Any]) -> Stock:
@@ -71,7 +114,15 @@ def _stock_refused(s: Stock) -> str | None:
 
 
 def _reservation_refused(r: Reservation) -> str | None:
-    return None if r.quantity > 0 else f"reservation {r.reservation_id}: quantity must be positive (CHECK quantity > 0)"
+    if r.quantity <= 0:
+        return f"reservation {r.reservation_id}: quantity must be positive (CHECK quantity > 0)"
+    if not 0 <= r.confirmed_quantity <= r.quantity:
+        return f"reservation {r.reservation_id}: confirmed_quantity must be within 0..quantity (CHECK)"
+    return None
+
+
+def _order_hold_refused(o: OrderHold) -> str | None:
+    return None if o.line_ids else f"order hold {o.order_hold_id}: an order has lines (CHECK line_ids <> '')"
 
 
 # The holds whose time is up: what the reaper releases, oldest first.
@@ -103,6 +154,9 @@ RESERVATIONS: Table[Reservation] = Table(
         Column("expires_at_ms", "integer"),
         Column("retry_count", "integer", "NOT NULL DEFAULT 0"),
         Column("release_reason", "text", "NOT NULL DEFAULT ''"),
+        # Added by schema 3: a store written before gains them with their defaults.
+        Column("confirmed_quantity", "integer", "NOT NULL DEFAULT 0 CHECK (confirmed_quantity >= 0)"),
+        Column("order_hold_id", "text", "NOT NULL DEFAULT ''", fixed=True),
     ),
     Reservation,
     snapshot=True,
@@ -135,8 +189,28 @@ STOCK: Table[Stock] = Table(
     of_values=_stock_of,
     values_of=lambda s: (s.sku_id, s.total, s.available, s.held, s.sold, s.version),
 )
-# In this order: a batch locks reservations before stock, on every instance.
-TABLES: tuple[Table[Any], ...] = (RESERVATIONS, STOCK)
+ORDER_HOLDS: Table[OrderHold] = Table(
+    "order_hold",
+    (
+        Column("order_hold_id", "text"),
+        Column("order_id", "text", fixed=True),
+        Column("state", "integer"),
+        Column("version", "integer"),
+        Column("expires_at_ms", "integer"),
+        Column("line_ids", "text", "NOT NULL CHECK (line_ids <> '')", fixed=True),
+        Column("release_reason", "text", "NOT NULL DEFAULT ''"),
+    ),
+    OrderHold,
+    snapshot=True,
+    noun="order hold",
+    refused=_order_hold_refused,
+    of_values=_order_hold_of,
+    values_of=_order_hold_values,
+)
+# In this order: a batch locks order holds before reservations before
+# stock, each table's rows in key order, on every instance; a move that
+# reads rows one by one (the savepoint path) reads them in the same order.
+TABLES: tuple[Table[Any], ...] = (ORDER_HOLDS, RESERVATIONS, STOCK)
 
 
 # -- what the inventory's moves do with them, inside their transaction --------------
@@ -165,11 +239,17 @@ def take_stock(txn: Txn, sku_id: str, quantity: int) -> bool:
 
 def settle_stock(txn: Txn, sku_id: str, quantity: int, sold: bool) -> None:
     """Held units leave the hold: sold, or back to available."""
+    split_stock(txn, sku_id, quantity, quantity if sold else 0)
+
+
+def split_stock(txn: Txn, sku_id: str, quantity: int, sold: int) -> None:
+    """`quantity` held units leave the hold in one write: `sold` of them
+    sold, the rest back to available (a partial confirm)."""
+    assert 0 <= sold <= quantity, f"selling {sold} of a hold of {quantity}"
     found = txn.row(STOCK, sku_id)
     assert found is not None and found.held >= quantity, f"settling {quantity} of {sku_id} that is not held"
-    back = 0 if sold else quantity
-    put_stock(txn, Stock(sku_id, found.total, found.available + back, found.held - quantity,
-                         found.sold + quantity - back, found.version + 1))
+    put_stock(txn, Stock(sku_id, found.total, found.available + quantity - sold, found.held - quantity,
+                         found.sold + sold, found.version + 1))
 
 
 def reservation(txn: Txn, reservation_id: str) -> Reservation | None:
@@ -179,6 +259,15 @@ def reservation(txn: Txn, reservation_id: str) -> Reservation | None:
 def save_reservation(txn: Txn, row: Reservation, expected_version: int) -> None:
     """Compare-and-set on the version; a new reservation expects version 0."""
     txn.save(RESERVATIONS, row, expected_version)
+
+
+def order_hold(txn: Txn, order_hold_id: str) -> OrderHold | None:
+    return txn.row(ORDER_HOLDS, order_hold_id)
+
+
+def save_order_hold(txn: Txn, row: OrderHold, expected_version: int) -> None:
+    """Compare-and-set on the version; a new order hold expects version 0."""
+    txn.save(ORDER_HOLDS, row, expected_version)
 
 
 def due_holds(txn: Txn, now_ms: int, limit: int) -> list[Reservation]:

@@ -63,7 +63,9 @@ class TableServiceServicer:
         """Books a table for a slot. The key is the table and the slot, so there is
         one booking per table and slot: its id is derived from the key, a retry
         replays the booking, and another guest's Book for the same table and
-        slot is refused (IDEMPOTENCY_KEY_REUSED) before the booking is read.
+        slot is refused (IDEMPOTENCY_KEY_REUSED) before the booking is read. A
+        retry sent while the first Book still runs waits for it and gets its
+        answer, rather than REQUEST_IN_FLIGHT to retry again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

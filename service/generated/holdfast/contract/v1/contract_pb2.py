@@ -25,15 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#holdfast/contract/v1/contract.proto\x12\x14holdfast.contract.v1\x1a google/protobuf/descriptor.proto\"T\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x16\n\x0e\x66ixed_delay_ms\x18\x02 \x01(\r\x12\x17\n\x0fretryable_codes\x18\x03 \x03(\t\"\x8b\x01\n\x08\x43ontract\x12\x12\n\ntimeout_ms\x18\x01 \x01(\r\x12\x17\n\x0fidempotency_key\x18\x02 \x03(\t\x12\x30\n\x05retry\x18\x03 \x01(\x0b\x32!.holdfast.contract.v1.RetryPolicy\x12\x13\n\x0block_ttl_ms\x18\x04 \x01(\r\x12\x0b\n\x03sla\x18\x05 \x01(\t:R\n\x08\x63ontract\x12\x1e.google.protobuf.MethodOptions\x18\xc5\x8a\x03 \x01(\x0b\x32\x1e.holdfast.contract.v1.Contractb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#holdfast/contract/v1/contract.proto\x12\x14holdfast.contract.v1\x1a google/protobuf/descriptor.proto\"T\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\r\x12\x16\n\x0e\x66ixed_delay_ms\x18\x02 \x01(\r\x12\x17\n\x0fretryable_codes\x18\x03 \x03(\t\"\xc4\x01\n\x08\x43ontract\x12\x12\n\ntimeout_ms\x18\x01 \x01(\r\x12\x17\n\x0fidempotency_key\x18\x02 \x03(\t\x12\x30\n\x05retry\x18\x03 \x01(\x0b\x32!.holdfast.contract.v1.RetryPolicy\x12\x13\n\x0block_ttl_ms\x18\x04 \x01(\r\x12\x0b\n\x03sla\x18\x05 \x01(\t\x12\x37\n\x0con_duplicate\x18\x06 \x01(\x0e\x32!.holdfast.contract.v1.OnDuplicate*=\n\x0bOnDuplicate\x12\x17\n\x13ON_DUPLICATE_REFUSE\x10\x00\x12\x15\n\x11ON_DUPLICATE_WAIT\x10\x01:R\n\x08\x63ontract\x12\x1e.google.protobuf.MethodOptions\x18\xc5\x8a\x03 \x01(\x0b\x32\x1e.holdfast.contract.v1.Contractb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'holdfast.contract.v1.contract_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ONDUPLICATE']._serialized_start=380
+  _globals['_ONDUPLICATE']._serialized_end=441
   _globals['_RETRYPOLICY']._serialized_start=95
   _globals['_RETRYPOLICY']._serialized_end=179
   _globals['_CONTRACT']._serialized_start=182
-  _globals['_CONTRACT']._serialized_end=321
+  _globals['_CONTRACT']._serialized_end=378
 # @@protoc_insertion_point(module_scope)

@@ -64,6 +64,26 @@ class InventoryServiceStub:
                 request_serializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.GetReservationRequest.SerializeToString,
                 response_deserializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.ReservationReply.FromString,
                 _registered_method=True)
+        self.ReserveOrder = channel.unary_unary(
+                '/holdfast.inventory.v1.InventoryService/ReserveOrder',
+                request_serializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.ReserveOrderRequest.SerializeToString,
+                response_deserializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.OrderReply.FromString,
+                _registered_method=True)
+        self.ConfirmOrder = channel.unary_unary(
+                '/holdfast.inventory.v1.InventoryService/ConfirmOrder',
+                request_serializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.ConfirmOrderRequest.SerializeToString,
+                response_deserializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.OrderReply.FromString,
+                _registered_method=True)
+        self.ReleaseOrder = channel.unary_unary(
+                '/holdfast.inventory.v1.InventoryService/ReleaseOrder',
+                request_serializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.ReleaseOrderRequest.SerializeToString,
+                response_deserializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.OrderReply.FromString,
+                _registered_method=True)
+        self.GetOrder = channel.unary_unary(
+                '/holdfast.inventory.v1.InventoryService/GetOrder',
+                request_serializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.GetOrderRequest.SerializeToString,
+                response_deserializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.OrderReply.FromString,
+                _registered_method=True)
 
 
 class InventoryServiceServicer:
@@ -108,6 +128,37 @@ class InventoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReserveOrder(self, request, context):
+        """Holds several (SKU, quantity) lines for one order in one move, all or
+        nothing: a line that cannot be held holds nothing of the others. One
+        line per SKU (two lines of one SKU are refused, not merged). Each line
+        is a reservation of its own (GetReservation reads it), moved only with
+        its order: ConfirmOrder, ReleaseOrder, or the order's expiry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmOrder(self, request, context):
+        """Sells every line of an order hold, in one move.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseOrder(self, request, context):
+        """Returns every line of an order hold to available, in one move.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOrder(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InventoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +191,26 @@ def add_InventoryServiceServicer_to_server(servicer, server):
                     servicer.GetReservation,
                     request_deserializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.GetReservationRequest.FromString,
                     response_serializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.ReservationReply.SerializeToString,
+            ),
+            'ReserveOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveOrder,
+                    request_deserializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.ReserveOrderRequest.FromString,
+                    response_serializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.OrderReply.SerializeToString,
+            ),
+            'ConfirmOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmOrder,
+                    request_deserializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.ConfirmOrderRequest.FromString,
+                    response_serializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.OrderReply.SerializeToString,
+            ),
+            'ReleaseOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseOrder,
+                    request_deserializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.ReleaseOrderRequest.FromString,
+                    response_serializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.OrderReply.SerializeToString,
+            ),
+            'GetOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOrder,
+                    request_deserializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.GetOrderRequest.FromString,
+                    response_serializer=holdfast_dot_inventory_dot_v1_dot_inventory__pb2.OrderReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +375,114 @@ class InventoryService:
             '/holdfast.inventory.v1.InventoryService/GetReservation',
             holdfast_dot_inventory_dot_v1_dot_inventory__pb2.GetReservationRequest.SerializeToString,
             holdfast_dot_inventory_dot_v1_dot_inventory__pb2.ReservationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/holdfast.inventory.v1.InventoryService/ReserveOrder',
+            holdfast_dot_inventory_dot_v1_dot_inventory__pb2.ReserveOrderRequest.SerializeToString,
+            holdfast_dot_inventory_dot_v1_dot_inventory__pb2.OrderReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/holdfast.inventory.v1.InventoryService/ConfirmOrder',
+            holdfast_dot_inventory_dot_v1_dot_inventory__pb2.ConfirmOrderRequest.SerializeToString,
+            holdfast_dot_inventory_dot_v1_dot_inventory__pb2.OrderReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/holdfast.inventory.v1.InventoryService/ReleaseOrder',
+            holdfast_dot_inventory_dot_v1_dot_inventory__pb2.ReleaseOrderRequest.SerializeToString,
+            holdfast_dot_inventory_dot_v1_dot_inventory__pb2.OrderReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/holdfast.inventory.v1.InventoryService/GetOrder',
+            holdfast_dot_inventory_dot_v1_dot_inventory__pb2.GetOrderRequest.SerializeToString,
+            holdfast_dot_inventory_dot_v1_dot_inventory__pb2.OrderReply.FromString,
             options,
             channel_credentials,
             insecure,
