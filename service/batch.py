@@ -39,7 +39,7 @@ The guarantees are the savepoint path's, kept in memory:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,12 +88,12 @@ class Changes:
     def row_sets(self) -> list[tuple[str, Table[Any] | None, list[Row]]]:
         """The changes as one list of rows per statement a backend sends, in
         column order: ("outcomes", None, rows of key, fingerprint, reason,
-        payload, recorded_at_ms), then per table ("insert", table, rows),
+        payload, recorded_at_ms, entity), then per table ("insert", table, rows),
         ("update", table, rows with the version the database holds last),
         ("upsert", table, rows). Empty ones are left out."""
         sets: list[tuple[str, Table[Any] | None, list[Row]]] = []
         if self.outcomes:
-            sets.append(("outcomes", None, [(key, r.fingerprint, r.reason, r.payload, now_ms) for key, r, now_ms in self.outcomes]))
+            sets.append(("outcomes", None, [(key, r.fingerprint, r.reason, r.payload, now_ms, r.entity) for key, r, now_ms in self.outcomes]))
         for changed in self.tables:
             values = changed.table.values
             for kind, rows in (("insert", [values(row) for row in changed.inserted]),
@@ -266,6 +266,27 @@ class BatchTxn(EntityRows):
     def versions(self, after: str, limit: int) -> list[tuple[str, int]]:
         self._before_range_query()
         return self._db.versions(after, limit)
+
+    # -- retention: a batch of pruning runs on the savepoint path --
+    #
+    # Deleting rows the batch may hold in memory, and outcome records its
+    # moves may have loaded, is left to the plain `SqlTxn`: retention's
+    # work comes a few times a second at most, so buffering it pays nothing.
+
+    def delete(self, table: Table[R], key: str) -> bool:
+        raise Isolate("retention runs on the savepoint path")
+
+    def present(self, table: Table[R], keys: Collection[str]) -> set[str]:
+        raise Isolate("retention runs on the savepoint path")
+
+    def aged_outcomes(self, before_ms: int, after: tuple[int, bytes], limit: int) -> list[tuple[int, bytes, str]]:
+        raise Isolate("retention runs on the savepoint path")
+
+    def bury_outcome(self, key: bytes, now_ms: int) -> None:
+        raise Isolate("retention runs on the savepoint path")
+
+    def drop_tombstones(self, before_ms: int, limit: int) -> int:
+        raise Isolate("retention runs on the savepoint path")
 
     def _execute(self, sql: str, params: Row = ()) -> Any:
         """Raw SQL, as `SqlTxn` offers it to tools and tests that inspect

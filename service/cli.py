@@ -76,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--hold-default-ms", type=_positive, default=15 * 60 * 1000, help="hold when a Reserve asks for 0")
     serve.add_argument(
+        "--retention-ms", type=_not_negative, default=24 * 60 * 60 * 1000,
+        help="keep settled entities and outcome records this long, then prune them (default 24 h; 0 keeps all)",
+    )
+    serve.add_argument(
+        "--tombstone-ms", type=_not_negative, default=24 * 60 * 60 * 1000,
+        help="after pruning, answer a key IDEMPOTENCY_KEY_EXPIRED this long before it counts as new (default 24 h)",
+    )
+    serve.add_argument(
         "--faults", default=os.environ.get("HOLDFAST_FAULTS", ""), help="TOML fault injection file (chaos runs and tests)"
     )
     serve.add_argument(
@@ -227,6 +235,13 @@ def _services(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def _not_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -271,6 +286,7 @@ def _serve(args: argparse.Namespace) -> int:
     from holdfast.loop import run
     from holdfast.limits import Limits
     from holdfast.redaction import scrub
+    from holdfast.retention import Policy
     from holdfast.server import Config, check, secrets, serve
     from holdfast.store import StoreUnavailable
 
@@ -291,7 +307,8 @@ def _serve(args: argparse.Namespace) -> int:
                     store_password=os.environ.get("HOLDFAST_STORE_PASSWORD", ""),
                     store_password_file=args.store_password_file,
                     snapshot_password=os.environ.get("HOLDFAST_SNAPSHOT_PASSWORD", ""),
-                    snapshot_password_file=args.snapshot_password_file, limits=limits)
+                    snapshot_password_file=args.snapshot_password_file, limits=limits,
+                    retention=Policy(args.retention_ms, args.tombstone_ms))
     if args.apps:
         _importable_from_here()
     try:

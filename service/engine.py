@@ -2,7 +2,9 @@
 
     1. key already recorded?  same fingerprint -> the stored outcome (replay)
                               other fingerprint -> IDEMPOTENCY_KEY_REUSED
+                              pruned (a tombstone) -> IDEMPOTENCY_KEY_EXPIRED
     2. snapshot version == store version?  no -> compensation, VERSION_CONFLICT
+       (a row the store does not hold has nothing to disagree with)
     3. the move itself: state check, effects, compare-and-set on the version
     4. outcome recorded under the key, in the same transaction
     5. snapshot advanced (after the commit; versions only move forward)
@@ -200,15 +202,20 @@ class Engine:
         if recorded is not None:
             return _replay(recorded, move.fingerprint), {}
         if move.entity is not None and seen is not None:
+            # A row the store does not hold is not double-checked: the move
+            # creates it (its compare-and-set expects version 0, so a racing
+            # creator makes it conflict) or answers that it is not there. The
+            # snapshot's entry may be another table's row of the same key, or
+            # one pruned with its entity (holdfast.retention): neither is
+            # reset, so a move naming the wrong kind of id changes nothing.
             current = txn.row(move.table, move.entity)
-            store_version = 0 if current is None else getattr(current, "version")
-            if store_version != seen:
+            if current is not None and (store_version := getattr(current, "version")) != seen:
                 return _Conflict(move.entity, seen, store_version)
         now_ms = self.clock.now_ms()
         outcome = move.apply(txn, now_ms)
         if outcome.recorded:
             reason = None if outcome.reason is None else reason_key(outcome.reason)
-            txn.record(move.key, Record(move.fingerprint, reason, outcome.payload), now_ms)
+            txn.record(move.key, Record(move.fingerprint, reason, outcome.payload, _entity_of(move)), now_ms)
         else:
             assert not txn.written, "an unrecorded outcome must change nothing"
         return outcome, txn.written
@@ -250,6 +257,12 @@ def _record_of(move: Move, outcome: Outcome) -> Record | None:
     return Record(move.fingerprint, reason, outcome.payload)
 
 
+def _entity_of(move: Move) -> str:
+    """What a record names as its move's row, "table:key": retention keeps
+    the record while that row is there."""
+    return "" if move.entity is None else f"{move.table.name}:{move.entity}"
+
+
 def _named(move: Move) -> Mapping[str, tuple[str, ...]]:
     """The rows `move` names for its batch's prefetch: its own, and those it
     said it will read."""
@@ -261,7 +274,14 @@ def _named(move: Move) -> Mapping[str, tuple[str, ...]]:
 
 
 def _replay(recorded: Record, fingerprint: bytes) -> Outcome:
-    """Step 1: the stored outcome, or a refusal when the payload differs."""
+    """Step 1: the stored outcome, or a refusal when the payload differs or
+    the outcome was pruned."""
+    if recorded.pruned:
+        return failure(
+            Reason.IDEMPOTENCY_KEY_EXPIRED,
+            "this idempotency key was used longer ago than the server keeps outcomes (its retention); the call was"
+            " not run again. Send a new request with a new key",
+        )
     if recorded.fingerprint != fingerprint:
         return failure(Reason.IDEMPOTENCY_KEY_REUSED, "this idempotency key was used with another request")
     reason = None if recorded.reason is None else reason_named(recorded.reason)

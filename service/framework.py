@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -23,8 +24,8 @@ from holdfast.engine import Engine, Move
 from holdfast.call import Call, current_call, idempotency_key
 from holdfast.machine import Machine
 from holdfast.outcome import Outcome, Reason, failure, success
-from holdfast.store import Entity, Txn
-from holdfast.table import Table
+from holdfast.store import ENTITIES, Entity, Txn
+from holdfast.table import Query, Table
 
 ID_LENGTH_MAX = 128
 M = TypeVar("M", bound=Message)
@@ -287,6 +288,22 @@ class Service:
         entities are written whole in one transaction, so by default none."""
         return 0
 
+    def prune(self, txn: Txn, now_ms: int, before_ms: int, limit: int) -> list[tuple[Table[Any], str]]:
+        """Deletes about `limit` of this service's rows that no move will
+        change again and that settled before `before_ms` (the server's
+        retention before `now_ms`); returns what it deleted, so the snapshot
+        forgets it. A record made after its entity settled (a timed move's)
+        is buried with it (`txn.bury_outcome`) by an app that knows its key. Run by holdfast.retention inside its own transaction, on the
+        store's thread. By default the service's entities in a terminal
+        state of its machine that last moved before `before_ms`; an app with
+        tables of its own (inventory's reservations) overrides it."""
+        machine = self.MACHINE
+        if not machine.terminal:
+            return []
+        settled = txn.select(ENTITIES, _settled_entities(len(machine.terminal)),
+                             (machine.name, *sorted(int(state) for state in machine.terminal), before_ms), limit)
+        return [(ENTITIES, entity.entity_id) for entity in settled if txn.delete(ENTITIES, entity.entity_id)]
+
     async def timeout(self, entity_id: str, version: int) -> Outcome:
         """One move made by time, not by a call: the entity's timeout event,
         keyed by (machine, entity, version), so it happens once however many
@@ -365,12 +382,25 @@ def _apply(
     assert not decided.lease_owner or ttl_ms > 0, "a lease needs the contract's lock_ttl_ms"
     data = decided.data if isinstance(decided.data, bytes) else encode_data(decided.data)
     saved = Entity(entity_id, machine.name, int(after), version + 1, data,
-                   decided.lease_owner, lease_until, decided.due_at_ms)
+                   decided.lease_owner, lease_until, decided.due_at_ms, now_ms)
     txn.save_entity(saved, version)
     if decided.refusal is not None:
         return decided.refusal
     assert decided.reply is not None
     return success(decided.reply(saved).SerializeToString(deterministic=True))
+
+
+@functools.cache
+def _settled_entities(terminal: int) -> Query[Entity]:
+    """A machine's entities in one of its `terminal` states (that many of
+    them, as parameters after the kind) that last moved before a time."""
+    marks = ", ".join(["%s"] * terminal)
+    return Query(
+        where=f"kind = %s AND state IN ({marks}) AND updated_at_ms < %s",
+        order_by="updated_at_ms, entity_id",
+        matches=lambda e, params: e.kind == params[0] and e.state in params[1:-1] and e.updated_at_ms < params[-1],
+        order=lambda e: (e.updated_at_ms, e.entity_id),
+    )
 
 
 def _bind(service: _descriptor.ServiceDescriptor) -> _Bound:

@@ -1,7 +1,7 @@
 """Call journals, read back: what `holdfast serve --journal FILE` wrote
 (holdfast.recorder, the server's half) as `holdfast replay`
 (service/replay.py) feeds it to a fresh instance to check that the same
-calls give the same bytes back. Three kinds of line, each one JSON object
+calls give the same bytes back. Four kinds of line, each one JSON object
 with a `kind`:
 
 * `start`  — written when a server starts: the format version and what the
@@ -18,6 +18,9 @@ with a `kind`:
   time. The reaper runs on its own timer, so a replay cannot re-derive when
   it fired; it is journaled like a call and replayed at its place in the
   sequence instead.
+* `prune` — one retention round that pruned something (holdfast.retention):
+  its time and how many rows, records and tombstones it pruned; replayed at
+  its place with the recording's retention (from the start line).
 
 Journals of format 1 named no apps (the built-in ones were hosted) and
 wrote an app's timed moves under a kind of its own; the app that wrote
@@ -43,6 +46,7 @@ __all__ = ["FORMAT", "REQUIRED", "Entry", "JournalError", "decode", "encode", "l
 REQUIRED = {
     "call": ("method", "time_ms", "request", "code"),
     "timeout": ("service", "entity_id", "version", "time_ms"),
+    "prune": ("time_ms", "rows", "records", "tombstones"),
 }
 
 

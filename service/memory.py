@@ -20,7 +20,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -31,6 +31,7 @@ from holdfast.store import (
     EntityRows,
     GroupCommitStore,
     Prefetch,
+    TOMBSTONE,
     Record,
     StoreUnavailable,
     Txn,
@@ -76,6 +77,7 @@ class Rows:
 
     def __init__(self) -> None:
         self.outcomes: dict[bytes, Record] = {}
+        self.recorded_at: dict[bytes, int] = {}  # when each record (or tombstone) was made
         self.tables: dict[str, dict[str, Any]] = {}
         self.indexes: dict[int, set[str]] = {}  # id(query) -> keys of rows that meet its candidate condition
 
@@ -98,23 +100,30 @@ class MemTxn(EntityRows):
     def __init__(self, rows: Rows, tables: Sequence[Table[Any]] = CORE_TABLES) -> None:
         self._rows = rows
         self._tables = tables
-        self._outcomes: dict[bytes, Record] = {}
+        self._outcomes: dict[bytes, tuple[Record, int]] = {}
+        self._dropped: set[bytes] = set()
+        self._deleted: dict[str, tuple[Table[Any], set[str]]] = {}  # table -> (its declaration, keys deleted)
         self._written: dict[str, tuple[Table[Any], dict[str, Any]]] = {}  # table -> (its declaration, key -> row)
         self.written: dict[str, int] = {}
 
     # -- idempotency records ------------------------------------------------------------
 
     def recorded(self, key: bytes) -> Record | None:
-        return self._outcomes.get(key) or self._rows.outcomes.get(key)
+        if key in self._dropped:
+            return None
+        mine = self._outcomes.get(key)
+        return mine[0] if mine is not None else self._rows.outcomes.get(key)
 
     def record(self, key: bytes, record: Record, now_ms: int) -> None:
         if self.recorded(key) is not None:
             raise Contended("the idempotency key was recorded by a concurrent move")
-        self._outcomes[key] = record
+        self._outcomes[key] = (record, now_ms)
 
     # -- rows -----------------------------------------------------------------------------
 
     def row(self, table: Table[R], key: str) -> R | None:
+        if key in self._deleted.get(table.name, (table, ()))[1]:
+            return None
         written = self._written.get(table.name)
         found = written[1].get(key) if written is not None else None
         if found is None:
@@ -160,10 +169,43 @@ class MemTxn(EntityRows):
         for table in self._tables:
             if table.snapshot:
                 keys = {*self._rows.of(table), *(self._written.get(table.name, (table, {}))[1])}
-                found += [(key, getattr(self.row(table, key), "version")) for key in keys if key > after]
+                rows = ((key, self.row(table, key)) for key in keys if key > after)
+                found += [(key, getattr(row, "version")) for key, row in rows if row is not None]
         return sorted(found)[:limit]
 
+    # -- retention --------------------------------------------------------------------
+
+    def delete(self, table: Table[R], key: str) -> bool:
+        there = self.row(table, key) is not None
+        deleted = self._deleted.get(table.name)
+        if deleted is None:
+            deleted = self._deleted[table.name] = (table, set())
+        deleted[1].add(key)
+        self._written.get(table.name, (table, {}))[1].pop(key, None)
+        return there
+
+    def present(self, table: Table[R], keys: Collection[str]) -> set[str]:
+        return {key for key in keys if self.row(table, key) is not None}
+
+    def aged_outcomes(self, before_ms: int, after: tuple[int, bytes], limit: int) -> list[tuple[int, bytes, str]]:
+        """As SqlTxn's, over the committed records (a scan: what the
+        simulation's stores hold is small)."""
+        at = self._rows.recorded_at
+        found = [(at[key], key, record.entity) for key, record in self._rows.outcomes.items()
+                 if not record.pruned and at[key] < before_ms and (at[key], key) > after]
+        return sorted(found)[:limit]
+
+    def bury_outcome(self, key: bytes, now_ms: int) -> None:
+        self._outcomes[key] = (TOMBSTONE, now_ms)
+
+    def drop_tombstones(self, before_ms: int, limit: int) -> int:
+        at = self._rows.recorded_at
+        old = sorted((at[key], key) for key, record in self._rows.outcomes.items() if record.pruned and at[key] < before_ms)
+        self._dropped.update(key for _, key in old[:limit])
+        return len(old[:limit])
+
     def _write(self, table: Table[R], key: str, row: R) -> None:
+        self._deleted.get(table.name, (table, set()))[1].discard(key)
         written = self._written.get(table.name)
         if written is None:
             written = self._written[table.name] = (table, {})
@@ -180,8 +222,18 @@ class MemTxn(EntityRows):
     def commit(self) -> Changes:
         """Applies the overlay; returns what it changed."""
         rows = self._rows
-        rows.outcomes.update(self._outcomes)
+        for outcome_key, (record, now_ms) in self._outcomes.items():
+            rows.outcomes[outcome_key], rows.recorded_at[outcome_key] = record, now_ms
+        for outcome_key in self._dropped:
+            del rows.outcomes[outcome_key], rows.recorded_at[outcome_key]
         changes = Changes()
+        for name, (table, deleted) in self._deleted.items():
+            committed = rows.of(table)
+            for key in deleted:
+                committed.pop(key, None)
+                for query in table.queries:
+                    rows.index(query).discard(key)
+            changes.keys.setdefault(name, set()).update(deleted)
         for name, (table, written) in self._written.items():
             rows.of(table).update(written)
             for query in table.queries:
@@ -189,7 +241,7 @@ class MemTxn(EntityRows):
                     index = rows.index(query)
                     for key, row in written.items():
                         (index.add if query.candidate(row) else index.discard)(key)
-            changes.keys[name] = set(written)
+            changes.keys.setdefault(name, set()).update(written)
         return changes
 
 

@@ -6,7 +6,7 @@ which the engine reads as unknown, never as stale (holdfast.snapshot).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from holdfast.snapshot import VersionPages
 
@@ -35,6 +35,10 @@ class MemorySnapshot:
 
     async def reset(self, entity: str, version: int) -> None:
         self._versions[entity] = version
+
+    async def forget(self, entities: Collection[str]) -> None:
+        for entity in entities:
+            self._versions.pop(entity, None)
 
     async def close(self) -> None:
         self._versions.clear()

@@ -91,3 +91,7 @@ VERIFY_FINDINGS = Counter(
     "Inconsistencies `holdfast verify` found between the store's rows, and between the snapshot and the store, by kind.",
     ["kind"],
 )
+# Retention (holdfast.retention): what its rounds pruned, by kind: `rows`
+# (settled entities and the rows that go with them), `records` (outcome
+# records turned into tombstones), `tombstones` (dropped at last).
+PRUNED = Counter("holdfast_pruned_total", "Rows, outcome records and tombstones pruned by retention.", ["kind"])

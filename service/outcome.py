@@ -65,6 +65,10 @@ class Reason(enum.Enum):
     # The server's bound on concurrent calls is reached: retry after the
     # pushback the answer carries (trailing `grpc-retry-pushback-ms`).
     OVERLOADED = (24, grpc.StatusCode.RESOURCE_EXHAUSTED, False)
+    # The call's idempotency key was used before, longer ago than the
+    # server's retention (holdfast.retention): its outcome was pruned, so it
+    # is neither replayed nor run again. A new request takes a new key.
+    IDEMPOTENCY_KEY_EXPIRED = (25, grpc.StatusCode.FAILED_PRECONDITION, False)
 
     @property
     def code(self) -> grpc.StatusCode:

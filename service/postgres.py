@@ -85,13 +85,14 @@ def _typed(table: Table[Any]) -> tuple[tuple[str, str], ...]:
     return tuple((column.name, _TYPES[column.type]) for column in table.columns)
 
 
-_OUTCOME = (("key", "bytea"), ("fingerprint", "bytea"), ("reason", "text"), ("payload", "bytea"), ("recorded_at_ms", "bigint"))
+_OUTCOME = (("key", "bytea"), ("fingerprint", "bytea"), ("reason", "text"), ("payload", "bytea"), ("recorded_at_ms", "bigint"),
+            ("entity", "text"))
 _KEYS = "(SELECT decode(value, 'hex') FROM json_array_elements_text(%s::json))"
 _IDS = "(SELECT value FROM json_array_elements_text(%s::json))"
 
 PREFETCH_OUTCOMES = f"SELECT key, fingerprint, reason, payload FROM outcome WHERE key IN {_KEYS}"
 FLUSH_OUTCOMES = (
-    f"INSERT INTO outcome (key, fingerprint, reason, payload, recorded_at_ms) SELECT {_json_rows(_OUTCOME)}"
+    f"INSERT INTO outcome (key, fingerprint, reason, payload, recorded_at_ms, entity) SELECT {_json_rows(_OUTCOME)}"
     " ON CONFLICT (key) DO NOTHING"
 )
 

@@ -47,6 +47,7 @@ from holdfast.store import Prefetch, Txn
 
 if TYPE_CHECKING:
     from holdfast.engine import Engine
+    from holdfast.retention import Pruned, Retention
     from holdfast.server import Config
 
 FORMAT = 2
@@ -124,19 +125,23 @@ def start_line(config: Config, hosted: Iterable[str]) -> dict[str, Any]:
     """What a replay must host as the recording did: the apps (MODULE:ATTR)
     and the settings they were made with, and the full names of all hosted
     (a factory given in code has no spec to write, but its name is checked)."""
+    policy = config.retention
     return {
         "kind": "start", "format": FORMAT,
         "apps": list(config.apps), "settings": dict(config.settings), "hosted": list(hosted),
+        "retention": {"retention_ms": policy.retention_ms, "tombstone_ms": policy.tombstone_ms, "batch": policy.batch},
     }
 
 
 def install(
-    path: str | Path, engine: Engine, movers: Iterable[Service], methods: Collection[str], start: dict[str, Any]
+    path: str | Path, engine: Engine, movers: Iterable[Service], methods: Collection[str], start: dict[str, Any],
+    retention: Retention | None = None,
 ) -> tuple[JournalWriter, JournalRecorder]:
-    """Journals every call of `methods` (every hosted method) and every
-    timed move of `movers` (the services whose moves run here): pins the
-    engine's time per call, writes the start line, and returns the writer
-    (close it on stop) and the interceptor to serve with."""
+    """Journals every call of `methods` (every hosted method), every timed
+    move of `movers` (the services whose moves run here) and every
+    retention round that pruned something: pins the engine's time per
+    call, writes the start line, and returns the writer (close it on stop)
+    and the interceptor to serve with."""
     writer = JournalWriter(path)
     clock = PinnedClock(engine.clock)
     engine.clock = clock
@@ -144,7 +149,34 @@ def install(
     writer.write(start)
     for service in movers:
         _journal_timeouts(writer, service, clock.clock)
+    if retention is not None:
+        _journal_pruning(writer, retention, clock.clock)
     return writer, JournalRecorder(writer, clock.clock, methods)
+
+
+def _journal_pruning(writer: JournalWriter, retention: Retention, clock: Clock) -> None:
+    """Wraps `retention.prune` so each round runs at one pinned time and,
+    when it pruned anything, lands in the journal: a replay prunes there
+    too, so a key retried after its record was pruned answers the same."""
+    prune = retention.prune
+
+    async def journaled_prune(now_ms: int | None = None) -> Pruned:
+        now_ms = clock.now_ms() if now_ms is None else now_ms
+        token = _pinned.set(now_ms)
+        try:
+            pruned = await prune(now_ms)
+        finally:
+            _pinned.reset(token)
+        if pruned:
+            writer.write(prune_line(now_ms, pruned))
+        return pruned
+
+    retention.prune = journaled_prune  # type: ignore[method-assign]
+
+
+def prune_line(now_ms: int, pruned: Pruned) -> dict[str, Any]:
+    return {"kind": "prune", "time_ms": now_ms, "rows": pruned.rows, "records": pruned.records,
+            "tombstones": pruned.tombstones}
 
 
 def _journal_timeouts(writer: JournalWriter, service: Service, clock: Clock) -> None:

@@ -49,7 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -102,6 +102,8 @@ return applied
 SOCKET_TIMEOUT_S = 0.25
 # How often a degraded snapshot asks whether Redis is back.
 PROBE_INTERVAL_S = 0.2
+# Keys per DEL when the store pruned their entities.
+FORGET_CHUNK = 500
 # Entries per pipeline while rebuilding, so one page never builds one huge reply.
 REBUILD_CHUNK = 500
 
@@ -261,6 +263,22 @@ class RedisSnapshot:
             return
         try:
             await self.client.set(snapshot_key(entity), version)
+        except Exception as error:
+            if not _outage(error):
+                raise
+            self._fail(error)
+            metrics.SNAPSHOT_DEGRADATIONS.inc()
+
+    async def forget(self, entities: Collection[str]) -> None:
+        """DEL of the entities' keys, FORGET_CHUNK to a command (on Cluster,
+        redis-py splits each by slot). Dropped while Redis is away: a stale
+        entry of a pruned row is never checked (holdfast.snapshot)."""
+        if not entities or not self._reachable:
+            return
+        keys = [snapshot_key(entity) for entity in entities]
+        try:
+            for start in range(0, len(keys), FORGET_CHUNK):
+                await self.client.delete(*keys[start : start + FORGET_CHUNK])
         except Exception as error:
             if not _outage(error):
                 raise

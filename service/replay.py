@@ -101,6 +101,8 @@ class Report:
     calls: int = 0
     timeouts: int = 0
     skipped_timeouts: int = 0
+    prunes: int = 0
+    skipped_prunes: int = 0
     unanswered: int = 0
     differences: list[Difference] = field(default_factory=list)
 
@@ -120,6 +122,10 @@ class Report:
             lines.append(f"note: {self.unanswered} calls were cancelled before they answered; sent, not compared")
         if self.skipped_timeouts:
             lines.append(f"note: {self.skipped_timeouts} journaled timeouts were left to the target's own reaper")
+        if self.prunes:
+            lines.append(f"note: {self.prunes} retention rounds were made again at their recorded times")
+        if self.skipped_prunes:
+            lines.append(f"note: {self.skipped_prunes} journaled retention rounds were left to the target's own")
         return "\n".join(lines)
 
 
@@ -212,6 +218,7 @@ async def _fresh_instance(start: dict, folder: Path, apps: tuple[str, ...], serv
     """An embedded instance hosting `apps` and `services` with the
     recording's settings, a settable clock and its reaper stopped (the
     journal says when time moved things)."""
+    from holdfast.retention import Policy
     from holdfast.server import Config
     from holdfast.server import start as start_server
 
@@ -222,6 +229,7 @@ async def _fresh_instance(start: dict, folder: Path, apps: tuple[str, ...], serv
         settings["hold_default_ms"] = start["hold_default_ms"]
     config = Config(
         listen="127.0.0.1:0", store=f"sqlite:///{folder}/replay.db", snapshot="memory://", apps=apps, settings=settings,
+        retention=Policy(**start.get("retention", {})),
     )
     clock = ReplayClock()
     try:
@@ -247,6 +255,8 @@ async def _replay_entries(entries: list[Entry], report: Report, target: str, loc
         for done, entry in enumerate(entries, 1):
             if entry.record["kind"] == "timeout":
                 await _replay_timeout(entry, report, local)
+            elif entry.record["kind"] == "prune":
+                await _replay_prune(entry, report, local)
             else:
                 await _replay_call(channel, entry, report, local)
             bar.update(done)
@@ -307,6 +317,23 @@ async def _replay_timeout(entry: Entry, report: Report, local) -> None:
         answer = {"reason": reason, "payload": outcome.payload, "replayed": outcome.replayed}
     if recorded != answer:
         report.differences.append(Difference(entry.line, f"timeout of {entity_id}", recorded, answer))
+
+
+async def _replay_prune(entry: Entry, report: Report, local) -> None:
+    """A retention round of the recording, made again at its recorded time
+    with the recording's retention; compared by what it pruned."""
+    record = entry.record
+    if local is None:
+        report.skipped_prunes += 1
+        return
+    running, clock = local
+    report.prunes += 1
+    clock.set(record["time_ms"])
+    pruned = await running.retention.prune(record["time_ms"])
+    recorded = {name: record[name] for name in ("rows", "records", "tombstones")}
+    answer = {"rows": pruned.rows, "records": pruned.records, "tombstones": pruned.tombstones}
+    if recorded != answer:
+        report.differences.append(Difference(entry.line, "retention round", recorded, answer))
 
 
 def _metadata(pairs: list[list[str]]) -> tuple[tuple[str, str | bytes], ...]:

@@ -31,6 +31,7 @@ from holdfast.gateway import Gateway
 from holdfast.framework import Service
 from holdfast.limits import Admission, Limits
 from holdfast.reaper import Reaper
+from holdfast.retention import Policy, Retention
 from holdfast.backends import open_snapshot, open_store
 from holdfast.store import version_pages
 from holdfast.table import Table
@@ -73,6 +74,8 @@ class Config:
     snapshot_password: str = field(default="", repr=False)
     snapshot_password_file: str = ""
     limits: Limits = field(default_factory=Limits)
+    # How long settled rows and outcome records are kept (holdfast.retention).
+    retention: Policy = field(default_factory=Policy)
 
 # A service of the user's own, built on holdfast: made once the engine (store
 # and snapshot) is open.
@@ -144,6 +147,7 @@ class Running:
     health: health.aio.HealthServicer
     journal: recorder.JournalWriter | None = None  # closed after the last call has answered
     admission: Admission | None = None  # the bound on calls in flight: its `in_flight` and `refused` counts
+    retention: Retention | None = None  # what prunes the store (its rounds run on the reaper's task)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
@@ -192,7 +196,8 @@ async def _start(
     contracts = {path: c for service in hosted for path, c in service.contracts.items()}
     if faults is not None:
         faults.require_known(contracts)
-    reaper = Reaper(engine, hosted, config.reaper_interval_ms)
+    retention = Retention(engine, hosted, config.retention)
+    reaper = Reaper(engine, hosted, config.reaper_interval_ms, retention=retention)
     recovered = await reaper.recover()
     if recovered:
         log.info("recovered %d intents left in the store", recovered)
@@ -215,7 +220,7 @@ async def _start(
     writer = None
     if config.journal:
         writer, journaling = recorder.install(
-            config.journal, engine, hosted, contracts, recorder.start_line(config, names)
+            config.journal, engine, hosted, contracts, recorder.start_line(config, names), retention
         )
         interceptors.append(journaling)
     # No SO_REUSEPORT unless asked: a second instance on a taken port must fail, not share it.
@@ -244,7 +249,8 @@ async def _start(
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     services = {service.name: service for service in hosted}
     return Running(
-        server, port, engine, services, asyncio.create_task(reaper.run()), health_servicer, writer, admission
+        server, port, engine, services, asyncio.create_task(reaper.run()), health_servicer, writer, admission,
+        retention,
     )
 
 

@@ -22,7 +22,7 @@ A snapshot is advisory: no failure of its own fails a move. It answers None
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from typing import Protocol
 
 # The store's versions, page by page (holdfast.store.version_pages): the truth a
@@ -42,6 +42,12 @@ class Snapshot(Protocol):
 
     async def reset(self, entity: str, version: int) -> None:
         """Compensation: overwrite the entry with the store's version."""
+
+    async def forget(self, entities: Collection[str]) -> None:
+        """Drops the entries of entities the store pruned (holdfast.retention),
+        so the snapshot stays as small as what the store holds; an entry
+        left behind by an outage is harmless (the engine does not check a
+        row the store does not hold)."""
 
     async def close(self) -> None: ...
 

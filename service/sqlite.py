@@ -39,7 +39,7 @@ def _in(names: frozenset[Any]) -> tuple[str, Row]:
 # Multi-row statements: one step, so one GIL hand-off, per table and batch.
 # `{values}` is "(?, ...), (?, ...)", a group per row.
 INSERT_OUTCOMES = (
-    "INSERT INTO outcome (key, fingerprint, reason, payload, recorded_at_ms) VALUES {values}"
+    "INSERT INTO outcome (key, fingerprint, reason, payload, recorded_at_ms, entity) VALUES {values}"
     " ON CONFLICT (key) DO NOTHING"
 )
 

@@ -56,7 +56,13 @@ class SchemaTooNew(ValueError):
 #    gains `confirmed_quantity` and `order_hold_id`, and the `order_hold`
 #    table is new. A version-3 store refuses an older holdfast, which would
 #    not write the new columns.
-SCHEMA_VERSION = 3
+# 4: retention (holdfast.retention). An outcome record names the entity of
+#    its move (`outcome.entity`, "table:key"), and a pruned record stays as
+#    a tombstone for a while (empty fingerprint); the framework's entities
+#    say when they last moved (`entity.updated_at_ms`, stamped with the
+#    upgrade's time on the rows that were there); inventory's sales of
+#    pruned reservations are kept per SKU (`pruned_sale`).
+SCHEMA_VERSION = 4
 
 
 class Contended(Exception):
@@ -99,11 +105,12 @@ class Entity:
     lease_owner: str = ""  # who holds the entity's lease ("" = nobody)
     lease_until_ms: int = 0  # the lease ends at this clock time
     due_at_ms: int = 0  # when its timeout event fires; 0 = none
+    updated_at_ms: int = 0  # when a move last wrote it: retention prunes a settled entity after its retention
 
 
 def _entity_of(values: Sequence[Any]) -> Entity:
     """Drivers may hand `data` back as a buffer, not bytes."""
-    return Entity(values[0], values[1], values[2], values[3], bytes(values[4]), values[5], values[6], values[7])
+    return Entity(values[0], values[1], values[2], values[3], bytes(values[4]), values[5], values[6], values[7], values[8])
 
 
 def _entity_refused(entity: Entity) -> str | None:
@@ -132,6 +139,8 @@ ENTITIES: Table[Entity] = Table(
         Column("lease_owner", "text", "NOT NULL DEFAULT ''"),
         Column("lease_until_ms", "integer", "NOT NULL DEFAULT 0"),
         Column("due_at_ms", "integer", "NOT NULL DEFAULT 0"),
+        # Added by schema 4.
+        Column("updated_at_ms", "integer", "NOT NULL DEFAULT 0"),
     ),
     Entity,
     snapshot=True,
@@ -148,11 +157,25 @@ entity_of_row = ENTITIES.row
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """A recorded outcome: `reason` None is success; `payload` the exact bytes."""
+    """A recorded outcome: `reason` None is success; `payload` the exact bytes.
+
+    `entity` names the row the move was about, as "table:key" ("" for
+    none): retention never prunes a record while that row is there. An
+    empty `fingerprint` is a tombstone: the record was pruned, and a call
+    with its key is told so rather than run again (holdfast.retention)."""
 
     fingerprint: bytes
     reason: str | None
     payload: bytes
+    entity: str = field(default="", compare=False)
+
+    @property
+    def pruned(self) -> bool:
+        return not self.fingerprint
+
+
+# What a pruned record leaves under its key until the tombstone goes too.
+TOMBSTONE = Record(b"", None, b"")
 
 
 class Txn(Protocol):
@@ -174,6 +197,12 @@ class Txn(Protocol):
     def put(self, table: Table[R], row: R) -> None: ...
     def select(self, table: Table[R], query: Query[R], params: tuple[Any, ...], limit: int) -> list[R]: ...
     def versions(self, after: str, limit: int) -> list[tuple[str, int]]: ...
+    # Retention (holdfast.retention): background work, never a call's move.
+    def delete(self, table: Table[R], key: str) -> bool: ...
+    def present(self, table: Table[R], keys: Collection[str]) -> set[str]: ...
+    def aged_outcomes(self, before_ms: int, after: tuple[int, bytes], limit: int) -> list[tuple[int, bytes, str]]: ...
+    def bury_outcome(self, key: bytes, now_ms: int) -> None: ...
+    def drop_tombstones(self, before_ms: int, limit: int) -> int: ...
     def entity(self, entity_id: str) -> Entity | None: ...
     def save_entity(self, entity: Entity, expected_version: int) -> None: ...
     def due_entities(self, kind: str, now_ms: int, limit: int) -> list[Entity]: ...
@@ -223,10 +252,14 @@ CREATE TABLE IF NOT EXISTS outcome (
     fingerprint {blob} NOT NULL,
     reason TEXT,
     payload {blob} NOT NULL,
-    recorded_at_ms {integer} NOT NULL
+    recorded_at_ms {integer} NOT NULL,
+    entity TEXT NOT NULL DEFAULT ''
 );
+CREATE INDEX IF NOT EXISTS outcome_recorded ON outcome (recorded_at_ms);
 CREATE TABLE IF NOT EXISTS holdfast_schema (version INTEGER NOT NULL);
 """
+# The outcome table's columns added since it was first declared (schema 4).
+_OUTCOME_ADDED = (("entity", "entity TEXT NOT NULL DEFAULT ''"),)
 
 
 def tables_of(tables: Sequence[Table[Any]]) -> tuple[Table[Any], ...]:
@@ -247,7 +280,9 @@ def added_columns(
     declaration up to `tables` (`columns_of(name)`: the database's column
     names of a table, none when it has no such table): run after `schema`,
     in the same schema transaction."""
-    return [statement for table in tables for statement in table.added(columns_of(table.name), integer, blob)]
+    outcome = columns_of("outcome")
+    statements = [f"ALTER TABLE outcome ADD COLUMN {sql}" for name, sql in _OUTCOME_ADDED if outcome and name not in outcome]
+    return statements + [statement for table in tables for statement in table.added(columns_of(table.name), integer, blob)]
 
 
 def schema(tables: Sequence[Table[Any]], integer: str, blob: str) -> str:
@@ -294,9 +329,9 @@ class SqlTxn(EntityRows):
 
     def record(self, key: bytes, record: Record, now_ms: int) -> None:
         cursor = self._execute(
-            "INSERT INTO outcome (key, fingerprint, reason, payload, recorded_at_ms) VALUES (%s, %s, %s, %s, %s)"
+            "INSERT INTO outcome (key, fingerprint, reason, payload, recorded_at_ms, entity) VALUES (%s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (key) DO NOTHING",
-            (key, record.fingerprint, record.reason, record.payload, now_ms),
+            (key, record.fingerprint, record.reason, record.payload, now_ms, record.entity),
         )
         if cursor.rowcount != 1:
             raise Contended("the idempotency key was recorded by a concurrent move")
@@ -343,6 +378,47 @@ class SqlTxn(EntityRows):
         union = " UNION ALL ".join(f"SELECT {t.key_column}, version FROM {t.name} WHERE {t.key_column} > %s" for t in tables)
         rows = self._execute(f"{union} ORDER BY 1 LIMIT %s", (*[after] * len(tables), limit)).fetchall()
         return [(row_id, version) for row_id, version in rows]
+
+    # -- retention --
+
+    def delete(self, table: Table[R], key: str) -> bool:
+        """False when there was no row to delete: another instance's
+        retention deleted it first (its DELETE held the row's lock)."""
+        cursor = self._execute(f"DELETE FROM {table.name} WHERE {table.key_column} = %s", (key,))
+        self._read[(table.name, key)] = None
+        return bool(cursor.rowcount == 1)
+
+    def present(self, table: Table[R], keys: Collection[str]) -> set[str]:
+        """Which of `keys` the table holds, without locking them."""
+        if not keys:
+            return set()
+        marks = ", ".join(["%s"] * len(keys))
+        sql = f"SELECT {table.key_column} FROM {table.name} WHERE {table.key_column} IN ({marks})"
+        return {row[0] for row in self._execute(sql, tuple(keys)).fetchall()}
+
+    def aged_outcomes(self, before_ms: int, after: tuple[int, bytes], limit: int) -> list[tuple[int, bytes, str]]:
+        """Records (not tombstones) made before `before_ms`, after the
+        cursor `after` (recorded_at_ms, key) in that order."""
+        at, key = after
+        rows = self._execute(
+            "SELECT recorded_at_ms, key, entity FROM outcome WHERE recorded_at_ms < %s AND fingerprint <> %s"
+            " AND (recorded_at_ms > %s OR (recorded_at_ms = %s AND key > %s)) ORDER BY recorded_at_ms, key LIMIT %s",
+            (before_ms, b"", at, at, key, limit),
+        ).fetchall()
+        return [(recorded_at, bytes(found), entity) for recorded_at, found, entity in rows]
+
+    def bury_outcome(self, key: bytes, now_ms: int) -> None:
+        self._execute(
+            "UPDATE outcome SET fingerprint = %s, reason = NULL, payload = %s, entity = '', recorded_at_ms = %s"
+            " WHERE key = %s", (b"", b"", now_ms, key),
+        )
+
+    def drop_tombstones(self, before_ms: int, limit: int) -> int:
+        cursor = self._execute(
+            "DELETE FROM outcome WHERE key IN (SELECT key FROM outcome WHERE fingerprint = %s AND recorded_at_ms < %s"
+            " ORDER BY recorded_at_ms LIMIT %s)", (b"", before_ms, limit),
+        )
+        return int(cursor.rowcount)
 
 
 _UNREAD = object()
@@ -527,8 +603,11 @@ class GroupCommitStore:
             cursor.execute(f"INSERT INTO holdfast_schema (version) VALUES ({SCHEMA_VERSION})")
         elif found < SCHEMA_VERSION:
             # Every step so far only adds tables (2: entity) and columns
-            # (3), which the schema's CREATE ... IF NOT EXISTS and
-            # `added_columns` have just made.
+            # (3, 4), which the schema's CREATE ... IF NOT EXISTS and
+            # `added_columns` have just made. 4: the entities already there
+            # count as moved now, so none is pruned before its retention.
+            if found < 4:
+                cursor.execute(f"UPDATE entity SET updated_at_ms = {int(time.time() * 1000)} WHERE updated_at_ms = 0")
             cursor.execute(f"UPDATE holdfast_schema SET version = {SCHEMA_VERSION}")
         elif found > SCHEMA_VERSION:
             raise SchemaTooNew(

@@ -154,11 +154,12 @@ class Books:
             after = key(rows[-1])
 
     async def outcomes(self) -> AsyncIterator[list[Recorded]]:
-        """Every outcome record, in key order, a page at a time."""
+        """Every outcome record, in key order, a page at a time; not the
+        tombstones pruned records left (holdfast.retention), which name nothing."""
 
         def read(txn: Txn, after: bytes, limit: int) -> list[Recorded]:
-            rows = sql(txn, "SELECT key, reason, payload, recorded_at_ms FROM outcome WHERE key > %s ORDER BY key LIMIT %s",
-                       (after, limit))
+            rows = sql(txn, "SELECT key, reason, payload, recorded_at_ms FROM outcome WHERE key > %s AND fingerprint <> %s"
+                       " ORDER BY key LIMIT %s", (after, b"", limit))
             return [Recorded(bytes(k), reason, bytes(payload), at) for k, reason, payload, at in rows]
 
         async for page in self.pages(read, lambda r: r.key, b""):

@@ -109,4 +109,4 @@ async def test_an_older_inventory_store_gains_the_reservation_columns_and_keeps_
         await store.close()
     assert _columns(store_url, "reservation")[-2:] == ["confirmed_quantity", "order_hold_id"]
     assert read_outside(store_url, "SELECT version FROM holdfast_schema") == [(SCHEMA_VERSION,)]
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4

@@ -4,7 +4,8 @@ refused call changes nothing.
 A seeded generator (set HOLDFAST_FUZZ_SEED to explore, the failure message
 names the seed and the exact request bytes) sends about 2,300 calls per
 run to a real server, one at a time, each as raw wire bytes
-(`request_serializer=None`), on the embedded pair and on PostgreSQL + Redis:
+(`request_serializer=None`), on the embedded pair, on PostgreSQL + Redis and
+on PostgreSQL + Redis Cluster:
 
 * well-formed requests with hostile field values: int64 and uint64 edges,
   zero, -1, huge quantities, hold_ms edges, control characters and NUL,
@@ -51,9 +52,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
+from holdfast.apps.inventory import LINE_VIOLATIONS_SHOWN_MAX
 from holdfast.apps.inventory_machine import State
 from holdfast.outcome import DOMAIN, Reason, reason_named
 from holdfast.server import Config, Running
+from tests.conftest import BACKENDS
 from tests.support import BUILT_IN_APPS, failure_of
 
 SEED = int(os.environ.get("HOLDFAST_FUZZ_SEED", "20261126"))
@@ -164,8 +167,16 @@ class World:
 
 @pytest.fixture(params=["embedded", "postgres+redis"])
 def backend(request: pytest.FixtureRequest) -> str:
-    """Hostile strings reach SQLite and PostgreSQL (NUL bytes, odd unicode), so both run."""
+    """Hostile strings reach SQLite and PostgreSQL (NUL bytes, odd unicode),
+    so both run. These two are tests/test_fuzz_dispatch.py's, which imports
+    this fixture; this suite's tests name their pairs (ACROSS)."""
     return request.param
+
+
+# Every pair of tests/conftest.py: SQLite + memory, PostgreSQL + Redis and
+# PostgreSQL + Redis Cluster, whose snapshot reads and advances versions by
+# single-key pipelines over the nodes (holdfast.redis_snapshot), not by MGET.
+ACROSS = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
 
 @pytest.fixture
@@ -176,7 +187,8 @@ def config(tmp_path, backend: str, request: pytest.FixtureRequest) -> Config:
     if backend == "embedded":
         store, snapshot = f"sqlite:///{tmp_path}/holdfast.db", "memory://"
     else:
-        store, snapshot = request.getfixturevalue("postgres_url"), request.getfixturevalue("redis_url")
+        store = request.getfixturevalue("postgres_url")
+        snapshot = request.getfixturevalue("redis_cluster_url" if backend.endswith("cluster") else "redis_url")
     return Config(listen="127.0.0.1:0", store=store, snapshot=snapshot, reaper_interval_ms=3_600_000, apps=BUILT_IN_APPS)
 
 
@@ -446,9 +458,10 @@ class Fuzzer:
         roll = rng.random()
         if roll < 0.08:
             return []
-        if roll < 0.14:  # one SKU a line: a line's violation each would overflow the trailers (see the xfail below)
-            count = rng.choice((LINES_MAX, LINES_MAX + 1, 5_000))
-            return [pb.OrderLine(sku_id=self.world.skus[n] if n < 3 else f"sku-{n}", quantity=1) for n in range(count)]
+        if roll < 0.14:  # one SKU a line, now and then every other one of quantity 0: more bad lines than are named
+            count, bad = rng.choice((LINES_MAX, LINES_MAX + 1, 5_000)), rng.random() < 0.3
+            return [pb.OrderLine(sku_id=self.world.skus[n] if n < 3 else f"sku-{n}", quantity=0 if bad and n % 2 else 1)
+                    for n in range(count)]
         if roll < 0.4:  # sane lines, so orders get held and their moves reach the engine
             return [pb.OrderLine(sku_id=sku, quantity=rng.randint(1, 3)) for sku in rng.sample(self.world.skus, rng.randint(1, 3))]
         lines = []
@@ -501,6 +514,7 @@ async def fuzzer(server: Running, channel: grpc.aio.Channel, request: pytest.Fix
 # -- 1. well-formed requests, hostile values -----------------------------------------------
 
 
+@ACROSS
 async def test_hostile_field_values_get_defined_answers_and_refusals_change_nothing(fuzzer: Fuzzer):
     methods = list(METHODS)
     for _ in range(1200):
@@ -547,6 +561,7 @@ ORDER_EDGES = [
 ]
 
 
+@ACROSS
 async def test_order_lines_at_the_edges_get_their_answers_and_hold_all_or_nothing(fuzzer: Fuzzer):
     for n, (what, lines, answer) in enumerate(ORDER_EDGES):
         body = pb.ReserveOrderRequest(order_id=f"edge-{n}", lines=lines, timestamp_ms=n + 1).SerializeToString()
@@ -580,10 +595,7 @@ async def test_order_lines_at_the_edges_get_their_answers_and_hold_all_or_nothin
     fuzzer.verdict(2 * len(ORDER_EDGES) + 3 * len(ids) + 6)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ReserveOrder reports one field violation per bad line, with no bound: 60 bad lines make ~15 kB of "
-    "trailers (grpc-message and the BadRequest details), past the client's metadata limit (8 kB soft, "
-    "16 kB hard), so the client gets RESOURCE_EXHAUSTED with details of INVALID_ARGUMENT"))
+@ACROSS
 async def test_an_order_of_many_bad_lines_is_an_invalid_request_the_client_can_read(fuzzer: Fuzzer):
     for count in (LINES_MAX, 60, 40):
         lines = _lines(*(("sku-1", 0) for _ in range(count)))
@@ -593,10 +605,42 @@ async def test_an_order_of_many_bad_lines_is_an_invalid_request_the_client_can_r
     fuzzer.verdict(9)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the snapshot keys versions by entity id alone, across tables: a move on order hold <a reservation's id> "
-    "finds the reservation's version in the snapshot and none in order_hold, answers VERSION_CONFLICT and "
-    "resets the reservation's snapshot version to 0 (the next Confirm of the reservation then conflicts too)"))
+def _quantity_zero(n: int) -> tuple[str, str]:
+    return f"lines[{n}].quantity", f"lines[{n}].quantity must be positive, got 0"
+
+
+SHOWN = LINE_VIOLATIONS_SHOWN_MAX
+# lines -> the violations answered: whole bad lines while at most SHOWN are named, then the rest counted.
+BOUNDED_LINES = [
+    ("60 bad lines", _lines(*((f"sku-{n}", 0) for n in range(60))),
+     [*map(_quantity_zero, range(SHOWN)), ("lines", f"and {60 - SHOWN} more lines are invalid")]),
+    ("one bad line more than shown", _lines(*((f"sku-{n}", 0) for n in range(SHOWN + 1))),
+     [*map(_quantity_zero, range(SHOWN)), ("lines", "and 1 more line is invalid")]),
+    ("as many bad lines as shown", _lines(*((f"sku-{n}", 0) for n in range(SHOWN))), [*map(_quantity_zero, range(SHOWN))]),
+    ("a line of two violations across the bound", _lines(*((f"sku-{n}", 0) for n in range(SHOWN - 1)), ("", 0)),
+     [*map(_quantity_zero, range(SHOWN - 1)), ("lines", "and 1 more line is invalid")]),
+    ("bad lines among good ones", _lines(*((f"sku-{n}", n % 2) for n in range(2 * SHOWN + 6))),
+     [*(_quantity_zero(n) for n in range(0, 2 * SHOWN, 2)), ("lines", "and 3 more lines are invalid")]),
+]
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)  # refused before the store is read: one pair will do
+@pytest.mark.parametrize("what, lines, violations", BOUNDED_LINES, ids=[what for what, _, _ in BOUNDED_LINES])
+async def test_an_order_names_its_first_bad_lines_and_counts_the_rest(channel: grpc.aio.Channel, what, lines, violations):
+    rpc = channel.unary_unary(f"{SERVICE}/ReserveOrder", request_serializer=None, response_deserializer=None)
+    body = pb.ReserveOrderRequest(order_id="bad", lines=lines, timestamp_ms=1).SerializeToString()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await rpc(body, timeout=TIMEOUT_S)
+    refused = failure_of(raised.value)
+    assert (refused.code, refused.domain, refused.reason) == (grpc.StatusCode.INVALID_ARGUMENT, DOMAIN, "INVALID_REQUEST")
+    assert list(refused.violations) == violations
+    assert refused.message == "invalid request: " + "; ".join(why for _, why in violations)
+    # The message and every trailer: far from the client's 8 KiB metadata limit.
+    trailers = len(refused.message.encode()) + sum(len(key) + len(value) for key, value in refused.trailing.items())
+    assert trailers < 4096, trailers
+
+
+@ACROSS
 async def test_an_order_move_naming_a_reservation_is_not_found_and_leaves_the_reservation_alone(fuzzer: Fuzzer):
     held, line = fuzzer.world.reservations[0], fuzzer.world.reservations[-3]
     for rid in (held, line):
@@ -696,6 +740,7 @@ def hostile_value(rng: random.Random, kind: str) -> object:
     return rng.choice(INT64_EDGES)
 
 
+@ACROSS
 async def test_malformed_bodies_are_invalid_requests_and_change_nothing(fuzzer: Fuzzer):
     methods = list(METHODS)
     for _ in range(1000):
@@ -720,6 +765,7 @@ FILLERS: tuple[Callable[[int], str], ...] = (
 )
 
 
+@ACROSS
 async def test_oversized_strings_in_every_string_field_get_defined_answers(fuzzer: Fuzzer):
     for method, (request_class, _, fields) in METHODS.items():
         for name, kind in fields.items():

@@ -100,6 +100,7 @@ LAYERS: dict[str, int] = {
     "holdfast.recorder": SERVER,  # the journal's writer, for `serve --journal`; holdfast.journal reads it back
     "holdfast.faults": SERVER,
     "holdfast.reaper": SERVER,
+    "holdfast.retention": SERVER,  # pruning what the store and the snapshot keep, on the reaper's loop
     "holdfast.workers": SERVER,
     "holdfast.server": SERVER,
     "holdfast.loop": SERVER,  # the event loop a server process runs on

@@ -23,6 +23,7 @@ from holdfast import (
     Outcome,
     Reason,
     Service,
+    Table,
     Txn,
     current_call,
     failure,
@@ -43,6 +44,7 @@ from holdfast.apps.inventory_store import (
     due_holds,
     intents,
     order_hold,
+    prune_settled,
     put_stock,
     reservation,
     save_order_hold,
@@ -317,6 +319,17 @@ class Inventory(Service):
         return await self.engine.move(
             Move(REAPER_METHOD, key, key, entity_id, lambda txn, now_ms: _expire(txn, entity_id, now_ms), RESERVATIONS)
         )
+
+    def prune(self, txn: Txn, now_ms: int, before_ms: int, limit: int) -> list[tuple[Table[Any], str]]:
+        """Settled holds and order holds, with what they sold kept per SKU.
+        A hold the reaper expired has a record made after it settled (the
+        reaper's, keyed by the hold alone): it is buried with the hold, so
+        no record outlives its entity."""
+        gone = prune_settled(txn, before_ms, limit)
+        for table, key in gone:
+            if table is not STOCK:
+                txn.bury_outcome(idempotency_key(REAPER_METHOD, (key,)), now_ms)
+        return gone
 
     async def recover(self, batch: int) -> int:
         """Resolves every intent a crashed writer left in the store."""
@@ -662,32 +675,64 @@ def _reason_violations(reason: str) -> list[tuple[str, str]]:
     return []
 
 
-def _line_violations(lines) -> Iterable[tuple[str, str]]:
+# An order's bad lines named one by one, at most this many violations; the
+# rest are counted. One per bad line, unbounded, passes gRPC's 8 KiB metadata
+# limit (the message and the BadRequest both carry them) and the client reads
+# RESOURCE_EXHAUSTED instead of what is wrong with its request.
+LINE_VIOLATIONS_SHOWN_MAX = 10
+
+
+def _line_violations(lines) -> list[tuple[str, str]]:
     """An order's lines: at least one, at most LINES_MAX, each a SKU and a
     positive quantity, one line per SKU. Two lines of one SKU are refused,
     not merged: a client that sends them has a bug the server must not hide
     (the second line names the first)."""
     if not lines:
-        yield "lines", "an order must have at least one line"
-        return
+        return [("lines", "an order must have at least one line")]
     if len(lines) > LINES_MAX:
-        yield "lines", f"an order may have at most {LINES_MAX} lines, got {len(lines)}"
-        return
+        return [("lines", f"an order may have at most {LINES_MAX} lines, got {len(lines)}")]
+    return _first_bad_lines(_bad_lines(lines), LINE_VIOLATIONS_SHOWN_MAX)
+
+
+def _bad_lines(lines) -> list[list[tuple[str, str]]]:
+    """The violations of each line that has any, in the request's order."""
     first: dict[str, int] = {}
-    for n, line in enumerate(lines):
-        name = f"lines[{n}].sku_id"
-        if not line.sku_id:
-            yield name, f"{name} must be set"
-        elif len(line.sku_id) > ID_LENGTH_MAX:
-            yield name, f"{name} must be at most {ID_LENGTH_MAX} characters, got {len(line.sku_id)}"
-        elif _CONTROL.search(line.sku_id):
-            yield name, f"{name} must not contain control characters"
-        elif line.sku_id in first:
-            yield name, f"{name} repeats the SKU of lines[{first[line.sku_id]}]: one line per SKU"
-        else:
-            first[line.sku_id] = n
-        if line.quantity <= 0:
-            yield f"lines[{n}].quantity", f"lines[{n}].quantity must be positive, got {line.quantity}"
+    found = [_one_line_violations(n, line, first) for n, line in enumerate(lines)]
+    return [violations for violations in found if violations]
+
+
+def _one_line_violations(n: int, line, first: dict[str, int]) -> list[tuple[str, str]]:
+    """Line `n`'s violations; `first` maps each SKU seen so far to its first
+    line, so a repeat names it."""
+    name = f"lines[{n}].sku_id"
+    violations: list[tuple[str, str]] = []
+    if not line.sku_id:
+        violations.append((name, f"{name} must be set"))
+    elif len(line.sku_id) > ID_LENGTH_MAX:
+        violations.append((name, f"{name} must be at most {ID_LENGTH_MAX} characters, got {len(line.sku_id)}"))
+    elif _CONTROL.search(line.sku_id):
+        violations.append((name, f"{name} must not contain control characters"))
+    elif line.sku_id in first:
+        violations.append((name, f"{name} repeats the SKU of lines[{first[line.sku_id]}]: one line per SKU"))
+    else:
+        first[line.sku_id] = n
+    if line.quantity <= 0:
+        violations.append((f"lines[{n}].quantity", f"lines[{n}].quantity must be positive, got {line.quantity}"))
+    return violations
+
+
+def _first_bad_lines(bad_lines: list[list[tuple[str, str]]], shown_max: int) -> list[tuple[str, str]]:
+    """Whole bad lines' violations while at most `shown_max` of them are
+    named, then one violation of `lines` counting the bad lines left: the
+    answer stays small enough to reach the client whatever the order holds,
+    and a line is never half named."""
+    shown: list[tuple[str, str]] = []
+    for n, violations in enumerate(bad_lines):
+        if len(shown) + len(violations) > shown_max:
+            more = len(bad_lines) - n
+            return [*shown, ("lines", f"and {more} more {'line is' if more == 1 else 'lines are'} invalid")]
+        shown.extend(violations)
+    return shown
 
 
 def _sku_not_found(sku_id: str) -> Outcome:

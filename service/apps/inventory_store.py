@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from holdfast import Column, Query, Table, Txn
-from holdfast.apps.inventory_machine import INTENTS, State
+from holdfast.apps.inventory_machine import INTENTS, TERMINAL, State
 
 
 @dataclass(slots=True)
@@ -81,6 +81,16 @@ class OrderHold:
         return tuple(self.line_ids.split(","))
 
 
+@dataclass(slots=True)
+class PrunedSale:
+    """The units a SKU's pruned reservations had sold (holdfast.retention):
+    what keeps `sold` accountable once the reservations that sold it are
+    gone (holdfast verify adds it to the sales of the ones still kept)."""
+
+    sku_id: str
+    sold: int
+
+
 def _reservation_of(values: Sequence[Any]) -> Reservation:
     return Reservation(values[0], values[1], values[2], values[3], State(values[4]), *values[5:])
 
@@ -142,6 +152,25 @@ OPEN_INTENTS: Query[Reservation] = Query(
     order=lambda r: r.reservation_id,
 )
 
+# Settled a retention ago: what retention prunes (holdfast.retention). A
+# hold settles by its expiry at the latest (a Confirm or Release comes
+# before it, the reaper's expiry at it), so `expires_at_ms` bounds when; a
+# line of an order goes with its order.
+_TERMINAL_STATES = tuple(sorted(int(s) for s in TERMINAL))
+_TERMINAL_MARKS = ", ".join(["%s"] * len(_TERMINAL_STATES))
+SETTLED_HOLDS: Query[Reservation] = Query(
+    where=f"state IN ({_TERMINAL_MARKS}) AND expires_at_ms < %s AND order_hold_id = ''",
+    order_by="expires_at_ms, reservation_id",
+    matches=lambda r, params: r.state in params[:-1] and r.expires_at_ms < params[-1] and not r.order_hold_id,
+    order=lambda r: (r.expires_at_ms, r.reservation_id),
+)
+SETTLED_ORDERS: Query[OrderHold] = Query(
+    where=f"state IN ({_TERMINAL_MARKS}) AND expires_at_ms < %s",
+    order_by="expires_at_ms, order_hold_id",
+    matches=lambda o, params: o.state in params[:-1] and o.expires_at_ms < params[-1],
+    order=lambda o: (o.expires_at_ms, o.order_hold_id),
+)
+
 RESERVATIONS: Table[Reservation] = Table(
     "reservation",
     (
@@ -165,7 +194,7 @@ RESERVATIONS: Table[Reservation] = Table(
     refused=_reservation_refused,
     of_values=_reservation_of,
     values_of=_values_of,
-    queries=(DUE_HOLDS, OPEN_INTENTS),
+    queries=(DUE_HOLDS, OPEN_INTENTS, SETTLED_HOLDS),
 )
 # Stock is written under its row lock, not by compare-and-set: racing
 # Reserves of one SKU never conflict, those that find too little simply
@@ -203,14 +232,24 @@ ORDER_HOLDS: Table[OrderHold] = Table(
     OrderHold,
     snapshot=True,
     noun="order hold",
+    indexes=(("order_hold_due", "state, expires_at_ms"),),
     refused=_order_hold_refused,
     of_values=_order_hold_of,
     values_of=_order_hold_values,
+    queries=(SETTLED_ORDERS,),
+)
+# Added by schema 4; only retention writes it, so it never waits on a Reserve.
+PRUNED_SALES: Table[PrunedSale] = Table(
+    "pruned_sale",
+    (Column("sku_id", "text"), Column("sold", "integer", "NOT NULL CHECK (sold >= 0)")),
+    PrunedSale,
+    versioned=False,
+    noun="pruned sale",
 )
 # In this order: a batch locks order holds before reservations before
 # stock, each table's rows in key order, on every instance; a move that
 # reads rows one by one (the savepoint path) reads them in the same order.
-TABLES: tuple[Table[Any], ...] = (ORDER_HOLDS, RESERVATIONS, STOCK)
+TABLES: tuple[Table[Any], ...] = (ORDER_HOLDS, RESERVATIONS, STOCK, PRUNED_SALES)
 
 
 # -- what the inventory's moves do with them, inside their transaction --------------
@@ -276,3 +315,39 @@ def due_holds(txn: Txn, now_ms: int, limit: int) -> list[Reservation]:
 
 def intents(txn: Txn, limit: int) -> list[Reservation]:
     return txn.select(RESERVATIONS, OPEN_INTENTS, _INTENT_STATES, limit)
+
+
+def prune_settled(txn: Txn, before_ms: int, limit: int) -> list[tuple[Table[Any], str]]:
+    """Deletes order holds (with their lines) and lone reservations settled
+    before `before_ms`, about `limit` rows (an order's lines go whole, so
+    one order may pass it), and adds what the deleted ones sold to their
+    SKUs' `pruned_sale`."""
+    gone: list[tuple[Table[Any], str]] = []
+    sales: dict[str, int] = {}
+    for order in txn.select(ORDER_HOLDS, SETTLED_ORDERS, (*_TERMINAL_STATES, before_ms), limit):
+        if len(gone) >= limit:
+            break
+        for line_id in order.lines:
+            line = txn.row(RESERVATIONS, line_id)
+            if line is not None:
+                _prune_reservation(txn, line, sales, gone)
+        if txn.delete(ORDER_HOLDS, order.order_hold_id):
+            gone.append((ORDER_HOLDS, order.order_hold_id))
+    if len(gone) < limit:
+        for lone in txn.select(RESERVATIONS, SETTLED_HOLDS, (*_TERMINAL_STATES, before_ms), limit - len(gone)):
+            _prune_reservation(txn, lone, sales, gone)
+    for sku_id, sold in sorted(sales.items()):
+        kept = txn.row(PRUNED_SALES, sku_id)
+        txn.put(PRUNED_SALES, PrunedSale(sku_id, (0 if kept is None else kept.sold) + sold))
+    return gone
+
+
+def _prune_reservation(txn: Txn, found: Reservation, sales: dict[str, int], gone: list[tuple[Table[Any], str]]) -> None:
+    """Its sale is counted only if this transaction deleted it: two
+    instances' retention may pick the same row, and only one deletes it."""
+    assert found.state in TERMINAL, f"pruning {found.reservation_id}, which is {found.state.name}"
+    if not txn.delete(RESERVATIONS, found.reservation_id):
+        return
+    if found.sold():
+        sales[found.sku_id] = sales.get(found.sku_id, 0) + found.sold()
+    gone.append((RESERVATIONS, found.reservation_id))

@@ -9,7 +9,8 @@ on PostgreSQL's READ COMMITTED, where two statements may see two):
 * `held_mismatch`: `held` is not the quantity of its live holds (RESERVED,
   and the intents that hold stock: CONFIRMING and RELEASING, whose
   recovery settles held units; RESERVING took none yet);
-* `sold_mismatch`: `sold` is not what its CONFIRMED reservations sold (a
+* `sold_mismatch`: `sold` is not what its CONFIRMED reservations sold, and its
+  pruned ones (`pruned_sale`, holdfast.retention) had sold (a
   partial confirm's `confirmed_quantity`, else the whole hold);
 * `stock_missing`: a reservation holding or sold units of a SKU with no
   stock row.
@@ -36,7 +37,7 @@ from holdfast.inventory.v1 import inventory_pb2 as pb
 from holdfast import Txn, idempotency_key
 from holdfast.apps.inventory import REAPER_METHOD, SERVICE, reservation_id
 from holdfast.apps.inventory_machine import INTENTS, State
-from holdfast.apps.inventory_store import RESERVATIONS, STOCK
+from holdfast.apps.inventory_store import PRUNED_SALES, RESERVATIONS, STOCK
 
 T = TypeVar("T")
 HOLDING = (State.RESERVED, State.CONFIRMING, State.RELEASING)
@@ -69,6 +70,7 @@ STOCK_PAGE = f"""
 SELECT s.sku_id, s.total, s.available, s.held, s.sold,
        COALESCE(SUM(CASE WHEN r.state IN ({_in(HOLDING)}) THEN r.quantity ELSE 0 END), 0),
        COALESCE(SUM(CASE WHEN r.state IN ({_in(SOLD)}) THEN {SOLD_QUANTITY} ELSE 0 END), 0)
+         + COALESCE((SELECT p.sold FROM {PRUNED_SALES.name} AS p WHERE p.sku_id = s.sku_id), 0)
 FROM (SELECT sku_id, total, available, held, sold FROM {STOCK.name} WHERE sku_id > %s ORDER BY sku_id LIMIT %s) AS s
 LEFT JOIN {RESERVATIONS.name} AS r ON r.sku_id = s.sku_id
 GROUP BY s.sku_id, s.total, s.available, s.held, s.sold
