@@ -267,26 +267,36 @@ class BatchTxn(EntityRows):
         self._before_range_query()
         return self._db.versions(after, limit)
 
-    # -- retention: a batch of pruning runs on the savepoint path --
+    # -- retention --
     #
-    # Deleting rows the batch may hold in memory, and outcome records its
-    # moves may have loaded, is left to the plain `SqlTxn`: retention's
-    # work comes a few times a second at most, so buffering it pays nothing.
+    # Its reads see the batch's writes, as a range query does. Deleting rows
+    # the batch may hold in memory, and burying records its moves may have
+    # loaded, is left to the savepoint path: that comes only when a round
+    # has something to prune, so buffering it would pay nothing.
 
     def delete(self, table: Table[R], key: str) -> bool:
-        raise Isolate("retention runs on the savepoint path")
+        raise Isolate("retention's deletes run on the savepoint path")
 
     def present(self, table: Table[R], keys: Collection[str]) -> set[str]:
-        raise Isolate("retention runs on the savepoint path")
+        self._before_range_query()
+        return self._db.present(table, keys)
 
     def aged_outcomes(self, before_ms: int, after: tuple[int, bytes], limit: int) -> list[tuple[int, bytes, str]]:
-        raise Isolate("retention runs on the savepoint path")
+        self._before_range_query()
+        return self._db.aged_outcomes(before_ms, after, limit)
 
     def bury_outcome(self, key: bytes, now_ms: int) -> None:
-        raise Isolate("retention runs on the savepoint path")
+        raise Isolate("retention's burials run on the savepoint path")
 
     def drop_tombstones(self, before_ms: int, limit: int) -> int:
-        raise Isolate("retention runs on the savepoint path")
+        """The database's delete; a tombstone the batch loaded is read again."""
+        self._before_range_query()
+        dropped = self._db.drop_tombstones(before_ms, limit)
+        if dropped:
+            outcomes = self._rows.outcomes
+            for key in [key for key, record in outcomes.items() if record is not None and record.pruned]:
+                del outcomes[key]
+        return dropped
 
     def _execute(self, sql: str, params: Row = ()) -> Any:
         """Raw SQL, as `SqlTxn` offers it to tools and tests that inspect
