@@ -113,6 +113,16 @@ async def test_reset_overwrites_even_downward(snapshot):
     assert await snapshot.version("r-gone") == 1
 
 
+async def test_forget_drops_the_entries_of_pruned_entities_and_leaves_the_others(snapshot):
+    await snapshot.advance({f"r{i}": i + 1 for i in range(1200)})  # past one DEL's chunk on Redis
+    await snapshot.forget([f"r{i}" for i in range(1, 1200)] + ["r-never-seen"])
+    assert await snapshot.version("r0") == 1
+    assert [await snapshot.version(f"r{i}") for i in (1, 600, 1199)] == [None, None, None]
+    await snapshot.forget([])
+    await snapshot.advance({"r1": 7})  # an id used again starts afresh
+    assert await snapshot.version("r1") == 7
+
+
 async def test_advance_of_many_entities_at_once(snapshot):
     await snapshot.advance({"r0": 4})
     await snapshot.advance({f"r{i}": i + 1 for i in range(20)})

@@ -21,7 +21,7 @@ from holdfast.engine import Engine
 from holdfast.memory import MemoryStore, RowRefused
 from holdfast.memory_snapshot import MemorySnapshot
 from holdfast.outcome import Reason, success
-from holdfast.store import Contended, Prefetch, version_pages
+from holdfast.store import Contended, Prefetch, Record, version_pages
 from tests.test_entity_store import store_of
 from tests.test_group_commit import in_one_batch, read_outside
 
@@ -235,6 +235,33 @@ def test_the_tables_exist_after_open_with_their_columns(store_url):
             store_url, "SELECT column_name FROM information_schema.columns WHERE table_name = 'parking_spot' ORDER BY ordinal_position"
         )]
     assert columns == ["spot_id", "lot_id", "driver", "state", "version", "until_ms"]
+
+
+async def test_retention_deletes_rows_and_turns_aged_records_into_tombstones_that_it_drops_later(store):
+    await _seeded(store)
+    for n in range(3):
+        await store.transact(lambda txn, n=n: _hold(txn, _held(f"s{n}"), 0))
+        record = Record(b"fp", None, b"reply", entity=f"parking_spot:s{n}")
+        await store.transact(lambda txn, n=n, record=record: txn.record(b"key-%d" % n, record, 100 + n))
+
+    assert await store.transact(lambda txn: txn.present(SPOTS, ["s0", "s2", "nowhere"])) == {"s0", "s2"}
+    assert await store.transact(lambda txn: txn.delete(SPOTS, "s1")) is True
+    assert await store.transact(lambda txn: txn.delete(SPOTS, "s1")) is False  # gone: another deleted it first
+    assert await store.transact(lambda txn: txn.row(SPOTS, "s1")) is None
+    assert await store.transact(lambda txn: txn.versions("", 10)) == [("s0", 1), ("s2", 1)]
+
+    aged = await store.transact(lambda txn: txn.aged_outcomes(102, (0, b""), 10))
+    assert aged == [(100, b"key-0", "parking_spot:s0"), (101, b"key-1", "parking_spot:s1")]
+    assert await store.transact(lambda txn: txn.aged_outcomes(200, (100, b"key-0"), 1)) == [(101, b"key-1", "parking_spot:s1")]
+    await store.transact(lambda txn: txn.bury_outcome(b"key-1", 500))
+    tombstone = await store.transact(lambda txn: txn.recorded(b"key-1"))
+    assert tombstone is not None and tombstone.pruned
+    assert [key for _, key, _ in await store.transact(lambda txn: txn.aged_outcomes(10**6, (0, b""), 10))] == [b"key-0", b"key-2"]
+
+    assert await store.transact(lambda txn: txn.drop_tombstones(500, 10)) == 0  # made at 500: not older than 500
+    assert await store.transact(lambda txn: txn.drop_tombstones(501, 10)) == 1
+    assert await store.transact(lambda txn: txn.recorded(b"key-1")) is None
+    assert (await store.transact(lambda txn: txn.recorded(b"key-0"))) == Record(b"fp", None, b"reply")
 
 
 async def test_the_memory_store_refuses_an_indexed_query_its_table_does_not_declare():
