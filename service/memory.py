@@ -33,6 +33,7 @@ from holdfast.store import (
     Prefetch,
     TOMBSTONE,
     Record,
+    name_os_thread,
     StoreUnavailable,
     Txn,
     tables_of,
@@ -295,6 +296,7 @@ class MemoryStore:
         return await future
 
     def _serve(self) -> None:
+        name_os_thread()
         while (job := self._jobs.get()) is not None:
             work, deadline, future = job
             if deadline is not None and time.monotonic() >= deadline:

@@ -619,6 +619,7 @@ class GroupCommitStore:
     def _serve(self, connection: Any) -> None:
         loop = self._loop
         assert loop is not None, "workers start in open(), which sets the loop"
+        name_os_thread()
         try:
             while (batch := self._next_batch()) is not None:
                 connection, results = self._run_batch(connection, batch)
@@ -740,6 +741,17 @@ class GroupCommitStore:
             return value, None
         cursor.execute("RELEASE SAVEPOINT move")
         return None, StoreUnavailable("the move lost every rerun to concurrent writers")
+
+
+def name_os_thread() -> None:
+    """Gives the calling thread its Python name in the operating system too
+    (Linux: /proc's `comm`, 15 characters), so per-thread CPU figures (`top
+    -H`, holdfast bench's) tell the store's threads from the event loop's."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as comm:
+            comm.write(threading.current_thread().name[:15])
+    except OSError:  # not Linux, or /proc is not there: names are a nicety
+        pass
 
 
 def _settle(future: asyncio.Future[Any], value: object, error: BaseException | None) -> None:
