@@ -139,6 +139,7 @@ LAYERS: dict[str, int] = {
     "holdfast.doctor": TOOLS,
     "holdfast.graph": TOOLS,
     "holdfast.bench": TOOLS,
+    "holdfast.handwritten": TOOLS,  # the service a team writes without holdfast: the bench's baseline
     "holdfast.stats": TOOLS,
     "holdfast.verify": TOOLS,  # `holdfast verify`: the books checked read-only, the snapshot repaired
     "holdfast.probe": TOOLS,  # a container's health check: a command, like stats
