@@ -27,11 +27,58 @@ Why it is built this way:
   a row per backend (labelled by its schemes, e.g. `sqlite+memory`,
   `postgres+redis`) with its ratio to the echo row. `--with-postgres-redis`
   starts a throwaway PostgreSQL cluster and redis-server for the run and adds
-  them as one more backend.
+  them as one more backend; and, when this holdfast has it, the hand-written
+  baseline server (`python -m holdfast.handwritten`: what a team writes
+  instead of using holdfast) as a row labelled `handwritten`, on a database
+  of its own in that cluster and Redis database 1, with the same client,
+  mix, SKUs and stock count. It does not send `holdfast-replayed`, so the
+  replay mix leaves it out (a note says so).
+* CPU per call. Calls/s depends on how many cores the machine lends each
+  process; the CPU a call costs depends much less on that. So for every
+  target the bench also reads how much CPU was used in the measured window:
+  by the server (all its threads, and its descendants, e.g. --workers'
+  processes), by thread role, by the client processes and, when the bench
+  started them, by PostgreSQL (the postmaster and all its children) and by
+  redis-server, each over the window's measured calls in µs per call; and
+  each server's over echo's (`/ echo` beside `cpu µs`).
 
 Safety: only loopback targets; every loop is bounded in calls and in time;
 every subprocess (PostgreSQL and Redis included) and every temporary
 directory are cleaned up on error, on Ctrl-C and on SIGTERM.
+
+How the CPU is read. From /proc: utime + stime of each process (with cutime
++ cstime, so a child that exits in the window, e.g. a PostgreSQL backend,
+still counts in its parent's), and of each server thread in
+/proc/PID/task/TID/stat, whose comm field is the thread's name (the same as
+/proc/PID/task/TID/comm); clock ticks of os.sysconf('SC_CLK_TCK'). Thread
+roles: `loop` each server process's main thread, which runs the event loop;
+`store` the store's threads (`holdfast-store-N`, `holdfast-memory-store`);
+`grpc` gRPC's own (its C-core threads, `grpc_global_tim`, `event_engine`,
+`lifeguard`..., and its aio poller `Thread-N (_poll_wrapper)`); `other` the
+rest (a default executor, `uvloop_N` or `asyncio_N`, holdfast's other
+threads, and unnamed ones). Python before 3.14 leaves a thread's OS name the
+process's unless the thread sets it (holdfast's store threads do,
+holdfast.store.name_os_thread; gRPC's poller does not), so the bench starts
+its servers through `_serve` (holdfast serve itself, plus: each Python
+thread gives itself its name with prctl(PR_SET_NAME) as it starts, as 3.14
+does; --workers' spawned processes too) and the echo and hand-written
+servers likewise. A --target's server was not started so: its unnamed
+Python threads (gRPC's poller among them) count as `other`, and its
+processes are the ones listening on its port (if this user can see them).
+
+The window. The bench's own process samples all those counters at the
+instants the client processes open and close their measured window, from a
+thread of its own: the clients turn the start instant they are sent into
+CLOCK_MONOTONIC, one clock for every process of the machine, and so does the
+sampler, so its two samples are the window's edges (late by the few ms a
+sample of /proc takes, and the scheduler's wake-up). The window's calls are
+those the clients count, completed inside it. One clock tick (10 ms at 100
+Hz) of a thread over those calls is the resolution; `tick_us_per_call`
+says how much that is per call. A thread that ends inside the window is in
+its process's total but in no role, and each thread's times are rounded
+down to ticks on their own, so the roles add up to the total give or take a
+tick or so per thread. CPU per call is over every round's windows; a round
+that could not be sampled leaves the row without it.
 
 Mixes (`--mix`): a mix turns a unit number into the calls of one unit of work
 (method name and request bytes, sent in order on one lane; a unit stops at its
@@ -39,6 +86,10 @@ first answer that is not OK, since a refused Reserve leaves nothing to
 confirm). A unit's later calls name its reservation without reading a reply,
 because the reservation id is derived from the Reserve key
 (`holdfast.apps.inventory.reservation_id` of `holdfast.gateway.idempotency_key`).
+Every mix but hot-sku spreads its units over `--skus N` SKUs (default 1000),
+each stocked before the run (PutStock, 10^15 units each or `--stock`): unit
+n is on SKU n % N, in every client process, so every lane moves over all of
+them and no one row lock decides the run.
 
 * `reserve`: one Reserve of one unit. Answers: OK.
 * `reserve-confirm`: Reserve, then Confirm it. Answers: OK.
@@ -46,23 +97,26 @@ because the reservation id is derived from the Reserve key
   Answers: OK.
 * `replay`: before the start, each client process commits REPLAY_KEYS (16)
   Reserves and keeps their reply bytes; every measured unit then sends one of
-  those same requests again (unit n repeats seed n % 16), so every measured
-  answer is a replay of a stored outcome. Answers: OK, and a reply counts as
+  those same requests again (unit n repeats seed n % 16, on that seed's SKU),
+  so every measured answer is a replay of a stored outcome. Answers: OK, and a reply counts as
   OK only if its bytes are the seed's and (holdfast) its trailers say
   `holdfast-replayed: true`; otherwise `OK/REPLY_CHANGED` or `OK/NOT_REPLAYED`.
   Reading trailers costs the client a little; the echo row pays for the same
   byte comparison, not for the trailer.
 * `hot-sku`: contention. Every lane Reserves then Confirms on the run's one
-  SKU, stocked with only HOT_SKU_STOCK (1000, or `--stock`) units, so 200
-  lanes sell it out within a short run. Answers: OK, or
+  SKU (whatever --skus says), stocked with only HOT_SKU_STOCK (1000, or
+  `--stock`) units, so 200 lanes sell it out within a short run. Answers: OK, or
   FAILED_PRECONDITION/INSUFFICIENT_STOCK once it is gone.
 
-The stock count. After each holdfast target's run, the bench reads the SKU
-(GetStock) and checks it against every call the run made, warm-up and the
+The stock count. After each holdfast (and hand-written) target's run, the
+bench reads every SKU of the run (GetStock, STOCK_CALLS_IN_FLIGHT at a time)
+and checks each against every call the run made on it, warm-up and the
 calls finishing after the window included (each client process keeps a
-ledger of them): sold == Confirms answered OK, held == Reserves answered OK
-and neither confirmed nor released, available + held + sold == total, and
-nothing sold past the total. A call whose answer was lost (a client-side
+ledger of them, per SKU): sold == Confirms answered OK, held == Reserves
+answered OK and neither confirmed nor released, available + held + sold ==
+total, and nothing sold past the total, for each SKU on its own; the report
+has the sums over the SKUs, how many the run touched and the fewest and most
+OK Reserves one SKU got, and names the first SKUs whose count failed. A call whose answer was lost (a client-side
 deadline, a broken connection: no holdfast reason) may or may not have moved
 stock, so after the window it is sent again with the same bytes until it gets
 a definite answer (its key makes that safe: the answer is the stored outcome
@@ -73,15 +127,18 @@ minutes; a --target that holds for less would fail it).
 
 Report: per target, calls/s, p50/p99/p99.9 latency, outcomes by
 `STATUS/REASON`, the answers whose ErrorInfo reason is CONTRACT_VIOLATION
-(warm-up included: any is the bench's own bug), the ratio to echo, and the
-stock count; `--json` has the same fields. `--plot FILE.png` (matplotlib,
+(warm-up included: any is the bench's own bug), the ratio to echo, the CPU
+per call (a second table has its breakdown) and its ratio to echo's, and the
+stock count; `--json` has the same fields (a row's `cpu`, and `cpu_ratios`
+beside `ratios`). `--plot FILE.png` (matplotlib,
 `pip install 'holdfast[plot]'`) draws per target latency over time, from a
 reservoir sample of at most PLOT_POINTS calls, and a histogram of the
 measured latencies. On a terminal a progress line is drawn on stderr.
 `--workers N` is passed on to every holdfast server the bench starts.
 
-The child processes run this module as `python -m holdfast.bench _worker SPEC`
-and `python -m holdfast.bench _echo HOST:PORT LIFETIME_S`.
+The child processes run this module as `python -m holdfast.bench _worker SPEC`,
+`python -m holdfast.bench _echo HOST:PORT LIFETIME_S`, `... _serve SERVE_ARGS`
+(holdfast serve) and `... _module MODULE ARGS` (the hand-written server).
 """
 
 from __future__ import annotations
@@ -89,6 +146,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import ipaddress
 import itertools
 import json
@@ -96,6 +154,7 @@ import math
 import os
 import pwd
 import random
+import runpy
 import select
 import shutil
 import signal
@@ -126,6 +185,8 @@ INVENTORY_PREFIX = "/holdfast.inventory.v1.InventoryService/"
 ECHO_SERVICE = "holdfast.bench.v1.Echo"
 ECHO_PATH = f"/{ECHO_SERVICE}/Echo"
 HOLDFAST, ECHO = "holdfast", "echo"
+HANDWRITTEN, HANDWRITTEN_MODULE = "handwritten", "holdfast.handwritten"  # the hand-written baseline server
+HANDWRITTEN_REDIS_DB = 1  # its database on the bench's redis-server; holdfast's is 0
 
 STARTUP_TIMEOUT_S = 30.0  # a child process must be serving or connected by then
 STOP_GRACE_S = 5.0  # SIGTERM, then this long, then SIGKILL
@@ -161,8 +222,17 @@ class MixContext:
 
     run_id: str
     client: int
-    sku_id: str
+    sku_id: str  # the SKUs' common prefix, or with one SKU its id (_sku_id)
     timestamp_ms: int
+    skus: int = 1  # unit n uses SKU n % skus
+
+    def sku(self, n: int) -> str:
+        return _sku_id(self.sku_id, self.skus, n % self.skus)
+
+
+def _sku_id(base: str, skus: int, index: int) -> str:
+    """SKU `index` of a run's `skus`: the base itself when there is one."""
+    return base if skus == 1 else f"{base}-{index}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +255,7 @@ class Mix:
 
 def _reserve_request(ctx: MixContext, n: int) -> pb.ReserveRequest:
     order_id = f"bench-{ctx.run_id}-{ctx.client}-{n}"
-    return pb.ReserveRequest(order_id=order_id, sku_id=ctx.sku_id, quantity=1, timestamp_ms=ctx.timestamp_ms)
+    return pb.ReserveRequest(order_id=order_id, sku_id=ctx.sku(n), quantity=1, timestamp_ms=ctx.timestamp_ms)
 
 
 def _reservation_of(request: pb.ReserveRequest) -> str:
@@ -219,6 +289,11 @@ def _replay_unit(ctx: MixContext, n: int) -> list[tuple[str, bytes]]:
 
 REPLAY_KEYS = 16  # committed Reserves per client process that the replay mix repeats
 HOT_SKU_STOCK = 1000  # small enough for 200 lanes to sell out within a short run
+HOT_SKU = "hot-sku"  # the one mix on one SKU
+DEFAULT_SKUS = 1000  # the other mixes' units spread over this many SKUs (--skus)
+MAX_SKUS = 10_000  # each is stocked before the run and counted after it
+STOCK_CALLS_IN_FLIGHT = 64  # PutStock / GetStock calls in flight while stocking and counting
+MAX_SKU_PROBLEMS = 10  # SKUs whose failed count is spelled out; the others are counted
 REFUSED_FOR_STOCK = "FAILED_PRECONDITION/INSUFFICIENT_STOCK"
 
 MIXES: dict[str, Mix] = {
@@ -234,7 +309,7 @@ MIXES: dict[str, Mix] = {
     "replay": Mix("replay", stock=10**15, unit=_replay_unit, seeds=REPLAY_KEYS, replays=True),
     # Contention: every lane Reserves then Confirms on the run's one SKU until
     # it sells out; after that, Reserves are refused and nothing is confirmed.
-    "hot-sku": Mix("hot-sku", stock=HOT_SKU_STOCK, unit=_reserve_confirm_unit,
+    HOT_SKU: Mix(HOT_SKU, stock=HOT_SKU_STOCK, unit=_reserve_confirm_unit,
                    answers=frozenset({"OK", REFUSED_FOR_STOCK})),
 }
 
@@ -270,11 +345,17 @@ class Options:
     plot: Path | None = None
     workers: int | None = None  # None: the server's own default
     rounds: int = 1
+    skus: int = DEFAULT_SKUS  # hot-sku has one, whatever this says
 
     @property
     def total(self) -> int:
-        """The stock the run puts on its SKU."""
+        """The stock the run puts on each of its SKUs."""
         return MIXES[self.mix].stock if self.stock is None else self.stock
+
+    @property
+    def sku_count(self) -> int:
+        """The SKUs the run's units spread over: --skus, but one for hot-sku."""
+        return 1 if self.mix == HOT_SKU else self.skus
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -327,7 +408,15 @@ def _parser() -> argparse.ArgumentParser:
         "--stock",
         type=int,
         default=None,
-        help=f"total stock of the run's SKU (default {HOT_SKU_STOCK} for hot-sku, 10^15 for the other mixes)",
+        help=f"total stock of each of the run's SKUs (default {HOT_SKU_STOCK} for hot-sku, 10^15 for the other"
+        " mixes)",
+    )
+    parser.add_argument(
+        "--skus",
+        type=int,
+        default=None,
+        help=f"SKUs the units of reserve, reserve-confirm, reserve-release and replay spread over: unit n uses SKU"
+        f" n %% N, each stocked before the run and counted after it (default {DEFAULT_SKUS}); hot-sku has one",
     )
     parser.add_argument(
         "--plot",
@@ -386,6 +475,10 @@ def _options(argv: list[str] | None) -> Options:
         parser.error("--workers must be within 1..64")
     if args.stock is not None and not 1 <= args.stock <= 10**15:
         parser.error("--stock must be within 1..10^15")
+    if args.skus is not None and not 1 <= args.skus <= MAX_SKUS:
+        parser.error(f"--skus must be within 1..{MAX_SKUS}")
+    if args.skus not in (None, 1) and args.mix == HOT_SKU:
+        parser.error("--skus: hot-sku is the contention case on one SKU")
     if args.plot is not None and not args.plot.resolve().parent.is_dir():
         parser.error(f"--plot {args.plot}: no such directory {args.plot.resolve().parent}")
     backends = tuple(map(_backend, args.backend))
@@ -404,6 +497,7 @@ def _options(argv: list[str] | None) -> Options:
         args.duration, args.warmup, args.in_flight, args.clients, args.mix, args.target, args.timeout_s, args.json,
         backends, args.with_postgres_redis, args.store_pool, args.stock,
         None if args.plot is None else args.plot.resolve(), args.workers, args.rounds,
+        DEFAULT_SKUS if args.skus is None else args.skus,
     )
 
 
@@ -445,49 +539,82 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if report["stock_ok"] else 1
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """A server to measure: where it listens, what the report says of it, and
+    whose CPU is its own: `pids`, the server's processes (with their
+    descendants: a --workers server's workers), and `deps`, the PostgreSQL
+    postmaster and redis-server the bench started, when the target uses them."""
+
+    label: str
+    address: str
+    description: str
+    server: subprocess.Popen | None  # a server the bench started, stopped after the stock count
+    pids: tuple[int, ...] = ()
+    deps: tuple[tuple[str, int], ...] = ()  # ("postgres", postmaster pid), ("redis", pid)
+
+
 def _run(options: Options, tmp: Path, stack: contextlib.ExitStack) -> dict:
     run_id = uuid.uuid4().hex[:12]
-    sku_id = f"bench-{run_id}"
+    sku_base = f"bench-{run_id}"
+    sku_ids = [_sku_id(sku_base, options.sku_count, i) for i in range(options.sku_count)]
     lifetime_s = STARTUP_TIMEOUT_S + _worker_limit_s(options) + 60
     backends = list(options.backends)
     if options.with_postgres_redis:
-        store = stack.enter_context(_postgres())
+        postgres = stack.enter_context(_postgres())
     children = stack.enter_context(Children())
+    ours: Backend | None = None  # the PostgreSQL + Redis backend the bench started
+    deps: tuple[tuple[str, int], ...] = ()
     if options.with_postgres_redis:
-        backends.append(Backend(store, _start_redis(children, tmp)))
-    targets: list[tuple[str, str, str, subprocess.Popen | None]] = []  # label, address, description, server
+        redis_url, redis = _start_redis(children, tmp)
+        ours = Backend(postgres.url, redis_url)
+        backends.append(ours)
+        deps = (*((("postgres", postgres.pid),) if postgres.pid else ()), ("redis", redis.pid))
+    targets: list[_Target] = []
+    notes: list[str] = []
     if options.target is not None:
-        _put_stock(options.target, sku_id, options.total, run_id, None)
-        targets.append((HOLDFAST, options.target, f"{options.target} (--target)", None))
+        _put_stock(options.target, sku_ids, options.total, run_id, None)
+        pids = _listening_pids(options.target)
+        if not pids:
+            notes.append(f"{HOLDFAST}: no process of this machine found listening on {options.target}: no server CPU")
+        targets.append(_Target(HOLDFAST, options.target, f"{options.target} (--target)", None, pids))
     for label, backend in zip(_labels(backends), backends):
         store = f"sqlite:///{tmp.resolve()}/{len(targets)}.db" if backend.store == SQLITE_IN_TMP else backend.store
         argv = ["--store", store, "--snapshot", backend.snapshot, "--store-pool", str(options.store_pool)]
         if options.workers is not None:
             argv += ["--workers", str(options.workers)]
         server, target = _start_holdfast(children, tmp, label, argv)
-        _put_stock(target, sku_id, options.total, run_id, server)
-        targets.append((label, target, f"{target} (started: {' '.join(argv)})", server))
+        _put_stock(target, sku_ids, options.total, run_id, server)
+        targets.append(_Target(label, target, f"{target} (started: {' '.join(argv)})", server, (server.pid,),
+                               deps if backend is ours else ()))
+    if ours is not None:
+        handwritten = _handwritten_target(children, tmp, options, postgres, ours, deps, sku_ids, run_id)
+        if isinstance(handwritten, str):
+            notes.append(handwritten)
+        elif handwritten is not None:
+            targets.append(handwritten)
     # The echo server lives through every round of every target.
     echo_lifetime_s = lifetime_s + _worker_limit_s(options) * (len(targets) + 1) * options.rounds
-    echo_server, echo_target = _start_echo(children, tmp, echo_lifetime_s)
-    results = {label: Result() for label, *_ in targets} | {ECHO: Result()}
+    echo_server, echo_address = _start_echo(children, tmp, echo_lifetime_s)
+    echo = _Target(ECHO, echo_address, "started (bare grpc.aio echo)", echo_server, (echo_server.pid,))
+    results = {target.label: Result() for target in targets} | {ECHO: Result()}
     rates: dict[str, list[float]] = {label: [] for label in results}
     for round_ in range(options.rounds):
         units = run_id if round_ == 0 else f"{run_id}-{round_}"  # each round's requests are new ones
-        for label, address in [*((label, address) for label, address, *_ in targets), (ECHO, echo_target)]:
-            result = _measure(children, tmp, label, address, options, units, sku_id)
-            results[label].absorb(result)
-            rates[label].append(result.calls / options.duration_s)
+        for target in [*targets, echo]:
+            result = _measure(children, tmp, target, options, units, sku_base)
+            results[target.label].absorb(result)
+            rates[target.label].append(result.calls / options.duration_s)
     rows: dict[str, tuple[str, Result]] = {}
-    for label, address, description, server in targets:
-        results[label].stock = _account(address, sku_id, options.total, results[label])
-        if server is not None:
-            _stop_server(children, server, label)
-        rows[label] = (description, results[label])
+    for target in targets:
+        results[target.label].stock = _account(target.address, sku_ids, options.total, results[target.label])
+        if target.server is not None:
+            _stop_server(children, target.server, target.label)
+        rows[target.label] = (target.description, results[target.label])
     _stop_server(children, echo_server, ECHO)
     if options.plot is not None:
         _plot(options, {label: result for label, (_, result) in rows.items()} | {ECHO: results[ECHO]})
-    return _report(options, rows, results[ECHO], rates)
+    return _report(options, rows, results[ECHO], rates, notes)
 
 
 def _labels(backends: list[Backend]) -> list[str]:
@@ -626,8 +753,10 @@ def _wait_serving(proc: subprocess.Popen, target: str) -> bool:
 def _start_holdfast(
     children: Children, tmp: Path, label: str, backend_argv: list[str]
 ) -> tuple[subprocess.Popen, str]:
+    """`holdfast serve`, by way of `_serve`: the same server, its threads named
+    for the CPU roles (_name_os_threads)."""
     def argv(port: int) -> list[str]:
-        return [sys.executable, "-m", "holdfast.cli", "serve", "--listen", f"127.0.0.1:{port}", *backend_argv]
+        return [sys.executable, "-m", "holdfast.bench", "_serve", "--listen", f"127.0.0.1:{port}", *backend_argv]
 
     return _start_server(children, tmp, label, argv)
 
@@ -639,10 +768,20 @@ def _start_echo(children: Children, tmp: Path, lifetime_s: float) -> tuple[subpr
     return _start_server(children, tmp, ECHO, argv)
 
 
+@dataclass(frozen=True, slots=True)
+class _Postgres:
+    """The throwaway cluster: the URL of its `postgres` database, its
+    postmaster's pid (None if unreadable) and a way to make it a new database."""
+
+    url: str
+    pid: int | None
+    createdb: Callable[[str], str]  # database name -> its URL
+
+
 @contextlib.contextmanager
-def _postgres() -> Iterator[str]:
+def _postgres() -> Iterator[_Postgres]:
     """A throwaway PostgreSQL cluster on a free 127.0.0.1 port, as the postgres
-    user (via runuser) when root; yields the URL of its `postgres` database.
+    user (via runuser) when root; yields its URL and postmaster.
     Stopped (fast, then immediate) and its directory removed on the way out."""
     bindir = Path(os.environ.get("HOLDFAST_PG_BINDIR") or PG_BINDIR)
     if not (bindir / "initdb").exists():
@@ -677,7 +816,14 @@ def _postgres() -> Iterator[str]:
                 break
         else:
             raise BenchError(f"PostgreSQL did not start; its log ends with:\n{_tail(log)}")
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+        def createdb(name: str) -> str:
+            done = pg("createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", name)
+            if done.returncode != 0:
+                raise BenchError(f"createdb {name} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
+            return f"postgresql://postgres@127.0.0.1:{port}/{name}"
+
+        yield _Postgres(f"postgresql://postgres@127.0.0.1:{port}/postgres", _postmaster_pid(data), createdb)
     finally:
         if (data / "postmaster.pid").exists():
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -686,9 +832,17 @@ def _postgres() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _start_redis(children: Children, tmp: Path) -> str:
+def _postmaster_pid(data: Path) -> int | None:
+    """The first line of postmaster.pid; None if it cannot be read."""
+    try:
+        return int((data / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+
+
+def _start_redis(children: Children, tmp: Path) -> tuple[str, subprocess.Popen]:
     """redis-server on a free 127.0.0.1 port, nothing persisted, stopped with the
-    other children; returns its URL once it answers PING."""
+    other children; returns its URL (database 0) and process once it answers PING."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise BenchError("redis-server not found on PATH")
@@ -703,10 +857,41 @@ def _start_redis(children: Children, tmp: Path) -> str:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
                 if sock.recv(16).startswith(b"+PONG"):
-                    return f"redis://127.0.0.1:{port}/0"
+                    return f"redis://127.0.0.1:{port}/0", proc
             time.sleep(0.02)
         children.stop(proc)
     raise BenchError(f"redis-server did not start; its log ends with:\n{_tail(log)}")
+
+
+def _handwritten_target(
+    children: Children, tmp: Path, options: Options, postgres: _Postgres, ours: Backend,
+    deps: tuple[tuple[str, int], ...], sku_ids: list[str], run_id: str,
+) -> _Target | str | None:
+    """The hand-written baseline server (`python -m holdfast.handwritten`), on
+    a database of its own in the bench's PostgreSQL and Redis database 1 of
+    the bench's redis-server, stocked like the holdfast rows. None if this
+    holdfast has no such module; a note (str) if it cannot serve the mix or
+    does not start."""
+    if importlib.util.find_spec(HANDWRITTEN_MODULE) is None:
+        return None
+    if MIXES[options.mix].replays:
+        return (f"{HANDWRITTEN}: not measured: the {options.mix} mix needs the {REPLAYED} trailer, which only holdfast"
+                " sends")
+    database = postgres.createdb(f"{HANDWRITTEN}_{run_id}")
+    redis = ours.snapshot.rpartition("/")[0] + f"/{HANDWRITTEN_REDIS_DB}"
+    backend_argv = ["--postgres", database, "--redis", redis]
+
+    def argv(port: int) -> list[str]:
+        return [sys.executable, "-m", "holdfast.bench", "_module", HANDWRITTEN_MODULE, "--listen", f"127.0.0.1:{port}",
+                *backend_argv]
+
+    try:
+        server, target = _start_server(children, tmp, HANDWRITTEN, argv)
+    except BenchError as error:
+        return f"{HANDWRITTEN}: not measured: {error}"
+    _put_stock(target, sku_ids, options.total, run_id, server)
+    description = f"{target} (started: python -m {HANDWRITTEN_MODULE} {' '.join(backend_argv)})"
+    return _Target(HANDWRITTEN, target, description, server, (server.pid,), deps)
 
 
 def _stop_server(children: Children, proc: subprocess.Popen, name: str) -> None:
@@ -717,23 +902,54 @@ def _stop_server(children: Children, proc: subprocess.Popen, name: str) -> None:
     children.stop(proc)
 
 
-def _put_stock(target: str, sku_id: str, total: int, run_id: str, server: subprocess.Popen | None) -> None:
-    """Stocks the bench SKU. PutStock is idempotent under (sku_id, request_id),
-    so retrying it while the server finishes starting is safe."""
-    request = pb.PutStockRequest(sku_id=sku_id, total=total, request_id=f"bench-{run_id}")
+def _put_stock(target: str, sku_ids: list[str], total: int, run_id: str, server: subprocess.Popen | None) -> None:
+    """Stocks the run's SKUs, `total` each: the first until the server answers
+    (it may still be starting), then the others STOCK_CALLS_IN_FLIGHT at a
+    time. PutStock is idempotent under (sku_id, request_id), so retrying is safe."""
+    requests = [pb.PutStockRequest(sku_id=sku_id, total=total, request_id=f"bench-{run_id}") for sku_id in sku_ids]
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     with grpc.insecure_channel(target) as channel:
         put = channel.unary_unary(INVENTORY_PREFIX + "PutStock", request_serializer=pb.PutStockRequest.SerializeToString)
         for _attempt in range(100):
             try:
-                put(request, timeout=2.0, wait_for_ready=True)
-                return
+                put(requests[0], timeout=2.0, wait_for_ready=True)
+                break
             except grpc.RpcError as error:
                 last = f"{error.code().name}: {error.details()}"
             if time.monotonic() >= deadline or (server is not None and server.poll() is not None):
-                break
+                raise BenchError(f"could not stock {sku_ids[0]} at {target}: {last}")
             time.sleep(0.2)
-    raise BenchError(f"could not stock {sku_id} at {target}: {last}")
+        else:
+            raise BenchError(f"could not stock {sku_ids[0]} at {target}: {last}")
+        _call_many(put, requests[1:], lambda i: f"stock {sku_ids[i + 1]} at {target}")
+
+
+def _call_many(call: grpc.UnaryUnaryMultiCallable, requests: list, what: Callable[[int], str]) -> list:
+    """Every request's reply, in order, STOCK_CALLS_IN_FLIGHT in flight; a call
+    that fails is sent again (the stock calls are safe to repeat), at most
+    SETTLE_ATTEMPTS times, each within STOCK_READ_TIMEOUT_S."""
+    replies: list = [None] * len(requests)
+    waiting = list(range(len(requests) - 1, -1, -1))  # popped from the end: first request first
+    tries: Counter = Counter()
+    running: dict[int, grpc.Future] = {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < STOCK_CALLS_IN_FLIGHT:
+                i = waiting.pop()
+                tries[i] += 1
+                running[i] = call.future(requests[i], timeout=STOCK_READ_TIMEOUT_S, wait_for_ready=True)
+            i = next(iter(running))  # the oldest
+            future = running.pop(i)
+            try:
+                replies[i] = future.result()
+            except grpc.RpcError as error:
+                if tries[i] >= SETTLE_ATTEMPTS:
+                    raise BenchError(f"could not {what(i)}: {error.code().name}: {error.details()}") from None
+                waiting.append(i)
+    finally:
+        for future in running.values():
+            future.cancel()
+    return replies
 
 
 # -- measuring one target -------------------------------------------------------------------
@@ -756,6 +972,7 @@ class WorkerSpec:
     timeout_s: float
     out: str
     samples: int = 0  # (time, latency) points kept for --plot, at most
+    skus: int = 1  # unit n uses SKU n % skus (sku_id is then their prefix)
 
 
 @dataclass(slots=True)
@@ -763,8 +980,10 @@ class Result:
     """What one target did (merged over client processes): the measured
     window's calls, latencies and outcomes; and, for the stock count, every
     call made in the run (`calls_made`), what each that can move stock
-    answered (`ledger`, "Method OUTCOME") and how many never got a definite
-    answer (`unsettled`)."""
+    answered (`ledger`, "Method OUTCOME"; `sku_ledgers`, the same per SKU
+    index) and how many never got a definite answer (`unsettled`); and the
+    CPU its processes used in the measured window (`cpu`, None when a round
+    could not be sampled)."""
 
     calls: int = 0
     latencies_us: list[int] = field(default_factory=list)
@@ -775,6 +994,9 @@ class Result:
     unsettled: int = 0
     samples: list[tuple[float, int]] = field(default_factory=list)  # (s since the start, latency µs)
     stock: dict | None = None  # the stock count, for a holdfast target
+    sku_ledgers: dict[int, Counter] = field(default_factory=dict)
+    cpu: Cpu | None = None
+    measured: int = 0  # rounds absorbed
 
     def absorb(self, other: Result) -> None:
         """Adds another measurement of the same target (a later round)."""
@@ -786,6 +1008,11 @@ class Result:
         self.ledger.update(other.ledger)
         self.unsettled += other.unsettled
         self.samples.extend(other.samples)
+        for sku, ledger in other.sku_ledgers.items():
+            self.sku_ledgers.setdefault(sku, Counter()).update(ledger)
+        # CPU per call is over every round's window, or none: a round without it would skew the rest.
+        self.cpu = None if self.measured and self.cpu is None else Cpu.sum(self.cpu, other.cpu)
+        self.measured += 1
 
     def merge(self, part: dict) -> None:
         self.calls += part["calls"]
@@ -796,32 +1023,46 @@ class Result:
         self.ledger.update(part["ledger"])
         self.unsettled += part["unsettled"]
         self.samples.extend(map(tuple, part["samples"]))
+        for sku, ledger in part["sku_ledgers"].items():
+            self.sku_ledgers.setdefault(int(sku), Counter()).update(ledger)
 
 
-def _measure(children: Children, tmp: Path, kind: str, target: str, options: Options, run_id: str, sku_id: str) -> Result:
-    """Starts the client processes, starts them together, collects their results."""
+def _measure(children: Children, tmp: Path, target: _Target, options: Options, run_id: str, sku_id: str) -> Result:
+    """Starts the client processes, starts them together, samples the CPU of
+    every process involved as the measured window opens and closes, collects
+    the clients' results."""
+    kind = target.label
     timestamp_ms = time.time_ns() // 1_000_000
     samples = PLOT_POINTS // options.clients if options.plot is not None else 0
     workers = []
     for client, lanes in enumerate(_split(options.in_flight, options.clients)):
         spec = WorkerSpec(
-            kind, target, options.mix, run_id, client, sku_id, timestamp_ms, lanes,
+            kind, target.address, options.mix, run_id, client, sku_id, timestamp_ms, lanes,
             options.warmup_s, options.duration_s, options.timeout_s, str(tmp / f"{kind}-client-{client}.json"),
-            samples,
+            samples, options.sku_count,
         )
         argv = [sys.executable, "-m", "holdfast.bench", "_worker", json.dumps(asdict(spec))]
         workers.append((spec, children.spawn(argv, tmp / f"{kind}-client-{client}.log", cwd=tmp, pipes=True)))
     for spec, proc in workers:
         _await_ready(proc, Path(spec.out).with_suffix(".log"))
     start_at = time.time() + 0.05
-    for _, proc in workers:
-        proc.stdin.write(f"{start_at!r}\n".encode())
-        proc.stdin.close()
-    if sys.stderr.isatty():
-        _show_progress(kind, [proc for _, proc in workers], start_at, options)
-    result = Result()
-    for spec, proc in workers:
-        result.merge(_collect(children, proc, spec, options))
+    # The clients turn start_at into monotonic time the same way (one clock for every process).
+    opens_at = time.monotonic() + (start_at - time.time()) + options.warmup_s
+    watch = _Watch(target.pids, target.deps, tuple(proc.pid for _, proc in workers))
+    window = _CpuWindow(watch, opens_at, opens_at + options.duration_s)
+    window.start()
+    try:
+        for _, proc in workers:
+            proc.stdin.write(f"{start_at!r}\n".encode())
+            proc.stdin.close()
+        if sys.stderr.isatty():
+            _show_progress(kind, [proc for _, proc in workers], start_at, options)
+        result = Result()
+        for spec, proc in workers:
+            result.merge(_collect(children, proc, spec, options))
+        result.cpu = window.result()
+    finally:
+        window.stop()
     return result
 
 
@@ -883,28 +1124,281 @@ def _collect(children: Children, proc: subprocess.Popen, spec: WorkerSpec, optio
     return json.loads(Path(spec.out).read_text())
 
 
+# -- CPU per call ------------------------------------------------------------------------------
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # the unit of /proc's utime and stime
+ROLES = ("loop", "store", "grpc", "other")
+STORE_THREADS = ("holdfast-store", "holdfast-memory")  # comm keeps 15 bytes: holdfast-store-0 is holdfast-store-
+OTHER_THREADS = ("holdfast-", "asyncio_", "uvloop_")  # other threads of holdfast's; default executors
+PR_SET_NAME = 15  # <linux/prctl.h>
+COMM_BYTES = 15
+
+
+@dataclass(slots=True)
+class Cpu:
+    """CPU used over measured windows, in clock ticks: `ticks` per process
+    group (server, client, postgres, redis: whichever were watched) and per
+    server thread role (ROLES); `threads` counts the server's threads per
+    role (the most any window saw); `window_s` is the windows' total length."""
+
+    ticks: dict[str, int]
+    threads: dict[str, int]
+    window_s: float
+
+    @staticmethod
+    def sum(a: Cpu | None, b: Cpu | None) -> Cpu | None:
+        """Two rounds' CPU; None if the later one has none, the later one if it is the first."""
+        if a is None or b is None:
+            return b if a is None else None
+        return Cpu(
+            {key: a.ticks[key] + b.ticks[key] for key in a.ticks if key in b.ticks},
+            {role: max(a.threads.get(role, 0), b.threads.get(role, 0)) for role in {*a.threads, *b.threads}},
+            a.window_s + b.window_s,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Watch:
+    """The processes whose CPU a measurement samples: the server's (roots whose
+    descendants are its too), its dependencies' and the client processes."""
+
+    server: tuple[int, ...]
+    deps: tuple[tuple[str, int], ...]
+    clients: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _CpuSample:
+    at: float  # monotonic
+    groups: dict[str, int]  # group -> ticks of its processes and their reaped children
+    threads: dict[tuple[int, int], tuple[str, int]]  # (pid, tid) of the server's -> (role, ticks)
+
+
+class _CpuWindow(threading.Thread):
+    """Samples the watched processes' CPU at `opens_at` and `closes_at`
+    (monotonic): the instants the clients open and close their measured window.
+    A thread of the bench's own process, so that the bench's main thread can
+    draw progress and wait for the clients meanwhile."""
+
+    def __init__(self, watch: _Watch, opens_at: float, closes_at: float) -> None:
+        super().__init__(name="holdfast-bench-cpu", daemon=True)
+        self.watch, self.opens_at, self.closes_at = watch, opens_at, closes_at
+        self.cancelled = threading.Event()
+        self.samples: list[_CpuSample] = []
+
+    def run(self) -> None:
+        try:
+            for at in (self.opens_at, self.closes_at):
+                if self.cancelled.wait(max(0.0, at - time.monotonic())):
+                    return
+                self.samples.append(_cpu_sample(self.watch))
+        except (OSError, ValueError, IndexError):
+            self.samples.clear()  # /proc unreadable: no CPU for this window rather than a wrong one
+
+    def result(self) -> Cpu | None:
+        """Once the window has closed (bounded wait): the CPU used in it, or None."""
+        self.join(max(0.0, self.closes_at - time.monotonic()) + STARTUP_TIMEOUT_S)
+        return _cpu_between(*self.samples) if len(self.samples) == 2 and not self.is_alive() else None
+
+    def stop(self) -> None:
+        self.cancelled.set()
+        self.join(STARTUP_TIMEOUT_S)
+
+
+def _stat(path: str) -> tuple[str, list[bytes]] | None:
+    """A /proc stat file: the comm, and the fields after it (state first); None
+    once the process or thread is gone. The comm is the one /proc/.../comm
+    shows, read in the same read as the times."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError:
+        return None
+    head, _, tail = data.rpartition(b")")
+    return head.partition(b"(")[2].decode(errors="replace"), tail.split()
+
+
+def _ticks(fields: list[bytes], children: bool) -> int:
+    """utime + stime (fields 14 and 15 of stat); with `children`, also the
+    cutime + cstime of reaped children (16 and 17)."""
+    return sum(int(value) for value in fields[11:15 if children else 13])
+
+
+def _processes() -> dict[int, tuple[int, int]]:
+    """Every process: pid -> (ppid, ticks of it and of its reaped children)."""
+    processes = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (stat := _stat(f"/proc/{name}/stat")) is not None:
+            processes[int(name)] = (int(stat[1][1]), _ticks(stat[1], children=True))
+    return processes
+
+
+def _tree(processes: dict[int, tuple[int, int]], roots: tuple[int, ...]) -> list[int]:
+    """The roots that still run, and all their descendants."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in processes.items():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], [pid for pid in roots if pid in processes]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, ()))
+    return found
+
+
+def _role(pid: int, tid: int, comm: str, main_comm: str) -> str:
+    """A server thread's role by its name: `loop` the main thread (which runs
+    the event loop), `store` the store's threads, `other` holdfast's other
+    threads, default executors' and unnamed ones (the main thread's name: a
+    server whose threads the bench did not name), `grpc` the rest, gRPC's own
+    (its C-core threads and its aio poller, `Thread-N (_poll_wrapper)`)."""
+    if tid == pid:
+        return "loop"
+    if comm.startswith(STORE_THREADS):
+        return "store"
+    if comm.startswith(OTHER_THREADS) or comm == main_comm:
+        return "other"
+    return "grpc"
+
+
+def _cpu_sample(watch: _Watch) -> _CpuSample:
+    """The ticks of every watched group, and of each server thread, now. A
+    group's ticks include its reaped children's, so a PostgreSQL backend that
+    exits within the window still counts (in its postmaster's cutime)."""
+    processes = _processes()
+    groups = {name: sum(processes[pid][1] for pid in _tree(processes, (root,))) for name, root in watch.deps}
+    groups["client"] = sum(processes[pid][1] for pid in watch.clients if pid in processes)
+    threads: dict[tuple[int, int], tuple[str, int]] = {}
+    if watch.server:
+        server = _tree(processes, watch.server)
+        groups["server"] = sum(processes[pid][1] for pid in server)
+        for pid in server:
+            main = _stat(f"/proc/{pid}/stat")
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in map(int, tids):
+                if (stat := _stat(f"/proc/{pid}/task/{tid}/stat")) is not None:
+                    role = _role(pid, tid, stat[0], main[0] if main else "")
+                    threads[(pid, tid)] = (role, _ticks(stat[1], children=False))
+    return _CpuSample(time.monotonic(), groups, threads)
+
+
+def _cpu_between(first: _CpuSample, last: _CpuSample) -> Cpu:
+    """The ticks used between two samples. A thread that started in between
+    counts from zero; one that ended in between is missing from its role but
+    not from the server's total (a process's times keep its dead threads'),
+    so the roles add up to at most the total."""
+    ticks = {name: last.groups[name] - first.groups[name] for name in last.groups if name in first.groups}
+    threads = dict.fromkeys(ROLES, 0)
+    if "server" in ticks:
+        ticks |= dict.fromkeys(ROLES, 0)
+        for key, (role, used) in last.threads.items():
+            ticks[role] += used - first.threads.get(key, (role, 0))[1]
+            threads[role] += 1
+    return Cpu(ticks, threads, last.at - first.at)
+
+
+def _listening_pids(target: str) -> tuple[int, ...]:
+    """The processes with a socket listening on the target's port (a --target
+    the bench did not start); () if none can be seen (another user's)."""
+    port = int(target.rpartition(":")[2])
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            for line in itertools.islice(lines, 1, None):
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    pids = []
+    for name in os.listdir("/proc") if inodes else ():
+        if name.isdigit():
+            with contextlib.suppress(OSError):
+                if any(os.readlink(f"/proc/{name}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{name}/fd")):
+                    pids.append(int(name))
+    return tuple(pids)
+
+
+def _name_os_threads() -> None:
+    """From now on every Python thread of this process starts by giving itself
+    its Python name as its OS name (what /proc/PID/task/TID/comm shows, 15
+    bytes), as Python 3.14 does of itself: the server's threads are told apart
+    by these names. Linux only; anything else leaves the threads as they are."""
+    if not sys.platform.startswith("linux") or sys.version_info >= (3, 14):
+        return
+    bootstrap = getattr(threading.Thread, "_bootstrap_inner", None)
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError, ImportError):
+        return
+    if bootstrap is None:
+        return
+
+    def named(thread: threading.Thread) -> None:
+        prctl(PR_SET_NAME, thread.name.encode(errors="replace")[:COMM_BYTES], 0, 0, 0)
+        bootstrap(thread)
+
+    threading.Thread._bootstrap_inner = named  # type: ignore[attr-defined]
+
+
 # -- the stock count ---------------------------------------------------------------------------
 
 
-def _get_stock(target: str, sku_id: str) -> pb.StockReply:
+def _get_stocks(target: str, sku_ids: list[str]) -> list[pb.StockReply]:
+    """GetStock of every SKU, STOCK_CALLS_IN_FLIGHT at a time."""
     with grpc.insecure_channel(target) as channel:
         get = channel.unary_unary(
             INVENTORY_PREFIX + "GetStock",
             request_serializer=pb.GetStockRequest.SerializeToString,
             response_deserializer=pb.StockReply.FromString,
         )
-        try:
-            return get(pb.GetStockRequest(sku_id=sku_id), timeout=STOCK_READ_TIMEOUT_S, wait_for_ready=True)
-        except grpc.RpcError as error:
-            raise BenchError(f"could not read the stock of {sku_id} at {target}: {error.code().name}: {error.details()}") from None
+        requests = [pb.GetStockRequest(sku_id=sku_id) for sku_id in sku_ids]
+        return _call_many(get, requests, lambda i: f"read the stock of {sku_ids[i]} at {target}")
 
 
-def _account(target: str, sku_id: str, total: int, result: Result) -> dict:
-    """The server's stock of the run's SKU against every call the run made,
-    warm-up and the calls finishing after the window included."""
-    stock = _get_stock(target, sku_id)
-    count = _stock_count(total, stock.total, stock.available, stock.held, stock.sold, result.ledger, result.unsettled)
-    return count | {"ledger": dict(sorted(result.ledger.items()))}
+def _account(target: str, sku_ids: list[str], total: int, result: Result) -> dict:
+    """The server's stock of each of the run's SKUs against every call the run
+    made on it, warm-up and the calls finishing after the window included."""
+    return _sku_counts(sku_ids, total, _get_stocks(target, sku_ids), result)
+
+
+def _sku_counts(sku_ids: list[str], put: int, stocks: list[pb.StockReply], result: Result) -> dict:
+    """Each SKU counted on its own (_stock_count with its ledger), then summed:
+    `total`, `available`, `held`, `sold`, `ok_confirms` and `expected_held` are
+    over every SKU, `ok` only if each SKU's count holds; `problems` names the
+    first MAX_SKU_PROBLEMS SKUs whose count does not. `reserves_per_sku`: the
+    fewest and most Reserves answered OK on one SKU, to show the spread."""
+    counts = [
+        _stock_count(put, stock.total, stock.available, stock.held, stock.sold, result.sku_ledgers.get(i, Counter()), 0)
+        for i, stock in enumerate(stocks)
+    ]
+    problems = []
+    if result.unsettled:
+        problems.append(f"{result.unsettled} calls never got a definite answer, so the count cannot be exact")
+    if strays := sorted(set(result.sku_ledgers) - set(range(len(sku_ids)))):
+        problems.append(f"calls counted on {len(strays)} SKUs the run did not stock")  # the bench's own bug
+    failed = [(sku_ids[i], count) for i, count in enumerate(counts) if not count["ok"]]
+    for sku_id, count in failed[:MAX_SKU_PROBLEMS]:
+        problems.extend(problem if len(sku_ids) == 1 else f"{sku_id}: {problem}" for problem in count["problems"])
+    if len(failed) > MAX_SKU_PROBLEMS:
+        problems.append(f"and {len(failed) - MAX_SKU_PROBLEMS} more SKUs whose count does not add up")
+    reserves = [result.sku_ledgers.get(i, Counter())["Reserve OK"] for i in range(len(sku_ids))]
+    summed = {key: sum(count[key] for count in counts)
+              for key in ("total", "available", "held", "sold", "ok_confirms", "expected_held")}
+    return summed | {
+        "unsettled": result.unsettled,
+        "oversold": any(count["oversold"] for count in counts),
+        "ok": not problems,
+        "problems": problems,
+        "skus": len(sku_ids),
+        "skus_touched": sum(1 for i in range(len(sku_ids)) if result.sku_ledgers.get(i)),
+        "skus_failed": len(failed),
+        "reserves_per_sku": {"min": min(reserves), "max": max(reserves)},
+        "ledger": dict(sorted(result.ledger.items())),
+    }
 
 
 def _stock_count(
@@ -959,10 +1453,41 @@ def _summary(result: Result, target: str, rates: list[float]) -> dict:
         "warmup_outcomes": dict(result.warmup_outcomes.most_common()),
         "contract_violations": _contract_violations(result.outcomes + result.warmup_outcomes),
         "calls_made": result.calls_made,
+        "cpu": _cpu_summary(result),
     }
     if result.stock is not None:
         row["stock"] = result.stock
     return row
+
+
+def _cpu_summary(result: Result) -> dict:
+    """µs of CPU per measured call, over the measured windows: the server's
+    (every thread of its processes) and by thread role, the client
+    processes', and PostgreSQL's and Redis's when the bench started them for
+    this target; `service_us_per_call` is the server's and theirs together.
+    `ratio` (set by _report) is the server's over echo's. None where unknown."""
+    cpu = result.cpu
+    ticks = {} if cpu is None or not result.calls else cpu.ticks
+
+    def per_call(key: str) -> float | None:
+        return round(ticks[key] * 1e6 / CLK_TCK / result.calls, 2) if key in ticks else None
+
+    summary = {
+        "server_us_per_call": per_call("server"),
+        "roles_us_per_call": {role: per_call(role) for role in ROLES},
+        "client_us_per_call": per_call("client"),
+    }
+    for dep in ("postgres", "redis"):
+        if dep in ticks:
+            summary[f"{dep}_us_per_call"] = per_call(dep)
+    if "server" in ticks:
+        summary["service_us_per_call"] = round(sum(summary[f"{key}_us_per_call"] for key in ("server", "postgres", "redis")
+                                                   if key in ticks), 2)
+    summary["ratio"] = None
+    summary["threads"] = None if cpu is None else cpu.threads
+    summary["window_s"] = None if cpu is None else round(cpu.window_s, 3)
+    summary["tick_us_per_call"] = round(1e6 / CLK_TCK / result.calls, 2) if result.calls else None
+    return summary
 
 
 def _contract_violations(outcomes: Counter) -> int:
@@ -971,15 +1496,23 @@ def _contract_violations(outcomes: Counter) -> int:
     return sum(n for outcome, n in outcomes.items() if outcome.partition("/")[2] == "CONTRACT_VIOLATION")
 
 
-def _report(options: Options, rows: dict[str, tuple[str, Result]], echo: Result, rates: dict[str, list[float]]) -> dict:
+def _report(
+    options: Options, rows: dict[str, tuple[str, Result]], echo: Result, rates: dict[str, list[float]],
+    notes: list[str] | None = None,
+) -> dict:
     """`targets`: a row per holdfast (in measuring order), then `echo`; each row's
-    `ratio` is its calls/s over echo's, also collected in `ratios`. A holdfast
-    row's `stock` is its stock count; `stock_ok` is whether every one held."""
+    `ratio` is its calls/s over echo's, also collected in `ratios`, and its
+    `cpu.ratio` its server's CPU per call over echo's, collected in
+    `cpu_ratios`. A holdfast row's `stock` is its stock count; `stock_ok` is
+    whether every one held. `notes`: targets left out or measured in part."""
     targets = {label: _summary(result, address, rates[label]) for label, (address, result) in rows.items()}
     targets[ECHO] = _summary(echo, "started (bare grpc.aio echo)", rates[ECHO])
     echo_rate = targets[ECHO]["calls_per_s"]
+    echo_cpu = targets[ECHO]["cpu"]["server_us_per_call"]
     for row in targets.values():
         row["ratio"] = row["calls_per_s"] / echo_rate if echo_rate else None
+        cpu = row["cpu"]["server_us_per_call"]
+        row["cpu"]["ratio"] = round(cpu / echo_cpu, 3) if cpu is not None and echo_cpu else None
     return {
         "mix": options.mix,
         "in_flight": options.in_flight,
@@ -991,44 +1524,91 @@ def _report(options: Options, rows: dict[str, tuple[str, Result]], echo: Result,
         "workers": options.workers,
         "loop": event_loop.name(),  # every server and client of the run, echo included
         "stock": options.total,
+        "skus": options.sku_count,
+        "clock_ticks_per_s": CLK_TCK,
         "targets": targets,
         "ratios": {label: targets[label]["ratio"] for label in rows},
+        "cpu_ratios": {label: targets[label]["cpu"]["ratio"] for label in rows},
         "stock_ok": all(result.stock is None or result.stock["ok"] for _, result in rows.values()),
         "plot": None if options.plot is None else str(options.plot),
+        "notes": list(notes or ()),
     }
 
 
 def _table(report: dict) -> str:
+    skus = report.get("skus", 1)
     header = (
-        f"holdfast bench: mix {report['mix']}, {report['in_flight']} in flight from {report['clients']} client"
+        f"holdfast bench: mix {report['mix']}{f' over {skus} SKUs' if skus > 1 else ''}, {report['in_flight']} in"
+        f" flight from {report['clients']} client"
         f" process{'es' if report['clients'] > 1 else ''}, {report['duration_s']:g} s after {report['warmup_s']:g} s warm-up,"
         f" every process on {report['loop']}"
         + (f"; {report['rounds']} interleaved rounds, calls/s the median round's" if report["rounds"] > 1 else "")
     )
     width = max(10, *(len(name) + 2 for name in report["targets"]))
     columns = (f"{'target':<{width}}{'calls/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'p99.9 ms':>10}{'/ echo':>9}"
-               f"{'contract!':>11}  outcomes")
+               f"{'cpu µs':>9}{'/ echo':>8}{'contract!':>11}  outcomes")
     lines = [header, columns]
     for name, row in report["targets"].items():
         latency = "".join(_ms(row["latency_ms"][p]) for p, _ in PERCENTILES)
         ratio = f"{'-':>9}" if row["ratio"] is None else f"{row['ratio']:>9.3f}"
+        cpu = row["cpu"]
+        cpu_columns = _number(cpu["server_us_per_call"], 9, 1) + _number(cpu["ratio"], 8, 2)
         outcomes = ", ".join(f"{key} {n}" for key, n in row["outcomes"].items()) or "-"
-        lines.append(f"{name:<{width}}{row['calls_per_s']:>10.1f}{latency}{ratio}{row['contract_violations']:>11}  {outcomes}")
-    lines.append("  (contract!: answers, warm-up included, whose reason is CONTRACT_VIOLATION)")
+        lines.append(f"{name:<{width}}{row['calls_per_s']:>10.1f}{latency}{ratio}{cpu_columns}"
+                     f"{row['contract_violations']:>11}  {outcomes}")
+    lines.append("  (cpu µs: the server's CPU per measured call, all its threads; contract!: answers, warm-up"
+                 " included, whose reason is CONTRACT_VIOLATION)")
+    lines.extend(_cpu_table(report, width))
     for name, row in report["targets"].items():
         lines.append(f"  {name}: {row['address']}")
         if "stock" in row:
             lines.append(f"  {name}: {_stock_line(row['stock'])}")
+    for note in report.get("notes", ()):
+        lines.append(f"  note: {note}")
     if report["plot"]:
         lines.append(f"  plot: {report['plot']}")
     return "\n".join(lines)
 
 
+def _cpu_table(report: dict, width: int) -> list[str]:
+    """CPU per measured call, µs: the server's by thread role, then the
+    client processes', PostgreSQL's and Redis's (when the bench started them)."""
+    deps = [dep for dep in ("postgres", "redis")
+            if any(f"{dep}_us_per_call" in row["cpu"] for row in report["targets"].values())]
+    lines = [f"{'cpu µs/call':<{width}}{'server':>9}" + "".join(f"{role:>8}" for role in ROLES)
+             + f"{'client':>9}" + "".join(f"{dep:>10}" for dep in deps) + (f"{'service':>10}" if deps else "")]
+    for name, row in report["targets"].items():
+        cpu = row["cpu"]
+        line = f"{name:<{width}}{_number(cpu['server_us_per_call'], 9, 1)}"
+        line += "".join(_number(cpu["roles_us_per_call"][role], 8, 1) for role in ROLES)
+        line += _number(cpu["client_us_per_call"], 9, 1)
+        line += "".join(_number(cpu.get(f"{dep}_us_per_call"), 10, 1) for dep in deps)
+        if deps:
+            line += _number(cpu.get("service_us_per_call") if any(f"{dep}_us_per_call" in cpu for dep in deps)
+                            else None, 10, 1)
+        lines.append(line)
+    ticks = sorted(tick for row in report["targets"].values() if (tick := row["cpu"]["tick_us_per_call"]))
+    resolution = f"; a clock tick is {ticks[0]:g}..{ticks[-1]:g} µs per call" if ticks else ""
+    lines.append("  (server threads by role: loop the main thread, store the store's, grpc gRPC's own, other the"
+                 f" rest{'; service: server + ' + ' + '.join(deps) if deps else ''}{resolution})")
+    return lines
+
+
+def _number(value: float | None, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
 def _stock_line(stock: dict) -> str:
     if not stock["ok"]:
         return "stock: FAILED: " + "; ".join(stock["problems"])
+    skus = stock.get("skus", 1)
+    spread = ""
+    if skus > 1:
+        reserves = stock["reserves_per_sku"]
+        spread = (f"; {skus} SKUs, each counted, {stock['skus_touched']} touched by"
+                  f" {reserves['min']}..{reserves['max']} OK Reserves each")
     return (f"stock: {stock['sold']} sold of {stock['total']}, no oversell ({stock['held']} held,"
-            f" {stock['available']} available; sold == {stock['ok_confirms']} OK Confirms)")
+            f" {stock['available']} available; sold == {stock['ok_confirms']} OK Confirms{spread})")
 
 
 def _ms(value: float | None) -> str:
@@ -1126,7 +1706,8 @@ class _Tally:
     outcomes: Counter = field(default_factory=Counter)
     warmup_outcomes: Counter = field(default_factory=Counter)
     ledger: Counter = field(default_factory=Counter)
-    lost: list[tuple[str, bytes]] = field(default_factory=list)  # calls to settle, at most MAX_LOST
+    sku_ledgers: dict[int, Counter] = field(default_factory=dict)  # the ledger per SKU index
+    lost: list[tuple[str, bytes, int]] = field(default_factory=list)  # calls to settle (and SKU), at most MAX_LOST
     unsettled: int = 0
     samples: list[tuple[float, int]] = field(default_factory=list)
     sampled_from: int = 0
@@ -1153,14 +1734,21 @@ class _Tally:
         elif (slot := self.rng.randrange(self.sampled_from)) < self.sample_cap:
             self.samples[slot] = point
 
-    def record(self, method: str, body: bytes, outcome: str) -> None:
+    def record(self, method: str, body: bytes, outcome: str, sku: int) -> None:
         """Into the ledger; a call whose answer was lost is kept to settle later."""
         if _definite(outcome):
-            self.ledger[f"{method} {outcome}"] += 1
+            self.count(f"{method} {outcome}", sku)
         elif len(self.lost) < MAX_LOST:
-            self.lost.append((method, body))
+            self.lost.append((method, body, sku))
         else:
             self.unsettled += 1
+
+    def count(self, entry: str, sku: int) -> None:
+        self.ledger[entry] += 1
+        ledger = self.sku_ledgers.get(sku)
+        if ledger is None:
+            ledger = self.sku_ledgers[sku] = Counter()
+        ledger[entry] += 1
 
 
 def _definite(outcome: str) -> bool:
@@ -1198,7 +1786,7 @@ class _Client:
         self.spec = spec
         self.channel = channel
         self.mix = MIXES[spec.mix]
-        self.ctx = MixContext(spec.run_id, spec.client, spec.sku_id, spec.timestamp_ms)
+        self.ctx = MixContext(spec.run_id, spec.client, spec.sku_id, spec.timestamp_ms, spec.skus)
         self.replies: dict[bytes, bytes] = {}  # a seed's request bytes -> its first reply's
         self.sent = 0  # every call, whatever its phase: they all may move stock
         self._calls: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {}
@@ -1239,10 +1827,9 @@ class _Client:
         return outcome, reply
 
 
-async def _seed(client: _Client) -> Counter:
+async def _seed(client: _Client, tally: _Tally) -> None:
     """Commits the mix's seed units (before the start, unmeasured) and keeps
-    their replies: the reference a replay must match. Returns their ledger."""
-    ledger: Counter = Counter()
+    their replies: the reference a replay must match. Counts them in the ledger."""
     deadline = time.monotonic() + _settle_budget_s(client.spec.timeout_s)
     for n in range(client.mix.seeds):
         for method, body in client.mix.unit(client.ctx, n):
@@ -1251,17 +1838,17 @@ async def _seed(client: _Client) -> Counter:
                 outcome, reply = await client.settle(method, body, deadline)
             if outcome != "OK" or reply is None:
                 raise BenchError(f"seed {method} {n} answered {outcome}")
-            ledger[f"{method} {outcome}"] += 1
+            tally.count(f"{method} {outcome}", n % client.ctx.skus)
             client.replies[body] = reply
-    return ledger
 
 
 async def _lane(client: _Client, units: Iterator[int], tally: _Tally) -> None:
     """Keeps one call in flight until the window ends (or the call cap is hit)."""
-    replays = client.mix.replays
+    replays, skus = client.mix.replays, client.ctx.skus
     for n in units:
         if n >= MAX_CALLS_PER_CLIENT or time.monotonic() >= tally.end:
             return
+        sku = n % skus  # the unit's SKU (a replay's is its seed's, but a replay records nothing)
         for method, body in client.mix.unit(client.ctx, n):
             started = time.monotonic()
             if replays:
@@ -1270,7 +1857,7 @@ async def _lane(client: _Client, units: Iterator[int], tally: _Tally) -> None:
                 outcome = (await client.send(method, body))[0]
             tally.add(started, time.monotonic(), outcome)
             if not replays:  # a replay repeats a seed: it moves no stock
-                tally.record(method, body, outcome)
+                tally.record(method, body, outcome, sku)
             if outcome != "OK":
                 break  # e.g. a Reserve refused for stock: there is nothing to confirm
 
@@ -1281,16 +1868,16 @@ async def _settle_lost(client: _Client, tally: _Tally) -> None:
     deadline = time.monotonic() + _settle_budget_s(client.spec.timeout_s)
     gate = asyncio.Semaphore(client.spec.in_flight)
 
-    async def settle_one(method: str, body: bytes) -> None:
+    async def settle_one(method: str, body: bytes, sku: int) -> None:
         async with gate:
             outcome, _ = await client.settle(method, body, deadline)
         if _definite(outcome):
-            tally.ledger[f"{method} {outcome}"] += 1
+            tally.count(f"{method} {outcome}", sku)
         else:
             tally.unsettled += 1
 
     lost, tally.lost = tally.lost, []
-    await asyncio.gather(*(settle_one(method, body) for method, body in lost))
+    await asyncio.gather(*(settle_one(method, body, sku) for method, body, sku in lost))
 
 
 def _settle_timeout_s(timeout_s: float) -> float:
@@ -1305,11 +1892,12 @@ async def _drive(spec: WorkerSpec) -> dict:
     async with grpc.aio.insecure_channel(spec.target) as channel:
         await asyncio.wait_for(channel.channel_ready(), STARTUP_TIMEOUT_S)
         client = _Client(spec, channel)
-        seeded = await _seed(client)
+        seeded = _Tally(0.0, 0.0, 0.0)
+        await _seed(client, seeded)
         print("ready", flush=True)
         start = await _start_time()
         tally = _Tally(start, start + spec.warmup_s, start + spec.warmup_s + spec.duration_s, spec.samples,
-                       ledger=seeded, rng=random.Random(spec.client))
+                       ledger=seeded.ledger, sku_ledgers=seeded.sku_ledgers, rng=random.Random(spec.client))
         await asyncio.sleep(max(0.0, start - time.monotonic()))
         units = itertools.count()  # shared by the lanes: every unit number is used once
         await asyncio.gather(*(_lane(client, units, tally) for _ in range(spec.in_flight)))
@@ -1322,6 +1910,7 @@ async def _drive(spec: WorkerSpec) -> dict:
         "warmup_outcomes": tally.warmup_outcomes,
         "calls_made": client.sent,
         "ledger": tally.ledger,
+        "sku_ledgers": tally.sku_ledgers,
         "unsettled": tally.unsettled,
         "samples": tally.samples,
     }
@@ -1380,10 +1969,26 @@ def _child(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "_worker":
         return _worker(argv[1])
     if len(argv) == 3 and argv[0] == "_echo":
+        _name_os_threads()
         event_loop.run(_serve_echo(argv[1], float(argv[2])))
+        return 0
+    if argv[:1] == ["_serve"]:  # `holdfast serve ARGS`, its threads named
+        from holdfast.cli import main as holdfast
+
+        _name_os_threads()
+        return holdfast(["serve", *argv[1:]])
+    if len(argv) >= 2 and argv[0] == "_module":  # `python -m MODULE ARGS`, its threads named
+        _name_os_threads()
+        sys.argv = [argv[1], *argv[2:]]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
         return 0
     return main(argv)
 
 
 if __name__ == "__main__":
     sys.exit(_child(sys.argv[1:]))
+elif __name__ == "__mp_main__":
+    # A worker process that a `_serve` server with --workers spawned: spawn
+    # imports the parent's main module under this name before anything else,
+    # so the worker's threads are named as its parent's are.
+    _name_os_threads()

@@ -5,29 +5,38 @@ Only that it ran is checked, never how fast (DESIGN.md, "Performance rules")."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from holdfast import bench
 from holdfast.bench import (
+    HANDWRITTEN,
     MIXES,
     REFUSED_FOR_STOCK,
     REPLAY_KEYS,
+    ROLES,
     Backend,
     Result,
     _backend,
     _contract_violations,
+    _cpu_between,
+    _CpuSample,
     _definite,
     _labels,
     _options,
     _report,
+    _role,
+    _sku_counts,
     _stock_count,
     _table,
     main,
 )
+from holdfast.inventory.v1 import inventory_pb2 as pb
 
 SHORT = ["--duration", "1", "--warmup", "0.5", "--json"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -322,3 +331,152 @@ def test_rounds_interleave_targets_and_report_each_targets_median_round(capsys, 
     assert held["ok"], held
     # Every round's Reserves are new ones: the holds add up over all three rounds.
     assert report["targets"]["sqlite+memory"]["outcomes"] == {"OK": report["targets"]["sqlite+memory"]["calls"]}
+
+
+# -- CPU per call ---------------------------------------------------------------------------------
+
+
+def _assert_cpu_per_call(label: str, row: dict) -> None:
+    """Positive CPU per call for the server and the client, a ratio to echo's,
+    and the server's thread roles adding up to at most its total: a role
+    misses the threads that ended in the window, and each thread's ticks are
+    rounded on their own (so allow a tick per thread and per edge of the window)."""
+    cpu = row["cpu"]
+    assert cpu["server_us_per_call"] > 0 and cpu["client_us_per_call"] > 0, (label, cpu)
+    assert cpu["ratio"] > 0, (label, cpu)
+    roles = cpu["roles_us_per_call"]
+    assert set(roles) == set(ROLES) and all(value >= 0 for value in roles.values()), (label, roles)
+    assert roles["loop"] > 0 and roles["grpc"] > 0, (label, roles)  # the event loop and gRPC's threads both work
+    rounding = 2 * cpu["tick_us_per_call"] * sum(cpu["threads"].values())
+    assert sum(roles.values()) <= cpu["server_us_per_call"] + rounding, (label, cpu)
+    assert cpu["threads"]["loop"] >= 1 and cpu["threads"]["grpc"] >= 1, (label, cpu["threads"])
+    assert 0.5 <= cpu["window_s"] <= 2.0, (label, cpu)  # the measured window (1 s), not the warm-up with it
+
+
+def test_cpu_per_call_of_every_target_and_its_ratio_to_echo(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    assert main([*SHORT, "--in-flight", "8"]) == 0
+
+    report = json.loads(capsys.readouterr().out)
+    assert report["clock_ticks_per_s"] == os.sysconf("SC_CLK_TCK")
+    for label, row in report["targets"].items():
+        _assert_cpu_per_call(label, row)
+        assert "postgres_us_per_call" not in row["cpu"] and "redis_us_per_call" not in row["cpu"]
+    echo = report["targets"]["echo"]["cpu"]
+    assert echo["ratio"] == 1.0
+    assert echo["roles_us_per_call"]["store"] == 0 and echo["threads"]["store"] == 0
+    served = report["targets"]["sqlite+memory"]["cpu"]
+    assert served["threads"]["store"] >= 1 and served["roles_us_per_call"]["store"] > 0  # holdfast-store-0
+    assert report["cpu_ratios"] == {"sqlite+memory": served["ratio"]}
+    expected = served["server_us_per_call"] / echo["server_us_per_call"]
+    assert served["ratio"] == pytest.approx(expected, rel=0.01)
+    assert report["ratios"]["sqlite+memory"] == report["targets"]["sqlite+memory"]["ratio"]  # still calls/s
+    table = _table(report)
+    assert "cpu µs" in table and "cpu µs/call" in table
+    assert f"{served['server_us_per_call']:.1f}" in table
+
+
+@pytest.mark.skipif(not (Path(os.environ.get("HOLDFAST_PG_BINDIR") or bench.PG_BINDIR) / "initdb").exists(),
+                    reason="no PostgreSQL binaries to start a throwaway cluster")
+def test_with_postgres_redis_reports_their_cpu_and_the_handwritten_row(capsys):
+    """The bench's own PostgreSQL and Redis: their CPU per call on the rows
+    that use them (holdfast's and the hand-written server's), nowhere else;
+    the hand-written row counts its stock like holdfast's. (The temp dirs stay
+    the system's: as root, PostgreSQL runs as the postgres user, who must
+    reach its directory.)"""
+    assert main([*SHORT, "--in-flight", "8", "--mix", "reserve-confirm", "--skus", "5", "--with-postgres-redis"]) == 0
+
+    report = json.loads(capsys.readouterr().out)
+    users = ["postgres+redis", *([HANDWRITTEN] if HANDWRITTEN in report["targets"] else [])]
+    assert list(report["targets"]) == ["sqlite+memory", *users, "echo"]
+    for label, row in report["targets"].items():
+        _assert_cpu_per_call(label, row)
+        cpu = row["cpu"]
+        if label in users:
+            _assert_all_ok(row)
+            assert cpu["postgres_us_per_call"] > 0 and cpu["redis_us_per_call"] > 0, (label, cpu)
+            parts = cpu["server_us_per_call"] + cpu["postgres_us_per_call"] + cpu["redis_us_per_call"]
+            assert cpu["service_us_per_call"] == pytest.approx(parts, abs=0.02)
+            assert row["stock"]["ok"] and row["stock"]["skus"] == 5, (label, row["stock"])
+        else:
+            assert "postgres_us_per_call" not in cpu and "redis_us_per_call" not in cpu, (label, cpu)
+    assert "postgres" in _table(report)
+
+
+def test_thread_roles_by_name():
+    assert _role(10, 10, "python", "python") == "loop"  # the main thread runs the event loop
+    assert _role(10, 11, "holdfast-store-", "python") == "store"  # holdfast-store-0, cut to 15 bytes
+    assert _role(10, 12, "holdfast-memory", "python") == "store"
+    assert _role(10, 13, "Thread-1 (_poll", "python") == "grpc"  # grpc.aio's poller
+    assert _role(10, 14, "event_engine", "python") == "grpc"
+    assert _role(10, 15, "grpc_global_tim", "python") == "grpc"
+    assert _role(10, 16, "uvloop_0", "python") == "other"
+    assert _role(10, 17, "holdfast-worker", "python") == "other"
+    assert _role(10, 18, "python", "python") == "other"  # a thread nobody named
+
+
+def test_cpu_between_counts_new_threads_from_zero_and_dead_ones_only_in_the_total():
+    first = _CpuSample(1.0, {"server": 100, "client": 50},
+                       {(1, 1): ("loop", 60), (1, 2): ("store", 20), (1, 3): ("grpc", 10)})
+    last = _CpuSample(3.0, {"server": 190, "client": 80},
+                      {(1, 1): ("loop", 110), (1, 2): ("store", 40), (1, 4): ("grpc", 5)})
+
+    cpu = _cpu_between(first, last)
+
+    assert cpu.window_s == 2.0
+    assert cpu.ticks == {"server": 90, "client": 30, "loop": 50, "store": 20, "grpc": 5, "other": 0}
+    assert cpu.threads == {"loop": 1, "store": 1, "grpc": 1, "other": 0}
+    assert sum(cpu.ticks[role] for role in ROLES) <= cpu.ticks["server"]
+
+
+# -- SKUs ------------------------------------------------------------------------------------------
+
+
+def test_skus_spread_a_reserve_confirm_run_and_each_is_counted_exactly(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    assert main([*SHORT, "--in-flight", "8", "--mix", "reserve-confirm", "--skus", "7"]) == 0
+
+    report = json.loads(capsys.readouterr().out)
+    assert report["skus"] == 7
+    row = report["targets"]["sqlite+memory"]
+    _assert_all_ok(row)
+    stock = row["stock"]
+    assert stock["ok"], stock["problems"]
+    assert (stock["skus"], stock["skus_touched"], stock["skus_failed"]) == (7, 7, 0)
+    assert stock["total"] == 7 * MIXES["reserve-confirm"].stock
+    assert stock["held"] == 0 and stock["sold"] == stock["ok_confirms"] == stock["ledger"]["Confirm OK"] > 0
+    assert stock["ledger"]["Reserve OK"] == stock["ledger"]["Confirm OK"]
+    assert stock["available"] + stock["sold"] == stock["total"]
+    # Unit n on SKU n % 7, units handed out in order: the SKUs' OK Reserves differ by one at most.
+    spread = stock["reserves_per_sku"]
+    assert 0 < spread["min"] <= spread["max"] <= spread["min"] + 1, spread
+    assert "7 SKUs, each counted, 7 touched" in _table(report)
+
+
+def test_sku_count_names_the_sku_whose_count_fails():
+    skus = ["bench-x-0", "bench-x-1", "bench-x-2"]
+    result = Result(ledger=Counter({"Reserve OK": 5, "Confirm OK": 3}),
+                    sku_ledgers={0: Counter({"Reserve OK": 2, "Confirm OK": 2}),
+                                 1: Counter({"Reserve OK": 3, "Confirm OK": 1})})
+    stocks = [pb.StockReply(sku_id=skus[0], total=10, available=8, held=0, sold=2),
+              pb.StockReply(sku_id=skus[1], total=10, available=6, held=2, sold=2),  # one more sold than confirmed
+              pb.StockReply(sku_id=skus[2], total=10, available=10, held=0, sold=0)]
+
+    count = _sku_counts(skus, 10, stocks, result)
+
+    assert not count["ok"] and count["skus_failed"] == 1
+    assert count["problems"] == ["bench-x-1: sold 2 != 1 Confirms answered OK"]
+    assert (count["total"], count["sold"], count["held"], count["skus_touched"]) == (30, 4, 2, 2)
+    assert count["reserves_per_sku"] == {"min": 0, "max": 3}
+
+
+def test_skus_option_defaults_to_1000_and_hot_sku_keeps_one():
+    assert _options([]).sku_count == 1000
+    assert _options(["--skus", "7", "--mix", "replay"]).sku_count == 7
+    assert _options(["--mix", "hot-sku"]).sku_count == 1
+    for argv in (["--mix", "hot-sku", "--skus", "5"], ["--skus", "0"]):
+        with pytest.raises(SystemExit) as exited:
+            _options(argv)
+        assert exited.value.code == 2
