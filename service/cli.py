@@ -90,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
         "--journal", default=os.environ.get("HOLDFAST_JOURNAL", ""), help="append every call to this JSON-lines journal"
     )
     serve.add_argument(
+        "--otlp-endpoint", default=os.environ.get("HOLDFAST_OTLP_ENDPOINT", ""), metavar="HOST:PORT",
+        help="export OpenTelemetry traces of every call over OTLP/gRPC to this receiver (needs pip install 'holdfast[otel]')",
+    )
+    serve.add_argument(
         "--metrics-port", type=_positive, default=None, help="serve Prometheus /metrics on 127.0.0.1:PORT"
     )
     serve.add_argument(
@@ -308,7 +312,7 @@ def _serve(args: argparse.Namespace) -> int:
                     store_password_file=args.store_password_file,
                     snapshot_password=os.environ.get("HOLDFAST_SNAPSHOT_PASSWORD", ""),
                     snapshot_password_file=args.snapshot_password_file, limits=limits,
-                    retention=Policy(args.retention_ms, args.tombstone_ms))
+                    retention=Policy(args.retention_ms, args.tombstone_ms), otlp_endpoint=args.otlp_endpoint)
     if args.apps:
         _importable_from_here()
     try:

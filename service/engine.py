@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from holdfast import metrics
+from holdfast import metrics, spans
 from holdfast.call import current_call
 from holdfast.clock import Clock
 from holdfast.contracts.contract import OnDuplicate
@@ -154,10 +154,15 @@ class Engine:
         return await self.read(read, deadline)
 
     async def _move(self, move: Move, deadline: float | None, waits: bool = False) -> Outcome:
-        seen = None if move.entity is None else await self.snapshot.version(move.entity)
+        # Each phase is a span when tracing is on (holdfast.spans); off, it costs one global read.
+        seen = None
+        if move.entity is not None:
+            read = self.snapshot.version(move.entity)
+            seen = await (read if spans.tracer is None else spans.tracer.phase(spans.SNAPSHOT_READ, read))
         try:
             rows = Prefetch((move.key,), _named(move))
-            result = await self.store.transact(lambda txn: self._decide(txn, move, seen), deadline, rows)
+            batch = self.store.transact(lambda txn: self._decide(txn, move, seen), deadline, rows)
+            result = await (batch if spans.tracer is None else spans.tracer.phase(spans.STORE_TRANSACT, batch))
         except BudgetSpent:  # counted as a timeout fallback by the gateway, which answers it
             return failure(Reason.BUDGET_EXCEEDED, "the call's budget ran out before the move could start; nothing changed")
         except StoreUnavailable as error:
@@ -176,7 +181,8 @@ class Engine:
         outcome, written = result
         if written:
             committed = time.perf_counter()
-            await self.snapshot.advance(written)
+            advance = self.snapshot.advance(written)
+            await (advance if spans.tracer is None else spans.tracer.phase(spans.SNAPSHOT_ADVANCE, advance))
             metrics.CONSISTENCY.observe(time.perf_counter() - committed)
         if outcome.replayed:
             metrics.REPLAYS.labels(move.method).inc()

@@ -23,7 +23,7 @@ from typing import Any, TypeAlias, cast
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from holdfast import metrics
+from holdfast import metrics, spans
 from holdfast.call import Call, idempotency_key, serving
 from holdfast.contracts.contract import Contract
 from holdfast.outcome import Outcome, Reason, failure
@@ -102,6 +102,8 @@ class Gateway:
                 with serving(call):
                     outcome = await behavior(request, context)
             latency.observe(time.monotonic() - started)
+            if spans.tracer is not None:  # the call's span: its context id, method and reason
+                spans.tracer.answered(contract.method, call, outcome)
             return await _answer(context, contract, outcome, call)
 
         return guarded

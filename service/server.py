@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from holdfast.contracts import contract
-from holdfast import recorder, redaction, security
+from holdfast import recorder, redaction, security, tracing
 from holdfast.clock import Clock, SystemClock
 from holdfast.engine import Engine
 from holdfast.faults import FaultInjector, FaultPlan
@@ -76,6 +76,9 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     # How long settled rows and outcome records are kept (holdfast.retention).
     retention: Policy = field(default_factory=Policy)
+    # HOST:PORT of an OTLP/gRPC receiver for the calls' traces (service/tracing.py,
+    # needs `pip install 'holdfast[otel]'`); empty traces nothing.
+    otlp_endpoint: str = ""
 
 # A service of the user's own, built on holdfast: made once the engine (store
 # and snapshot) is open.
@@ -159,6 +162,7 @@ class Running:
             self.journal.close()
         await self.engine.store.close()
         await self.engine.snapshot.close()
+        tracing.shutdown()  # the spans of the last calls leave; the hooks are off for a next server
 
 
 async def start(config: Config, clock: Clock | None = None, services: Sequence[ServiceFactory] = ()) -> Running:
@@ -206,6 +210,9 @@ async def _start(
     # learns whether the server is busy; then the bound on calls in flight,
     # which counts the time every layer inside it spends.
     interceptors: list[grpc.aio.ServerInterceptor] = []
+    # Tracing outermost: each call's span covers every layer, a refusal too.
+    if config.otlp_endpoint:
+        interceptors.append(tracing.install(config.otlp_endpoint, names))
     if tokens is not None:
         interceptors.append(security.Authenticator(tokens, security.Policy(admin), counted=contracts))
     admission = Admission(config.limits, contracts)

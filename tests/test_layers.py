@@ -64,6 +64,7 @@ LAYERS: dict[str, int] = {
     "holdfast.table": CORE,  # an app's own tables, declared
     "holdfast.snapshot": CORE,  # the Snapshot interface
     "holdfast.clock": CORE,
+    "holdfast.spans": CORE,  # tracing's hook: None unless holdfast.tracing set it (OpenTelemetry stays optional)
     "holdfast.redaction": CORE,  # every backend scrubs passwords out of its errors
     # The metric definitions are core: the engine counts replays and
     # compensations, the snapshot its degradations, the gateway its answers,
@@ -104,6 +105,7 @@ LAYERS: dict[str, int] = {
     "holdfast.workers": SERVER,
     "holdfast.server": SERVER,
     "holdfast.loop": SERVER,  # the event loop a server process runs on
+    "holdfast.tracing": SERVER,  # OpenTelemetry traces of the calls, for `serve --otlp-endpoint`
     "holdfast.client": SERVER,  # the other end of the gateway: channels that apply the contracts
     # The public API re-exports core and server names (lazily, PEP 562), so
     # it sits at the top of the layers it names; imports *through* it are
