@@ -485,11 +485,7 @@ class GroupCommitStore:
         self.tables = tables_of(tables)
         self._workers = workers
         self._batch_max = batch_max
-        # Jobs go to the workers a turn of the event loop at a time: the
-        # moves of calls that arrive together share a batch, and the loop
-        # wakes a worker once per turn, not once per call.
-        self._jobs: queue.SimpleQueue[list[Job] | None] = queue.SimpleQueue()
-        self._turn: list[Job] | None = None
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._claims = threading.Lock()
@@ -556,10 +552,7 @@ class GroupCommitStore:
             raise BudgetSpent()
         future: asyncio.Future[T] = self._loop.create_future()
         job = Job(work, deadline, future, prefetch)
-        if self._turn is None:
-            self._turn = []
-            self._loop.call_soon(self._hand_over)
-        self._turn.append(job)
+        self._jobs.put(job)
         if deadline is None:
             return await future
         # One timer per call rather than wait_for(shield(...)), which costs a
@@ -569,14 +562,6 @@ class GroupCommitStore:
             return await future
         finally:
             timer.cancel()
-
-    def _hand_over(self) -> None:
-        """The jobs of the last turn of the loop, to the workers, in batches
-        of at most `batch_max`."""
-        jobs, self._turn = self._turn, None
-        assert jobs, "a turn is opened by its first job"
-        for start in range(0, len(jobs), self._batch_max):
-            self._jobs.put(jobs[start : start + self._batch_max])
 
     def _expire(self, job: Job) -> None:
         """The call's budget ran out before its batch answered."""
@@ -635,39 +620,28 @@ class GroupCommitStore:
         loop = self._loop
         assert loop is not None, "workers start in open(), which sets the loop"
         name_os_thread()
-        carried: list[Job] = []  # what did not fit in the last batch, first in the next
         try:
-            while (batch := self._next_batch(carried)) is not None:
+            while (batch := self._next_batch()) is not None:
                 connection, results = self._run_batch(connection, batch)
                 loop.call_soon_threadsafe(_deliver, results)
         finally:
             if connection is not None:
                 connection.close()
 
-    def _next_batch(self, carried: list[Job]) -> list[Job] | None:
-        """The jobs carried over, or the next turn's (waiting for one), and
-        whatever else is queued, up to `batch_max`; the rest of a turn that
-        does not fit is carried to the next batch."""
-        if carried:
-            batch = carried[:]
-            carried.clear()
-        else:
-            first = self._jobs.get()
-            if first is None:
-                return None
-            batch = first
+    def _next_batch(self) -> list[Job] | None:
+        first = self._jobs.get()
+        if first is None:
+            return None
+        batch = [first]
         while len(batch) < self._batch_max:
             try:
-                jobs = self._jobs.get_nowait()
+                job = self._jobs.get_nowait()
             except queue.Empty:
                 break
-            if jobs is None:  # close: finish this batch, then stop
+            if job is None:  # close: finish this batch, then stop
                 self._jobs.put(None)
                 break
-            room = self._batch_max - len(batch)
-            batch += jobs[:room]
-            carried += jobs[room:]
-        assert 0 < len(batch) <= self._batch_max
+            batch.append(job)
         return batch
 
     def _run_batch(self, connection: Any, batch: list[Job]) -> tuple[Any, list[JobResult]]:
