@@ -41,6 +41,23 @@ Why it is built this way:
   started them, by PostgreSQL (the postmaster and all its children) and by
   redis-server, each over the window's measured calls in µs per call; and
   each server's over echo's (`/ echo` beside `cpu µs`).
+* The traces' cost (`--traced`, needs `pip install 'holdfast[otel]'`). Each
+  holdfast server the bench starts gets a traced twin, measured right after
+  it in every round with the same client settings: the same backend (a fresh
+  SQLite file of its own for `sqlite`; otherwise the same store and snapshot,
+  on SKUs of its own, so each row's stock count stays its own), started with
+  `--otlp-endpoint` (service/tracing.py: a span per call and its phases' spans,
+  a BatchSpanProcessor exporting over OTLP/gRPC) to an OTLP sink the bench
+  runs for it: a real OTLP/gRPC receiver, but cheap, a grpc.aio server in its
+  own process whose collector TraceService.Export counts the spans it is sent
+  and answers an empty ExportTraceServiceResponse. Its row is labelled by its
+  backend's plus `+traces` (`sqlite+memory+traces`, `postgres+redis+traces`)
+  and has every column of the others; in --json also `traced: true`,
+  `spans_received` (asked of the sink after the server has stopped, so its
+  last batch is in: the traces really left) and `tracing_cost` (calls/s and
+  server CPU per call against the untraced row), and a `traces:` line under
+  the table. The sink stands for a collector elsewhere: its CPU is in no
+  column. Not with --target (its tracing is its own).
 
 Safety: only loopback targets; every loop is bounded in calls and in time;
 every subprocess (PostgreSQL and Redis included) and every temporary
@@ -56,7 +73,8 @@ roles: `loop` each server process's main thread, which runs the event loop;
 `grpc` gRPC's own (its C-core threads, `grpc_global_tim`, `event_engine`,
 `lifeguard`..., and its aio poller `Thread-N (_poll_wrapper)`); `other` the
 rest (a default executor, `uvloop_N` or `asyncio_N`, holdfast's other
-threads, and unnamed ones). Python before 3.14 leaves a thread's OS name the
+threads, a traced server's span exporter `OtelBatchSpanRecordProcessor`, and
+unnamed ones). Python before 3.14 leaves a thread's OS name the
 process's unless the thread sets it (holdfast's store threads do,
 holdfast.store.name_os_thread; gRPC's poller does not), so the bench starts
 its servers through `_serve` (holdfast serve itself, plus: each Python
@@ -138,7 +156,8 @@ measured latencies. On a terminal a progress line is drawn on stderr.
 
 The child processes run this module as `python -m holdfast.bench _worker SPEC`,
 `python -m holdfast.bench _echo HOST:PORT LIFETIME_S`, `... _serve SERVE_ARGS`
-(holdfast serve) and `... _module MODULE ARGS` (the hand-written server).
+(holdfast serve), `... _module MODULE ARGS` (the hand-written server) and
+`... _otlp_sink HOST:PORT LIFETIME_S` (a traced row's OTLP receiver).
 """
 
 from __future__ import annotations
@@ -176,6 +195,7 @@ import grpc
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
 from holdfast import loop as event_loop
+from holdfast import tracing
 from holdfast.call import idempotency_key
 from holdfast.gateway import REPLAYED
 from holdfast.apps.inventory import reservation_id
@@ -187,6 +207,11 @@ ECHO_PATH = f"/{ECHO_SERVICE}/Echo"
 HOLDFAST, ECHO = "holdfast", "echo"
 HANDWRITTEN, HANDWRITTEN_MODULE = "handwritten", "holdfast.handwritten"  # the hand-written baseline server
 HANDWRITTEN_REDIS_DB = 1  # its database on the bench's redis-server; holdfast's is 0
+TRACED = "+traces"  # a traced twin's label: its backend's, then this (--traced)
+OTLP_SINK = "otlp-sink"
+OTLP_SINK_SERVICE = "holdfast.bench.v1.OtlpSink"  # the sink's own method: the spans it has received
+OTLP_SINK_SPANS = f"/{OTLP_SINK_SERVICE}/Spans"
+OTLP_TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc"  # opentelemetry-proto
 
 STARTUP_TIMEOUT_S = 30.0  # a child process must be serving or connected by then
 STOP_GRACE_S = 5.0  # SIGTERM, then this long, then SIGKILL
@@ -346,6 +371,7 @@ class Options:
     workers: int | None = None  # None: the server's own default
     rounds: int = 1
     skus: int = DEFAULT_SKUS  # hot-sku has one, whatever this says
+    traced: bool = False  # a traced twin of each started holdfast server
 
     @property
     def total(self) -> int:
@@ -426,6 +452,13 @@ def _parser() -> argparse.ArgumentParser:
         help="also draw latency over time and a latency histogram per target into this PNG (needs matplotlib:"
         " pip install 'holdfast[plot]')",
     )
+    parser.add_argument(
+        "--traced",
+        action="store_true",
+        help="also measure each holdfast server the bench starts with tracing on (--otlp-endpoint), exporting to"
+        " an OTLP/gRPC sink the bench runs: one more row each, labelled e.g. sqlite+memory+traces (needs"
+        " pip install 'holdfast[otel]')",
+    )
     parser.add_argument("--timeout-s", type=float, default=5.0, help="deadline of each call (default 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return parser
@@ -481,6 +514,10 @@ def _options(argv: list[str] | None) -> Options:
         parser.error("--skus: hot-sku is the contention case on one SKU")
     if args.plot is not None and not args.plot.resolve().parent.is_dir():
         parser.error(f"--plot {args.plot}: no such directory {args.plot.resolve().parent}")
+    if args.traced and args.target is not None:
+        parser.error("--traced measures a traced twin of each server the bench starts; a --target's tracing is its own")
+    if args.traced and (missing := _tracing_unavailable()) is not None:
+        parser.error(missing)
     backends = tuple(map(_backend, args.backend))
     # A server of several workers needs shared backends, so with --workers the
     # implicit SQLite row is left out when PostgreSQL + Redis will be measured.
@@ -497,8 +534,22 @@ def _options(argv: list[str] | None) -> Options:
         args.duration, args.warmup, args.in_flight, args.clients, args.mix, args.target, args.timeout_s, args.json,
         backends, args.with_postgres_redis, args.store_pool, args.stock,
         None if args.plot is None else args.plot.resolve(), args.workers, args.rounds,
-        DEFAULT_SKUS if args.skus is None else args.skus,
+        DEFAULT_SKUS if args.skus is None else args.skus, args.traced,
     )
+
+
+def _tracing_unavailable() -> str | None:
+    """None when --traced can run: the traced servers' OpenTelemetry
+    (holdfast.tracing's packages) and the OTLP sink's opentelemetry-proto
+    import; else what to install."""
+    missing = tracing.available()
+    if missing is not None:
+        return f"--traced: the traced servers' {missing}"
+    try:
+        importlib.import_module(OTLP_TRACE_SERVICE)
+    except ImportError:
+        return "--traced: the OTLP sink needs OpenTelemetry (opentelemetry-proto missing): pip install 'holdfast[otel]'"
+    return None
 
 
 def _is_loopback(target: str) -> bool:
@@ -544,7 +595,9 @@ class _Target:
     """A server to measure: where it listens, what the report says of it, and
     whose CPU is its own: `pids`, the server's processes (with their
     descendants: a --workers server's workers), and `deps`, the PostgreSQL
-    postmaster and redis-server the bench started, when the target uses them."""
+    postmaster and redis-server the bench started, when the target uses them.
+    A traced twin (--traced) has SKUs of its own (`sku_base`) and the OTLP
+    sink it exports to (`sink`)."""
 
     label: str
     address: str
@@ -552,14 +605,25 @@ class _Target:
     server: subprocess.Popen | None  # a server the bench started, stopped after the stock count
     pids: tuple[int, ...] = ()
     deps: tuple[tuple[str, int], ...] = ()  # ("postgres", postmaster pid), ("redis", pid)
+    sku_base: str | None = None  # its SKUs' base, when not the run's
+    sink: tuple[subprocess.Popen, str] | None = None  # (process, HOST:PORT) of its OTLP sink
+    traces_of: str | None = None  # the label of the untraced row it is the twin of
 
 
 def _run(options: Options, tmp: Path, stack: contextlib.ExitStack) -> dict:
     run_id = uuid.uuid4().hex[:12]
     sku_base = f"bench-{run_id}"
-    sku_ids = [_sku_id(sku_base, options.sku_count, i) for i in range(options.sku_count)]
+
+    def skus_of(base: str | None) -> list[str]:
+        return [_sku_id(base or sku_base, options.sku_count, i) for i in range(options.sku_count)]
+
+    sku_ids = skus_of(None)
     lifetime_s = STARTUP_TIMEOUT_S + _worker_limit_s(options) + 60
     backends = list(options.backends)
+    rows_planned = ((len(backends) + options.with_postgres_redis) * (1 + options.traced)
+                    + options.with_postgres_redis + (options.target is not None))  # the hand-written row, --target's
+    # The echo server and the OTLP sinks live through every round of every target.
+    run_lifetime_s = lifetime_s + _worker_limit_s(options) * (rows_planned + 1) * options.rounds
     if options.with_postgres_redis:
         postgres = stack.enter_context(_postgres())
     children = stack.enter_context(Children())
@@ -579,42 +643,54 @@ def _run(options: Options, tmp: Path, stack: contextlib.ExitStack) -> dict:
             notes.append(f"{HOLDFAST}: no process of this machine found listening on {options.target}: no server CPU")
         targets.append(_Target(HOLDFAST, options.target, f"{options.target} (--target)", None, pids))
     for label, backend in zip(_labels(backends), backends):
-        store = f"sqlite:///{tmp.resolve()}/{len(targets)}.db" if backend.store == SQLITE_IN_TMP else backend.store
-        argv = ["--store", store, "--snapshot", backend.snapshot, "--store-pool", str(options.store_pool)]
-        if options.workers is not None:
-            argv += ["--workers", str(options.workers)]
-        server, target = _start_holdfast(children, tmp, label, argv)
-        _put_stock(target, sku_ids, options.total, run_id, server)
-        targets.append(_Target(label, target, f"{target} (started: {' '.join(argv)})", server, (server.pid,),
-                               deps if backend is ours else ()))
+        for twin in (False, True)[: 1 + options.traced]:  # the backend, then (--traced) its traced twin
+            store = f"sqlite:///{tmp.resolve()}/{len(targets)}.db" if backend.store == SQLITE_IN_TMP else backend.store
+            argv = ["--store", store, "--snapshot", backend.snapshot, "--store-pool", str(options.store_pool)]
+            if options.workers is not None:
+                argv += ["--workers", str(options.workers)]
+            name, base, sink = label, None, None
+            if twin:
+                # SKUs of its own (named as long as the run's): on a store it shares, each row's count stays its own.
+                name, base = label + TRACED, f"bench-{uuid.uuid4().hex[:12]}"
+                sink = _start_otlp_sink(children, tmp, f"{name}-{OTLP_SINK}", run_lifetime_s)
+                argv += ["--otlp-endpoint", sink[1]]
+            server, target = _start_holdfast(children, tmp, name, argv)
+            _put_stock(target, skus_of(base), options.total, run_id, server)
+            targets.append(_Target(name, target, f"{target} (started: {' '.join(argv)})", server, (server.pid,),
+                                   deps if backend is ours else (), base, sink, label if twin else None))
     if ours is not None:
         handwritten = _handwritten_target(children, tmp, options, postgres, ours, deps, sku_ids, run_id)
         if isinstance(handwritten, str):
             notes.append(handwritten)
         elif handwritten is not None:
             targets.append(handwritten)
-    # The echo server lives through every round of every target.
-    echo_lifetime_s = lifetime_s + _worker_limit_s(options) * (len(targets) + 1) * options.rounds
-    echo_server, echo_address = _start_echo(children, tmp, echo_lifetime_s)
+    echo_server, echo_address = _start_echo(children, tmp, run_lifetime_s)
     echo = _Target(ECHO, echo_address, "started (bare grpc.aio echo)", echo_server, (echo_server.pid,))
     results = {target.label: Result() for target in targets} | {ECHO: Result()}
     rates: dict[str, list[float]] = {label: [] for label in results}
     for round_ in range(options.rounds):
         units = run_id if round_ == 0 else f"{run_id}-{round_}"  # each round's requests are new ones
         for target in [*targets, echo]:
-            result = _measure(children, tmp, target, options, units, sku_base)
+            result = _measure(children, tmp, target, options, units, target.sku_base or sku_base)
             results[target.label].absorb(result)
             rates[target.label].append(result.calls / options.duration_s)
     rows: dict[str, tuple[str, Result]] = {}
+    traced: dict[str, dict] = {}
     for target in targets:
-        results[target.label].stock = _account(target.address, sku_ids, options.total, results[target.label])
+        results[target.label].stock = _account(target.address, skus_of(target.sku_base), options.total,
+                                               results[target.label])
         if target.server is not None:
             _stop_server(children, target.server, target.label)
+        if target.sink is not None:  # asked once its server has stopped: the last batch of spans is in
+            sink, address = target.sink
+            traced[target.label] = {"traces_of": target.traces_of, "otlp_sink": address,
+                                    "spans_received": _spans_received(address)}
+            _stop_server(children, sink, f"{target.label} OTLP sink")
         rows[target.label] = (target.description, results[target.label])
     _stop_server(children, echo_server, ECHO)
     if options.plot is not None:
         _plot(options, {label: result for label, (_, result) in rows.items()} | {ECHO: results[ECHO]})
-    return _report(options, rows, results[ECHO], rates, notes)
+    return _report(options, rows, results[ECHO], rates, notes, traced)
 
 
 def _labels(backends: list[Backend]) -> list[str]:
@@ -766,6 +842,23 @@ def _start_echo(children: Children, tmp: Path, lifetime_s: float) -> tuple[subpr
         return [sys.executable, "-m", "holdfast.bench", "_echo", f"127.0.0.1:{port}", str(lifetime_s)]
 
     return _start_server(children, tmp, ECHO, argv)
+
+
+def _start_otlp_sink(children: Children, tmp: Path, name: str, lifetime_s: float) -> tuple[subprocess.Popen, str]:
+    """The OTLP/gRPC receiver a traced twin exports to (_serve_otlp_sink)."""
+    def argv(port: int) -> list[str]:
+        return [sys.executable, "-m", "holdfast.bench", "_otlp_sink", f"127.0.0.1:{port}", str(lifetime_s)]
+
+    return _start_server(children, tmp, name, argv)
+
+
+def _spans_received(sink: str) -> int | None:
+    """How many spans the OTLP sink at `sink` has received; None if it does not say."""
+    try:
+        with grpc.insecure_channel(sink) as channel:
+            return int(channel.unary_unary(OTLP_SINK_SPANS)(b"", timeout=STOCK_READ_TIMEOUT_S))
+    except (grpc.RpcError, ValueError):
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1129,7 +1222,8 @@ def _collect(children: Children, proc: subprocess.Popen, spec: WorkerSpec, optio
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # the unit of /proc's utime and stime
 ROLES = ("loop", "store", "grpc", "other")
 STORE_THREADS = ("holdfast-store", "holdfast-memory")  # comm keeps 15 bytes: holdfast-store-0 is holdfast-store-
-OTHER_THREADS = ("holdfast-", "asyncio_", "uvloop_")  # other threads of holdfast's; default executors
+# Other threads of holdfast's; default executors; OpenTelemetry's span exporter (OtelBatchSpanRecordProcessor).
+OTHER_THREADS = ("holdfast-", "asyncio_", "uvloop_", "OtelBatch")
 PR_SET_NAME = 15  # <linux/prctl.h>
 COMM_BYTES = 15
 
@@ -1249,9 +1343,10 @@ def _tree(processes: dict[int, tuple[int, int]], roots: tuple[int, ...]) -> list
 def _role(pid: int, tid: int, comm: str, main_comm: str) -> str:
     """A server thread's role by its name: `loop` the main thread (which runs
     the event loop), `store` the store's threads, `other` holdfast's other
-    threads, default executors' and unnamed ones (the main thread's name: a
-    server whose threads the bench did not name), `grpc` the rest, gRPC's own
-    (its C-core threads and its aio poller, `Thread-N (_poll_wrapper)`)."""
+    threads, default executors', OpenTelemetry's span exporter and unnamed
+    ones (the main thread's name: a server whose threads the bench did not
+    name), `grpc` the rest, gRPC's own (its C-core threads and its aio
+    poller, `Thread-N (_poll_wrapper)`)."""
     if tid == pid:
         return "loop"
     if comm.startswith(STORE_THREADS):
@@ -1490,6 +1585,19 @@ def _cpu_summary(result: Result) -> dict:
     return summary
 
 
+def _tracing_cost(traced: dict, untraced: dict) -> dict:
+    """A traced row against its untraced twin: calls/s over the twin's, and
+    the server's CPU per call added and over the twin's. None where unknown."""
+    rate = untraced["calls_per_s"]
+    cpu, untraced_cpu = traced["cpu"]["server_us_per_call"], untraced["cpu"]["server_us_per_call"]
+    known = cpu is not None and untraced_cpu is not None
+    return {
+        "calls_per_s_ratio": round(traced["calls_per_s"] / rate, 3) if rate else None,
+        "server_us_per_call": round(cpu - untraced_cpu, 2) if known else None,
+        "cpu_ratio": round(cpu / untraced_cpu, 3) if known and untraced_cpu else None,
+    }
+
+
 def _contract_violations(outcomes: Counter) -> int:
     """Answers whose ErrorInfo reason is CONTRACT_VIOLATION (outcome `STATUS/REASON`):
     the bench itself sent a request its contract refuses."""
@@ -1498,13 +1606,16 @@ def _contract_violations(outcomes: Counter) -> int:
 
 def _report(
     options: Options, rows: dict[str, tuple[str, Result]], echo: Result, rates: dict[str, list[float]],
-    notes: list[str] | None = None,
+    notes: list[str] | None = None, traced: dict[str, dict] | None = None,
 ) -> dict:
     """`targets`: a row per holdfast (in measuring order), then `echo`; each row's
     `ratio` is its calls/s over echo's, also collected in `ratios`, and its
     `cpu.ratio` its server's CPU per call over echo's, collected in
     `cpu_ratios`. A holdfast row's `stock` is its stock count; `stock_ok` is
-    whether every one held. `notes`: targets left out or measured in part."""
+    whether every one held. `notes`: targets left out or measured in part.
+    `traced`: per traced twin, `traces_of` (its untraced row), `otlp_sink`
+    and `spans_received`; such a row has `traced: true` (every other row
+    `traced: false`), those, and `tracing_cost` against its untraced row."""
     targets = {label: _summary(result, address, rates[label]) for label, (address, result) in rows.items()}
     targets[ECHO] = _summary(echo, "started (bare grpc.aio echo)", rates[ECHO])
     echo_rate = targets[ECHO]["calls_per_s"]
@@ -1513,6 +1624,13 @@ def _report(
         row["ratio"] = row["calls_per_s"] / echo_rate if echo_rate else None
         cpu = row["cpu"]["server_us_per_call"]
         row["cpu"]["ratio"] = round(cpu / echo_cpu, 3) if cpu is not None and echo_cpu else None
+    for label, row in targets.items():
+        row["traced"] = label in (traced or {})
+        if row["traced"]:
+            row |= traced[label]
+            untraced = targets.get(row["traces_of"])
+            if untraced is not None:
+                row["tracing_cost"] = _tracing_cost(row, untraced)
     return {
         "mix": options.mix,
         "in_flight": options.in_flight,
@@ -1563,6 +1681,8 @@ def _table(report: dict) -> str:
         lines.append(f"  {name}: {row['address']}")
         if "stock" in row:
             lines.append(f"  {name}: {_stock_line(row['stock'])}")
+        if row.get("traced"):
+            lines.append(f"  {name}: {_traces_line(row)}")
     for note in report.get("notes", ()):
         lines.append(f"  note: {note}")
     if report["plot"]:
@@ -1609,6 +1729,27 @@ def _stock_line(stock: dict) -> str:
                   f" {reserves['min']}..{reserves['max']} OK Reserves each")
     return (f"stock: {stock['sold']} sold of {stock['total']}, no oversell ({stock['held']} held,"
             f" {stock['available']} available; sold == {stock['ok_confirms']} OK Confirms{spread})")
+
+
+def _traces_line(row: dict) -> str:
+    spans = row["spans_received"]
+    if spans is None:
+        sent = f"traces: the OTLP sink at {row['otlp_sink']} did not say how many spans it received"
+    elif spans == 0:
+        sent = f"traces: NONE received by the OTLP sink at {row['otlp_sink']}: this row was not traced"
+    else:
+        sent = (f"traces: {spans} spans received by the OTLP sink at {row['otlp_sink']}"
+                f" ({row['calls_made']} calls made by the clients, besides stocking and counting)")
+    cost = row.get("tracing_cost")
+    if cost is None:
+        return sent
+    parts = []
+    if cost["server_us_per_call"] is not None:
+        ratio = "" if cost["cpu_ratio"] is None else f", {cost['cpu_ratio']:.2f}×"
+        parts.append(f"server CPU {cost['server_us_per_call']:+.1f} µs per call{ratio}")
+    if cost["calls_per_s_ratio"] is not None:
+        parts.append(f"calls/s {cost['calls_per_s_ratio']:.2f}×")
+    return f"{sent}; against {row['traces_of']}: {', '.join(parts)}" if parts else sent
 
 
 def _ms(value: float | None) -> str:
@@ -1953,6 +2094,42 @@ async def _serve_echo(listen: str, lifetime_s: float) -> None:
     server = grpc.aio.server()
     handler = grpc.method_handlers_generic_handler(ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(_echo)})
     server.add_generic_rpc_handlers((handler,))
+    await _serve_until_stopped(server, listen, lifetime_s)
+
+
+# -- child: the OTLP sink (--traced) -------------------------------------------------------------
+
+
+async def _serve_otlp_sink(listen: str, lifetime_s: float) -> None:
+    """A real OTLP/gRPC trace receiver that keeps nothing: the collector's
+    TraceService.Export counts the spans of each request and answers an empty
+    ExportTraceServiceResponse, and OTLP_SINK_SPANS answers the count so far
+    (decimal, as bytes). A grpc.aio server like the echo server; stops on
+    SIGTERM/SIGINT, or after `lifetime_s` in case nobody asks."""
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received = 0
+
+    class Sink(trace_service_pb2_grpc.TraceServiceServicer):
+        async def Export(self, request, context):  # noqa: N802 (the proto's name)
+            nonlocal received
+            received += sum(len(scope.spans) for resource in request.resource_spans for scope in resource.scope_spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    async def spans(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return str(received).encode()
+
+    server = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Sink(), server)
+    handler = grpc.method_handlers_generic_handler(
+        OTLP_SINK_SERVICE, {"Spans": grpc.unary_unary_rpc_method_handler(spans)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    await _serve_until_stopped(server, listen, lifetime_s)
+
+
+async def _serve_until_stopped(server: grpc.aio.Server, listen: str, lifetime_s: float) -> None:
+    """Serves on `listen` until SIGTERM/SIGINT, or for `lifetime_s` at most."""
     if server.add_insecure_port(listen) == 0:
         raise OSError(f"cannot listen on {listen}")
     await server.start()
@@ -1971,6 +2148,10 @@ def _child(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "_echo":
         _name_os_threads()
         event_loop.run(_serve_echo(argv[1], float(argv[2])))
+        return 0
+    if len(argv) == 3 and argv[0] == "_otlp_sink":
+        _name_os_threads()
+        event_loop.run(_serve_otlp_sink(argv[1], float(argv[2])))
         return 0
     if argv[:1] == ["_serve"]:  # `holdfast serve ARGS`, its threads named
         from holdfast.cli import main as holdfast

@@ -34,6 +34,7 @@ from holdfast.bench import (
     _sku_counts,
     _stock_count,
     _table,
+    _tracing_unavailable,
     main,
 )
 from holdfast.inventory.v1 import inventory_pb2 as pb
@@ -414,6 +415,7 @@ def test_thread_roles_by_name():
     assert _role(10, 16, "uvloop_0", "python") == "other"
     assert _role(10, 17, "holdfast-worker", "python") == "other"
     assert _role(10, 18, "python", "python") == "other"  # a thread nobody named
+    assert _role(10, 19, "OtelBatchSpanRe", "python") == "other"  # a traced server's span exporter
 
 
 def test_cpu_between_counts_new_threads_from_zero_and_dead_ones_only_in_the_total():
@@ -480,3 +482,75 @@ def test_skus_option_defaults_to_1000_and_hot_sku_keeps_one():
         with pytest.raises(SystemExit) as exited:
             _options(argv)
         assert exited.value.code == 2
+
+
+# -- the traces' cost (--traced) --------------------------------------------------------------------
+
+
+@pytest.mark.skipif(_tracing_unavailable() is not None,
+                    reason="--traced needs the otel extra: pip install 'holdfast[otel]'")
+def test_traced_row_measures_the_backend_with_its_spans_leaving_for_the_sink(capsys, monkeypatch, tmp_path):
+    """The embedded backend twice, the second time exporting a span per call
+    (and its phases') over OTLP/gRPC to the bench's sink: a row like the
+    others (calls/s, CPU per call and its roles, ratios to echo, its own stock
+    count), with the spans the sink received, at least one per call the
+    clients made, since the server flushes its last batch as it stops."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    assert main([*SHORT, "--in-flight", "8", "--traced"]) == 0
+
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["targets"]) == ["sqlite+memory", "sqlite+memory+traces", "echo"]
+    row = report["targets"]["sqlite+memory+traces"]
+    _assert_all_ok(row)
+    _assert_cpu_per_call("sqlite+memory+traces", row)
+    assert row["traced"] is True and row["traces_of"] == "sqlite+memory"
+    assert row["spans_received"] >= row["calls_made"] > 0, row
+    assert f"--otlp-endpoint {row['otlp_sink']}" in row["address"]
+    assert row["stock"]["ok"], row["stock"]["problems"]
+    assert row["stock"]["held"] == row["stock"]["ledger"]["Reserve OK"]  # its own SKUs: only its calls on them
+    assert report["ratios"]["sqlite+memory+traces"] == row["ratio"]
+    assert report["cpu_ratios"]["sqlite+memory+traces"] == row["cpu"]["ratio"]
+    assert report["targets"]["sqlite+memory"]["traced"] is False and "spans_received" not in report["targets"]["echo"]
+    cost, untraced = row["tracing_cost"], report["targets"]["sqlite+memory"]
+    assert cost["server_us_per_call"] == pytest.approx(
+        row["cpu"]["server_us_per_call"] - untraced["cpu"]["server_us_per_call"], abs=0.02)
+    assert f"sqlite+memory+traces: traces: {row['spans_received']} spans received by the OTLP sink" in _table(report)
+    assert not list(tmp_path.glob("holdfast-bench-*")), "temp dir left behind"
+
+
+def test_traced_without_opentelemetry_is_a_usage_error_naming_the_extra(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # importing it raises ImportError
+
+    def run(*args):
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(bench, "_run", run)
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--traced"])
+
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--traced" in err and "opentelemetry-sdk" in err and "pip install 'holdfast[otel]'" in err
+
+
+def test_traced_does_not_go_with_target():
+    with pytest.raises(SystemExit) as exited:
+        _options(["--target", "127.0.0.1:1", "--traced"])
+    assert exited.value.code == 2
+
+
+def test_traces_line_says_when_no_span_left():
+    served = Result(calls=1, latencies_us=[900], outcomes=Counter(OK=1), calls_made=1)
+    echo = Result(calls=2, latencies_us=[400, 500], outcomes=Counter(OK=2))
+    rows = {"sqlite+memory": ("127.0.0.1:1", served), "sqlite+memory+traces": ("127.0.0.1:2", served)}
+    traced = {"sqlite+memory+traces": {"traces_of": "sqlite+memory", "otlp_sink": "127.0.0.1:3", "spans_received": 0}}
+    rates = {"sqlite+memory": [1.0], "sqlite+memory+traces": [1.0], "echo": [2.0]}
+
+    report = _report(_options([]), rows, echo, rates, traced=traced)
+
+    row = report["targets"]["sqlite+memory+traces"]
+    assert row["traced"] and row["spans_received"] == 0
+    assert row["tracing_cost"] == {"calls_per_s_ratio": 1.0, "server_us_per_call": None, "cpu_ratio": None}
+    assert "sqlite+memory+traces: traces: NONE received by the OTLP sink at 127.0.0.1:3" in _table(report)
