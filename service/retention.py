@@ -53,17 +53,21 @@ DAY_MS = 24 * 60 * 60 * 1000
 @dataclass(frozen=True, slots=True)
 class Policy:
     """How long settled rows and outcome records are kept, how long a pruned
-    key's tombstone is, and how much one batch (one transaction) prunes.
-    `retention_ms` 0 keeps everything for ever (no pruning at all)."""
+    key's tombstone is, how much one batch (one transaction) prunes, and how
+    many batches of aged records a round scans at most: the records of live
+    entities stay behind the scan, so a store of long holds would otherwise
+    have every round read all of them; the scan goes on from there in the
+    next round. `retention_ms` 0 keeps everything for ever (no pruning)."""
 
     retention_ms: int = DAY_MS
     tombstone_ms: int = DAY_MS
     interval_ms: int = 1000
     batch: int = 500
+    scans_per_round: int = 20
 
     def __post_init__(self) -> None:
         assert self.retention_ms >= 0 and self.tombstone_ms >= 0, "a retention is a duration"
-        assert self.interval_ms > 0 and self.batch > 0
+        assert self.interval_ms > 0 and self.batch > 0 and self.scans_per_round > 0
 
 
 @dataclass(slots=True)
@@ -105,7 +109,7 @@ class Retention:
         while (rows := await self._batch_of_rows(now_ms, before_ms)) >= self.policy.batch:
             pruned.rows += rows
         pruned.rows += rows
-        while True:
+        for _ in range(self.policy.scans_per_round):
             scanned, buried, cursor = await self.engine.store.transact(
                 lambda txn: self._records(txn, before_ms, now_ms, self._cursor))
             pruned.records += buried

@@ -133,6 +133,22 @@ async def test_a_live_hold_keeps_its_rows_and_records_whatever_their_age(pruning
     assert await stock_figures(stub, SKU) == (5, 3, 0, 2)
 
 
+async def test_a_round_scans_a_bounded_number_of_batches_and_the_next_goes_on_from_there(config: Config):
+    clock = ManualClock()
+    policy = Policy(retention_ms=RETENTION_MS, tombstone_ms=TOMBSTONE_MS, interval_ms=NEVER_MS, batch=2,
+                    scans_per_round=1)
+    running = await start(dataclasses.replace(config, retention=policy), clock=clock)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = pb_grpc.InventoryServiceStub(channel)
+            for n in range(5):  # records that name no entity: each is prunable
+                await stub.PutStock(pb.PutStockRequest(sku_id=f"sku-{n}", total=1, request_id="init"), timeout=10)
+        clock.advance(RETENTION_MS + 1)
+        assert [(await running.retention.prune()).records for _ in range(4)] == [2, 2, 1, 0]
+    finally:
+        await running.stop(0)
+
+
 @ACROSS
 async def test_an_order_is_pruned_with_its_lines_and_its_sales_stay_counted(pruning):
     running, clock, stub = pruning
