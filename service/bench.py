@@ -113,9 +113,9 @@ them and no one row lock decides the run.
 * `reserve-confirm`: Reserve, then Confirm it. Answers: OK.
 * `reserve-release`: Reserve, then Release it; the stock ends where it began.
   Answers: OK.
-* `replay`: before the start, each client process commits REPLAY_KEYS (16)
+* `replay`: before the start, each client process commits REPLAY_KEYS (1024)
   Reserves and keeps their reply bytes; every measured unit then sends one of
-  those same requests again (unit n repeats seed n % 16, on that seed's SKU),
+  those same requests again (unit n repeats seed n % REPLAY_KEYS, on that seed's SKU),
   so every measured answer is a replay of a stored outcome. Answers: OK, and a reply counts as
   OK only if its bytes are the seed's and (holdfast) its trailers say
   `holdfast-replayed: true`; otherwise `OK/REPLY_CHANGED` or `OK/NOT_REPLAYED`.
@@ -312,7 +312,10 @@ def _replay_unit(ctx: MixContext, n: int) -> list[tuple[str, bytes]]:
     return _reserve_unit(ctx, n % REPLAY_KEYS)
 
 
-REPLAY_KEYS = 16  # committed Reserves per client process that the replay mix repeats
+# Committed Reserves per client process that the replay mix repeats: far
+# more than the lanes in flight, so two lanes rarely send one key at once
+# (the second would be refused REQUEST_IN_FLIGHT, not replayed).
+REPLAY_KEYS = 1024
 HOT_SKU_STOCK = 1000  # small enough for 200 lanes to sell out within a short run
 HOT_SKU = "hot-sku"  # the one mix on one SKU
 DEFAULT_SKUS = 1000  # the other mixes' units spread over this many SKUs (--skus)
