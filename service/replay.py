@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_TIMEOUT_S", "Difference", "Entry", "JournalError", "ReplayClock", "Report", "main", "read_journal",
            "replay", "replay_async"]
 
+REPLAY_STOP_GRACE_S = 1.0
 DEFAULT_TIMEOUT_S = 60.0  # above every contract's timeout: the server's budget is what it was
 
 
@@ -182,7 +183,11 @@ async def replay_async(
             entries = read_legacy(path, entries, legacy_kinds(type(s) for s in running.services.values()))
             await _replay_entries(entries, report, f"127.0.0.1:{running.port}", (running, clock), progress)
         finally:
-            await running.stop(0)
+            # A graceful stop: its GOAWAY says NO_ERROR. Without a grace
+            # (error 2, "Cancelling all calls"), gRPC's C core may print an
+            # INFO line to stderr when the replay's channel, closed a moment
+            # before, still hears it. Every call has answered, so nothing waits.
+            await running.stop(REPLAY_STOP_GRACE_S)
     return report
 
 
