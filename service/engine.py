@@ -219,9 +219,8 @@ class Engine:
                 return _Conflict(move.entity, seen, store_version)
         now_ms = self.clock.now_ms()
         outcome = move.apply(txn, now_ms)
-        if outcome.recorded:
-            reason = None if outcome.reason is None else reason_key(outcome.reason)
-            txn.record(move.key, Record(move.fingerprint, reason, outcome.payload, _entity_of(move)), now_ms)
+        if (record := _record_of(move, outcome)) is not None:
+            txn.record(move.key, record, now_ms)
         else:
             assert not txn.written, "an unrecorded outcome must change nothing"
         return outcome, txn.written
@@ -255,12 +254,12 @@ def _on_duplicate(move: Move) -> OnDuplicate:
 
 
 def _record_of(move: Move, outcome: Outcome) -> Record | None:
-    """What `outcome` left recorded under the move's key, as the store holds
-    it: a duplicate waiting on this instance replays it without a read."""
+    """What `outcome` records under the move's key (step 4), as the store
+    holds it; a duplicate waiting on this instance replays it without a read."""
     if not outcome.recorded:
         return None  # and so nothing committed under the key: a waiter runs its own move
     reason = None if outcome.reason is None else reason_key(outcome.reason)
-    return Record(move.fingerprint, reason, outcome.payload)
+    return Record(move.fingerprint, reason, outcome.payload, _entity_of(move))
 
 
 def _entity_of(move: Move) -> str:
