@@ -8,6 +8,7 @@ exporter sent them over the wire.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import subprocess
@@ -169,8 +170,7 @@ async def test_a_refused_call_names_its_reason(traced) -> None:
         with pytest.raises(grpc.aio.AioRpcError):
             await call
         refused, refused_code = dict(await call.trailing_metadata()), await call.code()
-    assert tracing.force_flush(10_000)
-    calls = {_attributes(s)[spans.CONTEXT_ID]: s for s in kept.spans() if s.name == RESERVE}
+    calls = await _call_spans(kept, (refused[CONTEXT_ID], trailing[CONTEXT_ID]))
     assert _attributes(calls[refused[CONTEXT_ID]])[spans.REASON] == "INSUFFICIENT_STOCK"
     # The instrumentation names the gRPC status; by OpenTelemetry's conventions a
     # server span's status is an error only for the server's own faults (INTERNAL,
@@ -184,6 +184,20 @@ async def test_a_refused_call_names_its_reason(traced) -> None:
         if span.name in PHASES:
             parent = by_id[span.parent_span_id]
             assert parent.kind == trace_pb2.Span.SPAN_KIND_SERVER and parent.trace_id == span.trace_id
+
+
+async def _call_spans(kept: Receiver, context_ids: tuple[str, ...], timeout_s: float = 10.0) -> dict:
+    """The Reserve spans received, by context id, once those of `context_ids`
+    are among them: a refused call's client hears its status before the
+    server's interceptor has ended its span, so one flush may come too early."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        assert tracing.force_flush(10_000)
+        calls = {_attributes(s)[spans.CONTEXT_ID]: s for s in kept.spans() if s.name == RESERVE}
+        if all(context_id in calls for context_id in context_ids):
+            return calls
+        assert asyncio.get_running_loop().time() < deadline, f"no span for {context_ids} within {timeout_s} s"
+        await asyncio.sleep(0.05)
 
 
 async def test_tracing_off_exports_nothing(config: Config, receiver: tuple[Receiver, int]) -> None:
