@@ -3,8 +3,12 @@
     1. key already recorded?  same fingerprint -> the stored outcome (replay)
                               other fingerprint -> IDEMPOTENCY_KEY_REUSED
                               pruned (a tombstone) -> IDEMPOTENCY_KEY_EXPIRED
-    2. snapshot version == store version?  no -> compensation, VERSION_CONFLICT
-       (a row the store does not hold has nothing to disagree with)
+    2. snapshot version == store version?  no -> compensation: the snapshot
+       is set to the store's version; behind it (a move committed since the
+       snapshot was read: a race the store already decided), the move runs
+       again on the winner's state; ahead of it (a restored store, a foreign
+       snapshot), VERSION_CONFLICT (a row the store does not hold has
+       nothing to disagree with)
     3. the move itself: state check, effects, compare-and-set on the version
     4. outcome recorded under the key, in the same transaction
     5. snapshot advanced (after the commit; versions only move forward)
@@ -23,8 +27,14 @@ move, which replays from the store if the first did commit after all.
 Across instances the store serializes duplicates (step 4's record is unique
 under the key): the loser finds the record and replays it, or, when it
 looked for a record before the winner committed and then found the entity
-moved on (VERSION_CONFLICT), a WAIT move asks the store for the winner's
-record before it answers a conflict.
+moved on, its run on the winner's state finds the winner's record first.
+
+So a move's first answer is its final one: a race on one entity ends in the
+outcome the move has on the state the race left, recorded like any other,
+never in a conflict that a retry would answer differently. VERSION_CONFLICT
+is left for a caller's `expected_version` precondition (an app's own
+answer), for a snapshot ahead of the store, and for a move that lost
+RERUNS races in a row.
 """
 
 from __future__ import annotations
@@ -46,6 +56,11 @@ from holdfast.table import Table
 
 Apply = Callable[[Txn, int], Outcome]
 R = TypeVar("R")
+
+# Runs of one move on the winner's state after a lost race, before it
+# answers VERSION_CONFLICT: each lost race is another move committed on the
+# entity, so the bound only matters on an entity under a storm of moves.
+RERUNS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +118,7 @@ class Engine:
         self._in_flight[move.key] = done
         recorded: Record | None = None
         try:
-            outcome = await self._move(move, deadline, waits)
+            outcome = await self._move(move, deadline)
             recorded = _record_of(move, outcome)
             return outcome
         finally:
@@ -153,7 +168,23 @@ class Engine:
 
         return await self.read(read, deadline)
 
-    async def _move(self, move: Move, deadline: float | None, waits: bool = False) -> Outcome:
+    async def _move(self, move: Move, deadline: float | None) -> Outcome:
+        """Steps 1-5, run again on the winner's state while a race is lost:
+        the compensation moved the snapshot up to the store's version, so
+        the next run double-checks against the state the race left."""
+        conflict: _Conflict | None = None
+        for _ in range(RERUNS + 1):
+            result = await self._attempt(move, deadline)
+            if not isinstance(result, _Conflict):
+                return result
+            conflict = result
+            await self._compensate(conflict)
+            if conflict.store_version < conflict.seen:
+                break  # the snapshot ran ahead of the truth: that is no race to rerun
+        assert conflict is not None, "the loop answers or conflicts at least once"
+        return _conflicted(move.table, conflict)
+
+    async def _attempt(self, move: Move, deadline: float | None) -> Outcome | _Conflict:
         # Each phase is a span when tracing is on (holdfast.spans); off, it costs one global read.
         seen = None
         if move.entity is not None:
@@ -175,9 +206,7 @@ class Engine:
                 f" to learn its outcome: {error}",
             )
         if isinstance(result, _Conflict):
-            if waits and (recorded := await self._recorded_meanwhile(move, deadline)) is not None:
-                return recorded
-            return await self._compensate(move.table, result)
+            return result
         outcome, written = result
         if written:
             committed = time.perf_counter()
@@ -187,20 +216,6 @@ class Engine:
         if outcome.replayed:
             metrics.REPLAYS.labels(move.method).inc()
         return outcome
-
-    async def _recorded_meanwhile(self, move: Move, deadline: float | None) -> Outcome | None:
-        """What another instance recorded under the key while this move ran:
-        a duplicate there held the entity's lock, so this move found the
-        entity moved on after it had looked for a record. A WAIT duplicate
-        answers that record, as it would have on the instance that ran it;
-        None when there is none. Only on a conflict: an answer made is
-        answered at once, so answers keep the order the moves ran in."""
-        found = await self.recorded(move.key, move.fingerprint, deadline)
-        if found is None or not (found.replayed or found.reason is Reason.IDEMPOTENCY_KEY_REUSED):
-            return None  # nothing recorded, or the store could not say: the move's own answer stands
-        if found.replayed:
-            metrics.REPLAYS.labels(move.method).inc()
-        return found
 
     def _decide(self, txn: Txn, move: Move, seen: int | None) -> tuple[Outcome, dict[str, int]] | _Conflict:
         """Steps 1-4, on the store's thread inside the transaction."""
@@ -225,22 +240,25 @@ class Engine:
             assert not txn.written, "an unrecorded outcome must change nothing"
         return outcome, txn.written
 
-    async def _compensate(self, table: Table[Any], conflict: _Conflict) -> Outcome:
-        """The snapshot disagreed with the store: trust the store, refresh the
-        snapshot, and answer a conflict the client may retry. Never a blind
-        retry here: the disagreement means someone else moved this entity."""
+    async def _compensate(self, conflict: _Conflict) -> None:
+        """The snapshot disagreed with the store: trust the store and set the
+        snapshot to its version. Never a blind retry: what runs next decides
+        again, on the store's state."""
         metrics.COMPENSATIONS.inc()
         if conflict.store_version > conflict.seen:
             # Forward-only: a later move may already have advanced it further.
             await self.snapshot.advance({conflict.entity: conflict.store_version})
         else:  # the snapshot is ahead of the truth (a restored store, a foreign snapshot)
             await self.snapshot.reset(conflict.entity, conflict.store_version)
-        noun = table.noun or table.name
-        return failure(
-            Reason.VERSION_CONFLICT,
-            f"{noun} {conflict.entity} moved concurrently (now at version {conflict.store_version}); re-read and retry",
-            metadata={table.key_column: conflict.entity, "version": str(conflict.store_version)},
-        )
+
+
+def _conflicted(table: Table[Any], conflict: _Conflict) -> Outcome:
+    noun = table.noun or table.name
+    return failure(
+        Reason.VERSION_CONFLICT,
+        f"{noun} {conflict.entity} moved concurrently (now at version {conflict.store_version}); re-read and retry",
+        metadata={table.key_column: conflict.entity, "version": str(conflict.store_version)},
+    )
 
 
 def _on_duplicate(move: Move) -> OnDuplicate:

@@ -42,6 +42,7 @@ import pytest
 
 from holdfast.inventory.v1 import inventory_pb2 as pb
 
+from holdfast import metrics
 from holdfast.clock import ManualClock
 from holdfast.engine import Engine, Move
 from holdfast.apps.inventory import InventoryReason, reservation_id
@@ -581,20 +582,27 @@ async def test_batch_with_one_failing_engine_move_commits_the_others(engine, row
     assert [(o.replayed, o.payload) for o in again] == [(True, o.payload) for o in outcomes]
 
 
-async def test_second_move_on_one_reservation_in_a_batch_conflicts(engine):
+async def test_second_move_on_one_reservation_in_a_batch_answers_on_the_winners_state(engine):
     """Confirm and Release of one reservation in one batch (both double-checked
-    against version 1): the first commits, the second finds the store moved
-    on and answers VERSION_CONFLICT, records nothing, changes nothing."""
+    against version 1): the first commits; the second finds the store moved
+    on, the compensation catches the snapshot up and the move runs again on
+    the confirmed hold. Its first answer is its final one, recorded: a retry
+    replays it rather than learning something new."""
     good = [reserve(f"good-{n}") for n in range(4)]
     confirm, release = settle(HELD, sold=True), settle(HELD, sold=False)
+    compensations = metrics.COMPENSATIONS._value.get()
     outcomes = await in_one_batch([engine.store], [engine.move(m) for m in [good[0], confirm, good[1], release, *good[2:]]])
 
-    assert outcomes[1].ok and outcomes[3].reason is Reason.VERSION_CONFLICT, outcomes
+    assert outcomes[1].ok and outcomes[3].reason is Reason.INVALID_TRANSITION, outcomes
     assert all(o.ok for o in outcomes[:1] + outcomes[2:3] + outcomes[4:])
+    assert metrics.COMPENSATIONS._value.get() == compensations + 1
     stock, found, records = await _engine_books(engine, [*good, confirm, release])
     assert stock == Stock(SKU, TOTAL, TOTAL - 2 - 4, 4, 2, 1 + 1 + 4 + 1)
     assert (found[HELD].state, found[HELD].version) == (State.CONFIRMED, 2)
-    assert records[4] == Record(confirm.fingerprint, None, outcomes[1].payload) and records[5] is None
+    assert records[4] == Record(confirm.fingerprint, None, outcomes[1].payload)
+    assert records[5] == Record(release.fingerprint, "INVALID_TRANSITION", outcomes[3].payload)
+    again = await engine.move(release)
+    assert (again.reason, again.payload, again.replayed) == (Reason.INVALID_TRANSITION, outcomes[3].payload, True)
     assert await engine.snapshot.version(HELD) == 2
 
 
