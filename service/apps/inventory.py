@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import grpc
 from holdfast.inventory.v1 import inventory_pb2 as pb
@@ -42,10 +42,12 @@ from holdfast.apps.inventory_store import (
     Reservation,
     Stock,
     due_holds,
+    expired_holds,
     intents,
     order_hold,
     prune_settled,
     put_stock,
+    record_expiry,
     reservation,
     save_order_hold,
     save_reservation,
@@ -61,6 +63,10 @@ LINES_MAX = 100  # an order's lines: one move locks a stock row per line
 EXPIRED = "hold expired"
 REAPER_METHOD = "holdfast.reaper/HoldExpiry"
 RECOVERY_METHOD = "holdfast.recovery/Intent"
+# The expired holds one Reserve short of stock may reclaim (docs/reclaim.md):
+# each is a row locked and a record written in its move, so a call's cost
+# stays bounded, as LINES_MAX bounds an order's.
+RECLAIM_MAX = 100
 
 
 class InventoryReason(AppReason, domain="holdfast"):
@@ -103,6 +109,22 @@ def reservation_id(key: bytes) -> str:
 def order_hold_id(key: bytes) -> str:
     """Derived from the ReserveOrder key, as a reservation's id is from Reserve's."""
     return "ord_" + key.hex()[:24]
+
+
+def expiry_key(entity_id: str) -> bytes:
+    """The reaper's key for the expiry of a hold (or of an order hold): its
+    id alone, so a hold expires once, whoever expires it."""
+    return idempotency_key(REAPER_METHOD, (entity_id,))
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaimed:
+    """An expired hold a Reserve released in its own move: the hold as the
+    move found it, and its expiry's outcome, recorded under its expiry key
+    as the reaper's move would have recorded it."""
+
+    hold: Reservation
+    outcome: Outcome
 
 
 def line_reservation_id(key: bytes, sku_id: str) -> str:
@@ -175,10 +197,24 @@ class Inventory(Service):
         hold_ms = request.hold_ms or self.holds.default_ms
         order_id, sku_id, quantity = request.order_id, request.sku_id, request.quantity
 
-        def apply(txn: Txn, now_ms: int) -> Outcome:
-            return _reserve(txn, rid, order_id, sku_id, quantity, now_ms + hold_ms)
+        reclaimed: list[Reclaimed] = []  # what the move's last run reclaimed
 
-        return await self._move(call, rid, apply, skus=(sku_id,))
+        def apply(txn: Txn, now_ms: int) -> Outcome:
+            reclaimed.clear()
+            return _reserve(txn, rid, order_id, sku_id, quantity, now_ms, now_ms + hold_ms, reclaimed)
+
+        outcome = await self._move(call, rid, apply, skus=(sku_id,))
+        if reclaimed:
+            self.reclaimed(reclaimed, outcome)
+        return outcome
+
+    def reclaimed(self, holds: Sequence[Reclaimed], outcome: Outcome) -> None:
+        """Told, after a Reserve's move answered `outcome`, which expired
+        holds its last run reclaimed. They committed with it when `outcome`
+        is its own recorded answer (not a replay), may have when the store
+        answered DEPENDENCY_UNAVAILABLE, and did not otherwise. Nothing to
+        do here: the simulation's observer reports them as the reaper's
+        answers (holdfast.apps.inventory_workload)."""
 
     async def Confirm(self, request: pb.ConfirmRequest, context) -> Outcome:
         if request.quantity < 0:
@@ -294,7 +330,9 @@ class Inventory(Service):
 
     async def reap(self, now_ms: int, batch: int) -> int:
         """Releases the holds due by `now_ms`, each by its own move; the lines
-        of one order (due together) by one move of their order."""
+        of one order (due together) by one move of their order. Cleanup: a
+        Reserve that needs a lone hold's stock reclaims it itself, under the
+        same key, so how far behind the reaper is never changes an answer."""
         due = await self.engine.store.transact(lambda txn: due_holds(txn, now_ms, batch))
         lone = [hold for hold in due if not hold.order_hold_id]
         orders = {hold.order_hold_id: hold for hold in due if hold.order_hold_id}
@@ -311,7 +349,7 @@ class Inventory(Service):
         key (the hold's id alone: a hold expires once, whatever its version).
         The move reads the hold in its transaction, so `version` only names
         what the reaper saw."""
-        key = idempotency_key(REAPER_METHOD, (entity_id,))
+        key = expiry_key(entity_id)
         if entity_id.startswith("ord_"):
             return await self._order_move(
                 REAPER_METHOD, key, key, entity_id, lambda txn, now_ms: _expire_order(txn, entity_id, now_ms)
@@ -327,7 +365,7 @@ class Inventory(Service):
         no record outlives its entity."""
         gone = prune_settled(txn, before_ms, limit)
         for _, key in gone:  # an order's line has no expiry record of its own: its burial writes nothing
-            txn.bury_outcome(idempotency_key(REAPER_METHOD, (key,)), now_ms)
+            txn.bury_outcome(expiry_key(key), now_ms)
         return gone
 
     async def recover(self, batch: int) -> int:
@@ -391,15 +429,19 @@ def _put_stock(txn: Txn, sku_id: str, total: int) -> Outcome:
     return success(_stock_reply(row))
 
 
-def _reserve(txn: Txn, rid: str, order_id: str, sku_id: str, quantity: int, expires_at_ms: int) -> Outcome:
+def _reserve(
+    txn: Txn, rid: str, order_id: str, sku_id: str, quantity: int, now_ms: int, expires_at_ms: int,
+    reclaimed: list[Reclaimed],
+) -> Outcome:
     existing = reservation(txn, rid)
     state = State.AVAILABLE if existing is None else existing.state
     version = 0 if existing is None else existing.version
     if machine.walk(state, machine.RESERVE) is None:
         return _invalid_transition(rid, state, "reserve")
-    if not take_stock(txn, sku_id, quantity):
-        # The conditional update found no row to take from; only now is it
-        # worth a read to say which: no such SKU, or too little of it.
+    if not take_stock(txn, sku_id, quantity) and not _reclaim(txn, sku_id, quantity, now_ms, reclaimed):
+        # The conditional update found no row to take from, and no expired
+        # holds give enough back; only now is it worth a read to say which:
+        # no such SKU, or too little of it.
         if stock(txn, sku_id) is None:
             return _sku_not_found(sku_id)
         return failure(
@@ -411,6 +453,51 @@ def _reserve(txn: Txn, rid: str, order_id: str, sku_id: str, quantity: int, expi
     held = Reservation(rid, order_id, sku_id, quantity, State.RESERVED, version + 1, expires_at_ms, retry_count)
     save_reservation(txn, held, version)
     return success(_reservation_reply(held))
+
+
+def _reclaim(txn: Txn, sku_id: str, quantity: int, now_ms: int, reclaimed: list[Reclaimed]) -> bool:
+    """Stock held by lone holds already expired at `now_ms` taken back, each
+    hold released and recorded exactly as the reaper's expiry of it would
+    be, until `quantity` units are available; then taken: True. False, with
+    nothing changed, when the SKU has no stock or its oldest RECLAIM_MAX
+    expired holds cannot give enough back. Which holds depends on the
+    store and `now_ms` alone (the journal pins it): docs/reclaim.md."""
+    found = stock(txn, sku_id)
+    if found is None or quantity - found.available > found.held:
+        return False  # not even every held unit back would be enough: nothing to look for
+    holds = _reclaimable(txn, sku_id, quantity - found.available, now_ms)
+    if not holds:
+        return False
+    for hold in holds:
+        outcome = _expire(txn, hold.reservation_id, now_ms)
+        assert outcome.ok, f"reclaiming {hold.reservation_id}, which its expiry refuses: {outcome.reason}"
+        record_expiry(txn, expiry_key(hold.reservation_id), hold.reservation_id, outcome.payload, now_ms)
+        reclaimed.append(Reclaimed(hold, outcome))
+    taken = take_stock(txn, sku_id, quantity)
+    assert taken, f"{sku_id} was given back enough for {quantity} units, and they cannot be taken"
+    return True
+
+
+def _reclaimable(txn: Txn, sku_id: str, short: int, now_ms: int) -> list[Reservation]:
+    """The fewest of `sku_id`'s lone holds expired by `now_ms`, oldest expiry
+    first (then by id), whose units make up `short`, each read (and locked)
+    by the move; none when the first RECLAIM_MAX of them do not, since
+    releasing those would not let the Reserve take its stock. The query
+    reads the store while the move holds the SKU's stock row, which every
+    move of a hold of the SKU must lock too, so what it finds stays so."""
+    chosen: list[Reservation] = []
+    units = 0
+    for candidate in expired_holds(txn, sku_id, now_ms, RECLAIM_MAX):
+        hold = reservation(txn, candidate.reservation_id)
+        if hold is None or hold.order_hold_id or not _due(hold, now_ms):
+            continue  # not what the query read: the move's own read decides
+        if txn.recorded(expiry_key(hold.reservation_id)) is not None:
+            continue  # its expiry was answered otherwise, and a key answers once
+        chosen.append(hold)
+        units += hold.quantity
+        if units >= short:
+            return chosen
+    return []
 
 
 def _confirm(txn: Txn, rid: str, expected_version: int, quantity: int, now_ms: int) -> Outcome:
@@ -458,9 +545,14 @@ def _expire(txn: Txn, rid: str, now_ms: int) -> Outcome:
         return _reservation_not_found(rid)
     if found.order_hold_id:
         return _line_of_order(found, "expire")
-    if found.expires_at_ms > now_ms or machine.walk(found.state, machine.EXPIRE) is None:
+    if not _due(found, now_ms):
         return _invalid_transition(rid, found.state, "expire")
     return _settle(txn, found, State.RELEASED, sold=False, why=EXPIRED)
+
+
+def _due(found: Reservation, now_ms: int) -> bool:
+    """Its expiry releases it at `now_ms`: the reaper's rule, and a reclaiming Reserve's."""
+    return found.expires_at_ms <= now_ms and machine.walk(found.state, machine.EXPIRE) is not None
 
 
 def _recover(txn: Txn, rid: str) -> Outcome:

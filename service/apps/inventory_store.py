@@ -18,6 +18,9 @@ from typing import Any
 
 from holdfast import Column, Query, Table, Txn
 from holdfast.apps.inventory_machine import INTENTS, TERMINAL, State
+# Not in the public API: a Reserve that reclaims expired holds records each
+# expiry under the reaper's key, as the engine records a move (record_expiry).
+from holdfast.store import Record
 
 
 @dataclass(slots=True)
@@ -143,6 +146,17 @@ DUE_HOLDS: Query[Reservation] = Query(
     order=lambda r: (r.expires_at_ms, r.reservation_id),
     candidate=lambda r: r.state is State.RESERVED,
 )
+# A SKU's lone holds whose time is up: what a Reserve short of stock
+# reclaims, oldest first (docs/reclaim.md). An order's lines are left to
+# the reaper, which expires them with their order.
+EXPIRED_HOLDS: Query[Reservation] = Query(
+    where="sku_id = %s AND state = %s AND order_hold_id = '' AND expires_at_ms <= %s",
+    order_by="expires_at_ms, reservation_id",
+    matches=lambda r, params: r.sku_id == params[0] and r.state == params[1] and not r.order_hold_id
+    and r.expires_at_ms <= params[2],
+    order=lambda r: (r.expires_at_ms, r.reservation_id),
+    candidate=lambda r: r.state is State.RESERVED and not r.order_hold_id,
+)
 # Write-ahead intents a crashed writer left: what recovery drives on.
 _INTENT_STATES = tuple(sorted(int(s) for s in INTENTS))
 OPEN_INTENTS: Query[Reservation] = Query(
@@ -190,11 +204,19 @@ RESERVATIONS: Table[Reservation] = Table(
     Reservation,
     snapshot=True,
     noun="reservation",
-    indexes=(("reservation_due", "state, expires_at_ms"),),
+    # `reservation_reclaim` serves EXPIRED_HOLDS in its own order, so the
+    # query reads only the rows it answers. Every store makes its indexes
+    # (CREATE INDEX IF NOT EXISTS) each time it opens: one written before
+    # gains it then, with no schema version of its own (an older holdfast
+    # simply does not use it).
+    indexes=(
+        ("reservation_due", "state, expires_at_ms"),
+        ("reservation_reclaim", "sku_id, state, order_hold_id, expires_at_ms, reservation_id"),
+    ),
     refused=_reservation_refused,
     of_values=_reservation_of,
     values_of=_values_of,
-    queries=(DUE_HOLDS, OPEN_INTENTS, SETTLED_HOLDS),
+    queries=(DUE_HOLDS, EXPIRED_HOLDS, OPEN_INTENTS, SETTLED_HOLDS),
 )
 # Stock is written under its row lock, not by compare-and-set: racing
 # Reserves of one SKU never conflict, those that find too little simply
@@ -311,6 +333,19 @@ def save_order_hold(txn: Txn, row: OrderHold, expected_version: int) -> None:
 
 def due_holds(txn: Txn, now_ms: int, limit: int) -> list[Reservation]:
     return txn.select(RESERVATIONS, DUE_HOLDS, (int(State.RESERVED), now_ms), limit)
+
+
+def expired_holds(txn: Txn, sku_id: str, now_ms: int, limit: int) -> list[Reservation]:
+    """`sku_id`'s lone RESERVED holds expired by `now_ms`, oldest expiry first
+    (then by id), at most `limit`: read from the store, not locked."""
+    return txn.select(RESERVATIONS, EXPIRED_HOLDS, (sku_id, int(State.RESERVED), now_ms), limit)
+
+
+def record_expiry(txn: Txn, key: bytes, reservation_id: str, payload: bytes, now_ms: int) -> None:
+    """Records a hold's expiry as the reaper's move records it (holdfast.engine:
+    its fingerprint is its key, its entity the hold's row, its outcome a
+    success with `payload`), so that move, made later, replays it."""
+    txn.record(key, Record(key, None, payload, f"{RESERVATIONS.name}:{reservation_id}"), now_ms)
 
 
 def intents(txn: Txn, limit: int) -> list[Reservation]:

@@ -28,11 +28,13 @@ from holdfast.inventory.v1 import inventory_pb2 as pb
 
 from holdfast.apps.inventory import (
     LINES_MAX,
-    REAPER_METHOD,
+    RECLAIM_MAX,
     RECOVERY_METHOD,
     Holds,
     Inventory,
     InventoryReason,
+    Reclaimed,
+    expiry_key,
     line_reservation_id,
     order_hold_id,
     reservation_id,
@@ -40,7 +42,7 @@ from holdfast.apps.inventory import (
 from holdfast.auditor import TRANSIENT, Auditor, Books, Kind, Request, require
 from holdfast.engine import Engine
 from holdfast.framework import Service
-from holdfast.call import idempotency_key, serving
+from holdfast.call import current_call, idempotency_key, serving
 from holdfast.apps.inventory_machine import INTENTS, State
 from holdfast.memory import Changes, MemTxn, Rows
 from holdfast.outcome import AnyReason, Outcome, Reason
@@ -107,7 +109,7 @@ class InventoryWorkload:
         self._decided: dict[tuple[str, str], StockRequest] = {}
 
     def host(self, engine: Engine, seen: Seen) -> Sequence[Service]:
-        self.inventory = _ObservedInventory(engine, seen, self._lines_of)
+        self.inventory = _ObservedInventory(engine, seen, self._lines_of, self.auditor.reclaims)
         return (self.inventory,)
 
     async def call(self, request: Request) -> Outcome:
@@ -336,25 +338,49 @@ def _order_touches(oid: str, lines: Iterable[tuple[str, str, int]]) -> tuple[str
     return (oid, *dict.fromkeys(rid for rid, _, _ in lines), *dict.fromkeys(sku for _, sku, _ in lines))
 
 
+# The expiries a Reserve reclaimed, by the Reserve's key, each as the
+# reaper's request and the answer it stands for: the auditor takes them in
+# just before the Reserve's own answer, whether or not the client heard it.
+Reclaims = dict[bytes, list[tuple[StockRequest, Outcome]]]
+
+
 class _ObservedInventory(Inventory):
     """The real servicer, with the reaper's answers (expiry, recovery) reported
     to the simulation: they change reservations as much as a client's moves do.
-    A line's expiry is its order's, one move under the order hold's key."""
+    A line's expiry is its order's, one move under the order hold's key. The
+    holds a Reserve reclaims expire in its move, under the reaper's keys:
+    they go to the auditor with the Reserve's answer (`reclaims`)."""
 
-    def __init__(self, engine: Engine, seen: Seen, lines_of: dict[str, tuple[tuple[str, str, int], ...]]) -> None:
+    def __init__(
+        self, engine: Engine, seen: Seen, lines_of: dict[str, tuple[tuple[str, str, int], ...]], reclaims: Reclaims
+    ) -> None:
         super().__init__(engine, Holds())
         self._seen = seen
         self._lines_of = lines_of
+        self._reclaims = reclaims
+
+    def reclaimed(self, holds: Sequence[Reclaimed], outcome: Outcome) -> None:
+        """Each reclaimed hold's expiry, answered as it committed: with its
+        own outcome when the Reserve's did, with the Reserve's transient
+        answer when that may have (its key pending until a retry of the
+        expiry tells), not at all when the run's writes were undone."""
+        if outcome.recorded and not outcome.replayed:
+            answers = [(_background("Expire", expiry_key(r.hold.reservation_id), r.hold), r.outcome) for r in holds]
+        elif outcome.reason in TRANSIENT:
+            answers = [(_background("Expire", expiry_key(r.hold.reservation_id), r.hold), outcome) for r in holds]
+        else:
+            return
+        self._reclaims.setdefault(current_call().key, []).extend(answers)
 
     async def expire(self, hold: Reservation) -> Outcome:
         outcome = await super().expire(hold)
         if hold.order_hold_id:
             oid = hold.order_hold_id
-            key = idempotency_key(REAPER_METHOD, (oid,))
+            key = expiry_key(oid)
             lines = self._lines_of.get(oid, ())
             self._seen(StockRequest("ExpireOrder", None, key, key, _order_touches(oid, lines), hold, oid=oid, lines=lines), outcome)
             return outcome
-        key = idempotency_key(REAPER_METHOD, (hold.reservation_id,))
+        key = expiry_key(hold.reservation_id)
         self._seen(_background("Expire", key, hold), outcome)
         return outcome
 
@@ -450,10 +476,22 @@ class StockAuditor(Auditor):
     stock_versions: dict[str, int] = field(default_factory=dict)
     reserved: set[str] = field(default_factory=set)  # the model's RESERVED holds (an order's lines among them)
     reserved_orders: set[str] = field(default_factory=set)  # the model's RESERVED order holds
+    reclaims: Reclaims = field(default_factory=dict)  # filled by _ObservedInventory, taken in by `answered`
+    # Expiries answered since the last check, (key, hold, reply): the store
+    # must hold each one's record as the reaper's move makes it, whoever
+    # expired the hold (the reaper, or a Reserve that reclaimed it).
+    expiries: list[tuple[bytes, str, bytes]] = field(default_factory=list)
 
     READS = frozenset({"GetStock", "GetReservation", "GetOrder"})
 
     # -- answers ---------------------------------------------------------------------
+
+    def answered(self, request: Request, outcome: Outcome | None) -> None:
+        """A Reserve's reclaimed expiries happened in its move, before it
+        took its stock: they are taken in first, as the reaper's answers."""
+        for expiry, answer in self.reclaims.pop(request.key, ()):
+            super().answered(expiry, answer)
+        super().answered(request, outcome)
 
     def predict(self, request: StockRequest) -> set[AnyReason | None] | None:
         message = request.message
@@ -464,7 +502,7 @@ class StockAuditor(Auditor):
         if request.method == "Reserve":
             if message.quantity <= 0:
                 return {Reason.INVALID_REQUEST}
-            return {self._short_of(request.sku, message.quantity)}
+            return self._reserve_answers(request.sku, message.quantity)
         if request.method == "ReserveOrder":
             return {self._order_refused(message)}
         if request.method in ("Confirm", "Release"):
@@ -496,6 +534,26 @@ class StockAuditor(Auditor):
         if sku is None or sku.total_version == 0:
             return InventoryReason.SKU_NOT_FOUND
         return None if sku.total - sku.held - sku.sold >= quantity else InventoryReason.INSUFFICIENT_STOCK
+
+    def _reserve_answers(self, sku_id: str, quantity: int) -> set[AnyReason | None]:
+        """A Reserve holds its units, reclaiming what it must (docs/reclaim.md):
+        refused INSUFFICIENT_STOCK only when the oldest RECLAIM_MAX lone holds
+        expired by its time cannot make up the shortfall. Its time is within
+        `now_window_ms`: a hold expiring inside the window may or may not count."""
+        short = self._short_of(sku_id, quantity)
+        if short is not InventoryReason.INSUFFICIENT_STOCK:
+            return {short}
+        sku = self.skus[sku_id]
+        missing = quantity - (sku.total - sku.held - sku.sold)
+        earliest_ms, latest_ms = self.now_window_ms
+        expired = sorted((self.holds[rid].expires_at_ms, rid) for rid in self.reserved
+                         if rid not in self.lines and self.holds[rid].sku_id == sku_id and self.holds[rid].expires_at_ms <= latest_ms)
+        units = 0
+        for expires_at_ms, rid in expired[:RECLAIM_MAX]:
+            units += self.holds[rid].quantity
+            if units >= missing:
+                return {None} if expires_at_ms <= earliest_ms else {None, InventoryReason.INSUFFICIENT_STOCK}
+        return {InventoryReason.INSUFFICIENT_STOCK}
 
     def _order_refused(self, message: pb.ReserveOrderRequest) -> AnyReason | None:
         """An order is held whole or refused for its first line that cannot be."""
@@ -534,6 +592,8 @@ class StockAuditor(Auditor):
                     lambda: f"Confirm of {asked} of {request.rid} answered {reply}")
         self._fresh(request.rid, reply.version, outcome)
         self._settle(request.rid, reply, request.method == "Expire")
+        if request.method == "Expire":
+            self.expiries.append((request.key, reply.reservation_id, outcome.payload))
 
     def _apply_order(self, request: StockRequest, outcome: Outcome) -> None:
         """An order's move answered: the order hold and every line, in one state and version."""
@@ -637,6 +697,18 @@ class StockAuditor(Auditor):
         rids = changes.of(RESERVATIONS.name) | {r.rid for r in requests if r.rid} | {rid for r in requests for rid, _, _ in r.lines}
         oids = changes.of(ORDER_HOLDS.name) | {r.oid for r in requests if r.oid}
         self._check(books, sorted(skus), sorted(rids), sorted(oids))
+        self._check_expiries(books)
+
+    def _check_expiries(self, books: Books) -> None:
+        """Each expiry answered is recorded under its key as the reaper's move
+        records it (its key as fingerprint, the hold's row as entity), so a
+        later expiry of the hold replays it rather than moving it again."""
+        for key, rid, payload in self.expiries:
+            found = books.rows.outcomes.get(key)
+            seen = None if found is None else (found.fingerprint, found.reason, found.payload, found.entity)
+            require(seen == (key, None, payload, f"{RESERVATIONS.name}:{rid}"),
+                    lambda: f"the expiry of {rid} answered {payload.hex()}, the store recorded {seen}")
+        self.expiries.clear()
 
     def _check(self, books: Books, skus: Iterable[str], rids: Iterable[str], oids: Iterable[str] = ()) -> None:
         """Every invariant, for the SKUs, reservations and order holds named."""
