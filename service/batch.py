@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from holdfast.store import (
+    Budget,
     BudgetSpent,
     Contended,
     EntityRows,
@@ -107,9 +108,11 @@ class Changes:
 class Rows:
     """Every row a batch has read or written, and what the database holds of
     each, so that a flush writes exactly the difference: of a versioned row
-    its version (0: no row), of an unversioned one the row object read."""
+    its version (0: no row), of an unversioned one the row object read.
+    `busy`: the rows named that another transaction holds locked, by table
+    name (not loaded: the moves that name them are handed on)."""
 
-    __slots__ = ("outcomes", "new_outcomes", "tables", "stored", "declared")
+    __slots__ = ("outcomes", "new_outcomes", "tables", "stored", "declared", "busy")
 
     def __init__(self, tables: Sequence[Table[Any]]) -> None:
         self.outcomes: dict[bytes, Record | None] = {}
@@ -118,6 +121,24 @@ class Rows:
         self.tables: dict[str, dict[str, Any]] = {table.name: {} for table in tables}
         self.stored: dict[str, dict[str, Any]] = {table.name: {} for table in tables}
         self.declared: dict[str, Table[Any]] = {table.name: table for table in tables}
+        self.busy: dict[str, set[str]] = {}
+
+    def blocks(self, job: Job) -> bool:
+        """Whether `job` names a busy row, or a row whose `locked_with` row
+        is busy (a reservation whose stock another transaction holds)."""
+        rows = {} if job.prefetch is None else job.prefetch.rows
+        for name, keys in rows.items():
+            busy = self.busy.get(name)
+            if busy and not busy.isdisjoint(keys):
+                return True
+        for name, busy in self.busy.items():
+            for other, column in self.declared[name].locked_with:
+                loaded = self.tables.get(other, {})
+                for key in rows.get(other, ()):
+                    row = loaded.get(key)
+                    if row is not None and getattr(row, column) in busy:
+                        return True
+        return False
 
     def loaded_outcome(self, key: bytes, record: Record | None) -> None:
         self.outcomes[key] = record
@@ -372,8 +393,11 @@ class BufferedStore(GroupCommitStore):
     to begin and load the named rows (`_load`) and how to write a batch's
     changes (`_write`); the rest, and the fall-back to savepoints, is here."""
 
-    def _load(self, connection: Any, named: Named) -> Rows:
-        """Begins the batch's transaction and loads (and locks) the named rows."""
+    def _load(self, connection: Any, named: Named, budget: Budget) -> Rows:
+        """Begins the batch's transaction, bounded by `budget`, and loads
+        (and locks) the named rows; a backend whose rows other sessions can
+        hold says in `Rows.busy` which it found locked, unless the budget
+        `waits`, when it waits for them."""
         raise NotImplementedError
 
     def _write(self, connection: Any, changes: Changes) -> bool:
@@ -381,11 +405,11 @@ class BufferedStore(GroupCommitStore):
         it holds (another writer got there first)."""
         raise NotImplementedError
 
-    def _fast(self, connection: Any, batch: list[Job]) -> list[JobResult]:
+    def _fast(self, connection: Any, batch: list[Job], waits: bool = False) -> list[JobResult]:
         try:
-            rows = self._load(connection, Named.of(batch))
+            rows = self._load(connection, Named.of(batch), Budget.of(batch, waits))
         except self.DATABASE_ERROR as error:
-            if self._is_unavailable(error) or self._is_retryable(error):
+            if self._fails_batch(error):
                 raise
             raise Isolate() from error  # row by row, a failing read falls on its own move
         db = self.TXN(connection.cursor(), self.tables)
@@ -393,25 +417,33 @@ class BufferedStore(GroupCommitStore):
         def flush(changes: Changes) -> bool:
             return self._write(connection, changes)
 
+        # A move that names a row another transaction holds waits for it on
+        # the waiter, so the rest of its batch does not wait with it.
+        deferred = [job for job in batch if rows.blocks(job)] if rows.busy else []
+        skipped = {id(job) for job in deferred}
         results: list[JobResult] = []
         for job in batch:
+            if id(job) in skipped:
+                continue
             if not self._claim(job):
                 results.append((job.future, None, BudgetSpent()))
                 continue
             value, failed = run_move(
                 rows, db, flush, job.work, self.CONTENDED_RERUNS,
-                fails_batch=lambda e: self._is_unavailable(e) or self._is_retryable(e),
+                fails_batch=self._fails_batch,
                 aborts_transaction=lambda e: isinstance(e, self.DATABASE_ERROR),
             )
             results.append((job.future, value, failed))
         try:
             committed = self._commit(connection, rows.changes())
         except self.DATABASE_ERROR as error:
-            if self._is_unavailable(error) or self._is_retryable(error):
+            if self._fails_batch(error):
                 raise
             raise Isolate() from error  # a CHECK a move broke: the savepoint path finds which
         if not committed:
             raise Isolate()
+        if deferred:
+            self._defer(deferred)
         return results
 
     def _commit(self, connection: Any, changes: Changes) -> bool:

@@ -40,6 +40,16 @@ SNAPSHOT_REBUILDS = Counter(
     "Completed snapshot rebuilds from the store (at start-up and after each outage).",
 )
 
+# Row locks on a shared store (service/postgres.py, docs/locks.md).
+MOVES_DEFERRED = Counter(
+    "holdfast_store_moves_deferred_total",
+    "Moves handed to the store's waiter because a row they name was held by another session, so their batch did not wait.",
+)
+STALLED_SESSIONS_ENDED = Counter(
+    "holdfast_store_stalled_sessions_ended_total",
+    "holdfast sessions ended for sitting idle inside a transaction past the bound, holding rows (a frozen or partitioned instance).",
+)
+
 # Fault injection (service/faults.py): every call a fault file's table hit,
 # so a chaos run or a test can count the attempts that reached the server.
 FAULTS_INJECTED = Counter(

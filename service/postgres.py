@@ -9,12 +9,29 @@ whose row lock one batch holds at a time.
 Instances share the database, so reads inside a move lock their row
 (`FOR UPDATE`) and a lost compare-and-set reruns the move on the winner's
 state; a deadlock between two batches reruns the losing batch.
+
+Locks are bounded by the budgets of the moves they serve (docs/locks.md):
+
+* a batch's prefetch takes the rows it can (`SKIP LOCKED`); a move that
+  names a row another session holds goes to the waiter, a thread of its
+  own that waits for the row, so the batch's other moves do not;
+* a worker waits at most LOCK_WAIT_MS for a row it reads on the spot, then
+  hands its whole batch (rolled back) to the waiter; the waiter waits at
+  most until the last deadline of its batch's moves;
+* a session that stops talking mid-transaction (its process frozen, its
+  host partitioned) loses its locks once it has sat idle for IDLE_MAX_MS
+  while anyone waits for them: the waiter, between its waits, ends such
+  sessions (and PostgreSQL's idle_in_transaction_session_timeout, when its
+  timer runs). Its late commit fails on the closed connection, so nothing
+  of it lands; its callers had their answers at their deadlines.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
+import os
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
@@ -22,10 +39,13 @@ from typing import Any
 import psycopg
 from psycopg import errors
 
+from holdfast import metrics
 from holdfast.batch import BufferedStore, Changes, Named, Rows
 from holdfast.redaction import redact_url, scrub, secrets_of
-from holdfast.store import Record, Row, SqlTxn, added_columns, schema
+from holdfast.store import Budget, Record, Row, SqlTxn, added_columns, schema
 from holdfast.table import Query, R, Table
+
+log = logging.getLogger("holdfast.store")
 
 # A flush statement fails, rather than reports, a short row count: so the
 # COMMIT can ride in the same pipeline, and is skipped when one fails.
@@ -40,6 +60,34 @@ BEGIN
 END $$;
 """
 SHORT_WRITE = "HF409"  # the SQLSTATE it raises
+# A batch's bounds, set for its transaction alone, in the pipeline of its BEGIN.
+BOUNDS = ("SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true),"
+          " set_config('idle_in_transaction_session_timeout', %s, true)")
+# How long a worker waits for a row before it hands its batch to the waiter:
+# far longer than a healthy batch holds a row, far shorter than a budget.
+LOCK_WAIT_MS = 100
+# The longest a session may sit idle inside a transaction. A healthy worker
+# never does for more than a few milliseconds (it runs its batch's moves in
+# between); a frozen one loses its locks after this, or sooner, once the
+# last budget of its batch is spent.
+IDLE_MAX_MS = 2000
+# A statement of a batch with no budget (the reaper's, retention's).
+STATEMENT_MAX_MS = 10000
+# The waiter waits for a busy row in slices of this, and between two ends
+# the holdfast sessions that have sat idle inside a transaction for longer
+# than IDLE_MAX_MS. PostgreSQL's own idle_in_transaction_session_timeout
+# cannot be relied on for that: a Flush message (psycopg sends one when it
+# leaves a pipeline with results still to read) stops its timer until the
+# next statement, and a frozen process sends none.
+LEASE_CHECK_MS = 200
+# Sessions of holdfast (its application_name, holdfast-<pid>) stalled
+# inside a transaction past the bound: ended, so their row locks go.
+END_STALLED = (
+    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+    " WHERE datname = current_database() AND pid <> pg_backend_pid() AND application_name LIKE 'holdfast-%%'"
+    " AND state IN ('idle in transaction', 'idle in transaction (aborted)')"
+    " AND state_change < now() - make_interval(secs => %s)"
+)
 # Instances starting together must not race on CREATE TABLE.
 SCHEMA_LOCK = "SELECT pg_advisory_xact_lock(hashtext('holdfast.schema'))"
 # A table's columns as the database has them, in the schema the connection
@@ -133,9 +181,19 @@ def _ids(names: AbstractSet[str]) -> list[str]:
     return sorted(name for name in names if "\x00" not in name)
 
 
+def _bounds(budget: Budget) -> tuple[str, str, str]:
+    """statement_timeout, lock_timeout and idle_in_transaction_session_timeout
+    for a batch: its budget, a worker's short wait for a lock (the waiter's
+    whole budget), and the budget again for sitting idle, at most IDLE_MAX_MS."""
+    statement = budget.ms(STATEMENT_MAX_MS)
+    lock = min(LEASE_CHECK_MS if budget.waits else LOCK_WAIT_MS, statement)
+    return str(statement), str(lock), str(min(budget.ms(IDLE_MAX_MS), IDLE_MAX_MS))
+
+
 class PostgresStore(BufferedStore):
     TXN = PostgresTxn
     DATABASE_ERROR = psycopg.Error
+    WAITER = True
 
     # A batch rerun with a savepoint per move holds one subtransaction per
     # move; PostgreSQL caches 64 per backend before every snapshot slows down.
@@ -154,6 +212,10 @@ class PostgresStore(BufferedStore):
             raise ValueError(f"bad store URL {redact_url(url)!r}: {scrub(str(error).strip(), self.secrets)}") from None
         if info.get("password"):  # also from ?password=...
             self.secrets = tuple(dict.fromkeys((*self.secrets, str(info["password"]))))
+        # pg_stat_activity tells whose session is holding what: a URL's own
+        # application_name wins.
+        self._conninfo = url if info.get("application_name") else psycopg.conninfo.make_conninfo(
+            url, application_name=f"holdfast-{os.getpid()}")
 
     def describe(self) -> str:
         info = psycopg.conninfo.conninfo_to_dict(self.url)
@@ -165,10 +227,11 @@ class PostgresStore(BufferedStore):
         # A statement that waits this long is a stuck dependency, not a slow
         # move; a server that went silent is noticed by TCP, not waited on.
         return psycopg.connect(
-            self.url,
+            self._conninfo,
             autocommit=True,
             connect_timeout=self._connect_timeout_s,
-            options="-c statement_timeout=10000 -c idle_in_transaction_session_timeout=30000",
+            # Each batch sets its own bounds (BOUNDS); these hold for the rest.
+            options=f"-c statement_timeout={STATEMENT_MAX_MS} -c idle_in_transaction_session_timeout={IDLE_MAX_MS}",
             keepalives=1,
             keepalives_idle=5,
             keepalives_interval=2,
@@ -197,41 +260,76 @@ class PostgresStore(BufferedStore):
             self._stamp_schema(connection)
 
     def _is_unavailable(self, error: BaseException) -> bool:
-        return isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError)) and not self._is_retryable(error)
+        if isinstance(error, errors.IdleInTransactionSessionTimeout):
+            return True  # the server ended the session: this process stalled past its bound
+        return (isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError))
+                and not self._is_retryable(error) and not self._is_lock_wait(error))
 
     def _is_retryable(self, error: BaseException) -> bool:
         return isinstance(error, (errors.DeadlockDetected, errors.SerializationFailure))
 
+    def _is_lock_wait(self, error: BaseException) -> bool:
+        return isinstance(error, (errors.LockNotAvailable, errors.QueryCanceled))
+
+    def _end_stalled(self, connection: Any) -> Any:
+        if connection is None:
+            return None
+        try:
+            ended = connection.execute(END_STALLED, (IDLE_MAX_MS / 1000,)).fetchone()[0]
+        except psycopg.Error as error:  # not allowed to, or the server went away: the bound is PostgreSQL's then
+            log.warning("could not end stalled holdfast sessions: %s", self._said(error))
+            return self._after_failure(connection, error)
+        if ended:
+            log.warning("ended %d holdfast session(s) stalled inside a transaction for over %d ms, holding rows",
+                        ended, IDLE_MAX_MS)
+            metrics.STALLED_SESSIONS_ENDED.inc(ended)
+        return connection
+
+    def _begin(self, cursor: Any, budget: Budget) -> None:
+        cursor.execute("BEGIN")
+        cursor.execute(BOUNDS, _bounds(budget))
+
     # -- a batch, buffered: prefetch, moves in memory, flush, commit --
 
-    def _load(self, connection: psycopg.Connection, named: Named) -> Rows:
-        """BEGIN and one SELECT per table a job named rows of, in one round
-        trip, each locking its rows in key order and the tables in their
-        declared order, so two batches never wait on each other in a cycle."""
+    def _load(self, connection: psycopg.Connection, named: Named, budget: Budget) -> Rows:
+        """BEGIN, the batch's bounds and one SELECT per table a job named
+        rows of, in one round trip, each locking its rows in key order and
+        the tables in their declared order, so two batches never wait on
+        each other in a cycle. A worker's SELECTs skip the rows another
+        session holds, and one more SELECT per table (no lock) tells those
+        from rows that do not exist: they are the batch's `busy` rows."""
         rows = Rows(self.tables)
-        if not named:
-            connection.execute("BEGIN")
-            return rows
-        selects: list[tuple[Table[Any], list[str], Any]] = []
+        selects: list[tuple[Table[Any], list[str], Any, Any]] = []
         with connection.pipeline():
             connection.execute("BEGIN")
+            connection.execute(BOUNDS, _bounds(budget))
+            if not named:
+                return rows
             outcomes = connection.execute(PREFETCH_OUTCOMES, (json.dumps([key.hex() for key in named.keys]),))
             for table in self.tables:
-                sql, params = self._prefetch(table, named)
-                if sql is not None:
-                    selects.append((table, _ids(named.rows.get(table.name, frozenset())), connection.execute(sql, params)))
+                where, params = self._prefetch(table, named)
+                if where is None:
+                    continue
+                order = f" ORDER BY {table.key_column}"
+                present = None if budget.waits else connection.execute(f"SELECT {table.key_column} FROM {table.name} {where}", params)
+                lock = " FOR UPDATE" if budget.waits else " FOR UPDATE SKIP LOCKED"
+                locked = connection.execute(f"SELECT {', '.join(table.names)} FROM {table.name} {where}{order}{lock}", params)
+                selects.append((table, _ids(named.rows.get(table.name, frozenset())), locked, present))
         found_outcomes = {bytes(k): Record(bytes(f), reason, bytes(p)) for k, f, reason, p in outcomes.fetchall()}
         for key in named.keys:
             rows.loaded_outcome(key, found_outcomes.get(key))
-        for table, names, cursor in selects:
-            found = {row[0]: table.row(row) for row in cursor.fetchall()}
-            for key in {*names, *found}:
+        for table, names, locked, present in selects:
+            found = {row[0]: table.row(row) for row in locked.fetchall()}
+            busy = set() if present is None else {key for key, in present.fetchall()} - found.keys()
+            if busy:  # not loaded: a move that reads one waits for it, on the waiter
+                rows.busy[table.name] = busy
+            for key in {*names, *found} - busy:
                 rows.loaded(table, key, found.get(key))
         return rows
 
     def _prefetch(self, table: Table[Any], named: Named) -> tuple[str | None, tuple[str, ...]]:
-        """`table`'s SELECT ... FOR UPDATE of the batch's rows: those named,
-        and those its `locked_with` tables' named rows point at."""
+        """`table`'s WHERE for the batch's rows: those named, and those its
+        `locked_with` tables' named rows point at."""
         clauses, params = [], []
         names = _ids(named.rows.get(table.name, frozenset()))
         if names:
@@ -245,9 +343,7 @@ class PostgresStore(BufferedStore):
                 params.append(json.dumps(others, ensure_ascii=False))
         if not clauses:
             return None, ()
-        sql = (f"SELECT {', '.join(table.names)} FROM {table.name} WHERE {' OR '.join(clauses)}"
-               f" ORDER BY {table.key_column} FOR UPDATE")
-        return sql, tuple(params)
+        return f"WHERE {' OR '.join(clauses)}", tuple(params)
 
     def _write(self, connection: psycopg.Connection, changes: Changes) -> bool:
         """One multi-row statement per table, in one round trip. False when

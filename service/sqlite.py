@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from holdfast.batch import BufferedStore, Changes, Named, Rows
-from holdfast.store import Record, Row, SqlTxn, added_columns, schema
+from holdfast.store import Budget, Record, Row, SqlTxn, added_columns, schema
 from holdfast.table import Table
 
 # SQLite's primary result codes that mean the database, not the move, failed.
@@ -131,11 +131,12 @@ class SqliteStore(BufferedStore):
 
     # -- a batch, buffered --
 
-    def _load(self, connection: sqlite3.Connection, named: Named) -> Rows:
+    def _load(self, connection: sqlite3.Connection, named: Named, budget: Budget) -> Rows:
         """BEGIN, then every named row in one statement (one step per row
         found): the outcomes, each table's rows named, and those a table is
         `locked_with` (the stock of the reservations named), told apart by
-        a first column."""
+        a first column. The write lock is the file's, taken at BEGIN
+        IMMEDIATE: no row is ever busy, and the budget bounds nothing."""
         connection.execute(self.BEGIN)
         rows = Rows(self.tables)
         if not named:

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequen
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar
 
+from holdfast import metrics
 from holdfast.redaction import scrub
 from holdfast.table import Column, Query, R, Table
 
@@ -464,6 +465,39 @@ class Job:
 
 JobResult = tuple[asyncio.Future[Any], object, BaseException | None]
 
+# How long the waiter waits for a busy row on behalf of moves with no budget
+# of their own (the reaper's, retention's) before they are answered
+# BudgetSpent (and run again on their next round).
+BACKGROUND_BUDGET_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """How long a batch's transaction may take: until the last deadline of
+    its moves, by when every caller has had its answer, whatever the
+    transaction does; None when a move has no budget (the reaper's,
+    retention's). `waits`: the batch is the waiter's, which waits for busy
+    rows instead of handing their moves on (holdfast.postgres)."""
+
+    seconds: float | None
+    waits: bool = False
+
+    # The least a bound is set to, so a batch whose last caller is about to
+    # give up still gets to commit what it has (and a bound is never 0,
+    # which a database reads as "no bound").
+    FLOOR_S: ClassVar[float] = 0.1
+
+    @classmethod
+    def of(cls, batch: Sequence[Job], waits: bool = False) -> Budget:
+        if any(job.deadline is None for job in batch):
+            return cls(None, waits)
+        last = max(job.deadline for job in batch if job.deadline is not None)
+        return cls(max(cls.FLOOR_S, last - time.monotonic()), waits)
+
+    def ms(self, unbudgeted_ms: int) -> int:
+        """The budget in milliseconds; `unbudgeted_ms` when there is none."""
+        return unbudgeted_ms if self.seconds is None else max(1, int(self.seconds * 1000))
+
 
 class GroupCommitStore:
     """Worker threads, each with its own connection, run queued moves in
@@ -476,6 +510,11 @@ class GroupCommitStore:
     DATABASE_ERROR: ClassVar[type[BaseException] | tuple[type[BaseException], ...]] = ()
     CONTENDED_RERUNS: ClassVar[int] = 3  # a move rerun this often against new winners gives up
     BATCH_RETRIES: ClassVar[int] = 3  # a whole batch retried after a deadlock
+    # Whether other sessions can hold a row this store's batches want (a
+    # database server): then a waiter thread, on a connection of its own,
+    # runs the moves whose rows were busy, so those never hold up a
+    # batch's other moves (`_defer`).
+    WAITER: ClassVar[bool] = False
     # What would give the connection's password away in a driver's error
     # text (holdfast.redaction.secrets_of): a backend with one sets it.
     secrets: tuple[str, ...] = ()
@@ -486,6 +525,7 @@ class GroupCommitStore:
         self._workers = workers
         self._batch_max = batch_max
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._waiting: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._claims = threading.Lock()
@@ -517,6 +557,16 @@ class GroupCommitStore:
         """A deadlock or serialization failure: the batch may simply run again."""
         return False
 
+    def _is_lock_wait(self, error: BaseException) -> bool:
+        """A statement gave up waiting for a row lock (or ran out of the
+        batch's budget): nothing of the batch committed. A worker hands
+        its moves to the waiter; the waiter answers that their time is up."""
+        return False
+
+    def _fails_batch(self, error: BaseException) -> bool:
+        """An error no move's savepoint can contain: it is the batch's."""
+        return self._is_unavailable(error) or self._is_retryable(error) or self._is_lock_wait(error)
+
     def _said(self, error: BaseException) -> str:
         """A driver's error as text for a log line or a client's answer,
         without the password (psycopg quotes a connection string whole)."""
@@ -531,15 +581,19 @@ class GroupCommitStore:
         self._loop = asyncio.get_running_loop()
         connection = await asyncio.to_thread(self._first_connection)
         for n in range(self._workers):
-            thread = threading.Thread(
-                target=self._serve, args=(connection if n == 0 else None,), name=f"holdfast-store-{n}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
+            self._start(f"holdfast-store-{n}", connection if n == 0 else None, self._jobs, waits=False)
+        if self.WAITER:
+            self._start("holdfast-waiter", None, self._waiting, waits=True)
+
+    def _start(self, name: str, connection: Any, jobs: queue.SimpleQueue[Job | None], waits: bool) -> None:
+        thread = threading.Thread(target=self._serve, args=(connection, jobs, waits), name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     async def close(self) -> None:
-        for _ in self._threads:
+        for _ in range(self._workers):
             self._jobs.put(None)
+        self._waiting.put(None)
         for thread in self._threads:
             await asyncio.to_thread(thread.join)
         self._threads.clear()
@@ -616,43 +670,69 @@ class GroupCommitStore:
 
     # -- the worker -------------------------------------------------------------------
 
-    def _serve(self, connection: Any) -> None:
+    def _serve(self, connection: Any, jobs: queue.SimpleQueue[Job | None], waits: bool) -> None:
         loop = self._loop
         assert loop is not None, "workers start in open(), which sets the loop"
         name_os_thread()
         try:
-            while (batch := self._next_batch()) is not None:
-                connection, results = self._run_batch(connection, batch)
+            while (batch := self._next_batch(jobs)) is not None:
+                connection, results = self._run_batch(connection, batch, waits)
                 loop.call_soon_threadsafe(_deliver, results)
         finally:
             if connection is not None:
                 connection.close()
 
-    def _next_batch(self) -> list[Job] | None:
-        first = self._jobs.get()
+    def _next_batch(self, jobs: queue.SimpleQueue[Job | None]) -> list[Job] | None:
+        first = jobs.get()
         if first is None:
             return None
         batch = [first]
         while len(batch) < self._batch_max:
             try:
-                job = self._jobs.get_nowait()
+                job = jobs.get_nowait()
             except queue.Empty:
                 break
             if job is None:  # close: finish this batch, then stop
-                self._jobs.put(None)
+                jobs.put(None)
                 break
             batch.append(job)
         return batch
 
-    def _run_batch(self, connection: Any, batch: list[Job]) -> tuple[Any, list[JobResult]]:
-        for attempt in range(self.BATCH_RETRIES + 1):
+    def _defer(self, jobs: Sequence[Job]) -> None:
+        """Hands moves that found a row busy to the waiter, unstarted: their
+        batch committed without them (or rolled back), so nothing of theirs
+        is in the store, and a caller whose budget runs out while they wait
+        is told so (BudgetSpent). Only for a store with a waiter."""
+        assert self.WAITER, f"{self.describe()} has no waiter to defer moves to"
+        with self._claims:
+            for job in jobs:
+                job.started = False
+        for job in jobs:
+            if not job.future.done():
+                metrics.MOVES_DEFERRED.inc()
+                self._waiting.put(job)
+
+    def _run_batch(self, connection: Any, batch: list[Job], waits: bool = False) -> tuple[Any, list[JobResult]]:
+        budget = Budget.of(batch, waits).seconds
+        gives_up = time.monotonic() + (BACKGROUND_BUDGET_S if budget is None else budget)
+        retries = 0
+        while True:
             try:
                 if connection is None:
                     connection = self._connect()
-                return connection, self._transaction(connection, batch)
+                return connection, self._transaction(connection, batch, waits)
             except Exception as error:
                 connection = self._after_failure(connection, error)
-                if self._is_retryable(error) and attempt < self.BATCH_RETRIES:
+                if self._is_lock_wait(error):
+                    if not waits:
+                        self._defer(batch)  # rolled back: none of it committed
+                        return connection, []
+                    if time.monotonic() < gives_up and not all(job.future.done() for job in batch):
+                        connection = self._end_stalled(connection)
+                        continue  # a caller still waits: wait again
+                    return connection, [(job.future, None, BudgetSpent()) for job in batch]
+                if self._is_retryable(error) and retries < self.BATCH_RETRIES:
+                    retries += 1
                     continue
                 if isinstance(error, self.DATABASE_ERROR) and not self._is_unavailable(error):
                     # The database refused the batch in a way no move caused
@@ -666,7 +746,12 @@ class GroupCommitStore:
                     return connection, [(job.future, None, error) for job in batch]
                 failed = self._unavailable(error)
                 return connection, [(job.future, None, failed) for job in batch]
-        raise AssertionError("unreachable: the last attempt returns")
+
+    def _end_stalled(self, connection: Any) -> Any:
+        """Called by the waiter between its waits for a busy row: a backend
+        may end the sessions that hold rows while they have stopped talking
+        (holdfast.postgres). Answers the connection to go on with."""
+        return connection
 
     def _after_failure(self, connection: Any, error: BaseException) -> Any:
         if connection is None:
@@ -685,23 +770,27 @@ class GroupCommitStore:
             return None
         return connection
 
-    def _transaction(self, connection: Any, batch: list[Job]) -> list[JobResult]:
+    def _transaction(self, connection: Any, batch: list[Job], waits: bool = False) -> list[JobResult]:
         """Runs the batch the fast way; if any move fails, runs it again with
         a savepoint around each move so that the failure undoes that move alone."""
         cursor = connection.cursor()
         try:
-            return self._fast(connection, batch)
+            return self._fast(connection, batch, waits)
         except Isolate:
             cursor.execute("ROLLBACK")
-            return self._attempt(cursor, batch, isolated=True)
+            return self._attempt(cursor, batch, isolated=True, waits=waits)
 
-    def _fast(self, connection: Any, batch: list[Job]) -> list[JobResult]:
+    def _fast(self, connection: Any, batch: list[Job], waits: bool = False) -> list[JobResult]:
         """The batch in one transaction without savepoints (two round trips
         fewer per move). A backend may run it buffered instead (holdfast.batch)."""
-        return self._attempt(connection.cursor(), batch, isolated=False)
+        return self._attempt(connection.cursor(), batch, isolated=False, waits=waits)
 
-    def _attempt(self, cursor: Any, batch: list[Job], isolated: bool) -> list[JobResult]:
+    def _begin(self, cursor: Any, budget: Budget) -> None:
+        """Begins a batch's transaction; a backend may bound it by `budget`."""
         cursor.execute(self.BEGIN)
+
+    def _attempt(self, cursor: Any, batch: list[Job], isolated: bool, waits: bool = False) -> list[JobResult]:
+        self._begin(cursor, Budget.of(batch, waits))
         results = [(job.future, *self._run_one(cursor, job, isolated)) for job in batch]
         cursor.execute("COMMIT")
         return results
@@ -722,8 +811,8 @@ class GroupCommitStore:
             try:
                 return job.work(self.TXN(cursor, self.tables)), None
             except Exception as error:
-                if self._is_unavailable(error) or self._is_retryable(error):
-                    raise  # the whole batch fails or reruns
+                if self._fails_batch(error):
+                    raise  # the whole batch fails, reruns or waits
                 raise Isolate() from error
         for _ in range(self.CONTENDED_RERUNS):
             cursor.execute("SAVEPOINT move")
@@ -733,7 +822,7 @@ class GroupCommitStore:
                 cursor.execute("ROLLBACK TO SAVEPOINT move")
                 continue
             except Exception as error:
-                if self._is_unavailable(error) or self._is_retryable(error):
+                if self._fails_batch(error):
                     raise
                 cursor.execute("ROLLBACK TO SAVEPOINT move")  # the move's own failure: undo it alone
                 return None, error
