@@ -279,11 +279,13 @@ def added_columns(
 ) -> list[str]:
     """The ALTER TABLE statements that bring tables made by an older
     declaration up to `tables` (`columns_of(name)`: the database's column
-    names of a table, none when it has no such table): run after `schema`,
-    in the same schema transaction."""
+    names of a table, none when it has no such table), then every table's
+    indexes (one may name an added column): run after `schema`, in the
+    same schema transaction."""
     outcome = columns_of("outcome")
     statements = [f"ALTER TABLE outcome ADD COLUMN {sql}" for name, sql in _OUTCOME_ADDED if outcome and name not in outcome]
-    return statements + [statement for table in tables for statement in table.added(columns_of(table.name), integer, blob)]
+    statements += [statement for table in tables for statement in table.added(columns_of(table.name), integer, blob)]
+    return statements + [statement for table in tables for statement in table.index_ddl()]
 
 
 def schema(tables: Sequence[Table[Any]], integer: str, blob: str) -> str:

@@ -168,15 +168,19 @@ class Table(Generic[R]):
         return self.row(self.values(row))
 
     def ddl(self, integer: str, blob: str) -> str:
-        """CREATE TABLE (and its indexes) IF NOT EXISTS, in a backend's names
+        """CREATE TABLE IF NOT EXISTS, in a backend's names
         for 64-bit integers and bytes: a store written before keeps its rows."""
         lines = [f"{self.key_column} TEXT PRIMARY KEY"]
         lines += [_column_sql(c, integer, blob) for c in self.columns[1:]]
         lines += [f"CHECK ({check})" for check in self.checks]
         body = ",\n    ".join(lines)
-        statements = [f"CREATE TABLE IF NOT EXISTS {self.name} (\n    {body}\n);"]
-        statements += [f"CREATE INDEX IF NOT EXISTS {index} ON {self.name} ({columns});" for index, columns in self.indexes]
-        return "\n".join(statements)
+        return f"CREATE TABLE IF NOT EXISTS {self.name} (\n    {body}\n);"
+
+    def index_ddl(self) -> list[str]:
+        """CREATE INDEX IF NOT EXISTS for each declared index: run after the
+        columns a store written before lacks were added, since an index may
+        name one of them."""
+        return [f"CREATE INDEX IF NOT EXISTS {index} ON {self.name} ({columns})" for index, columns in self.indexes]
 
     def added(self, existing: Collection[str], integer: str, blob: str) -> list[str]:
         """ALTER TABLE ... ADD COLUMN for each declared column a table made

@@ -313,7 +313,11 @@ def test_a_closed_connection_on_uvloop_degrades_instead_of_failing(redis_url):
             await snapshot.close()
 
     during, after, degraded = uvloop.run(scenario())
-    assert (during, degraded) == (None, True)
+    # Either the snapshot saw the outage and degraded, or the client
+    # reconnected before the read (redis-py does on a transport it finds
+    # closing, in the versions this machine now resolves): never an error,
+    # never a wrong version.
+    assert (during, degraded) in ((None, True), (3, False))
     assert after == 3
 
 

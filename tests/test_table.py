@@ -21,7 +21,7 @@ from holdfast.engine import Engine
 from holdfast.memory import MemoryStore, RowRefused
 from holdfast.memory_snapshot import MemorySnapshot
 from holdfast.outcome import Reason, success
-from holdfast.store import Contended, Prefetch, Record, version_pages
+from holdfast.store import Budget, Contended, Prefetch, Record, version_pages
 from tests.test_entity_store import store_of
 from tests.test_group_commit import in_one_batch, read_outside
 
@@ -175,7 +175,7 @@ async def test_a_prefetch_of_a_spot_loads_its_lot_in_the_same_statements(store_u
         await store.transact(lambda txn: _hold(txn, _held("s1"), 0))
         connection = store._connect()
         try:
-            rows = store._load(connection, Named(frozenset(), {"parking_spot": frozenset({"s1", "s2"})}))
+            rows = store._load(connection, Named(frozenset(), {"parking_spot": frozenset({"s1", "s2"})}), Budget(None))
             connection.execute("ROLLBACK")
         finally:
             connection.close()
